@@ -1,0 +1,44 @@
+# Everyday commands; `make help` lists them. Every target calls the `catsdogs` CLI or a standard tool.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+SOURCE ?= ../shared/datasets/dogs-vs-cats/train.zip
+
+.DEFAULT_GOAL := help
+.PHONY: help install lint format test test-fast data train serve bench
+
+help: ## Show this help.
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY) ## Install the package with every extra (train, serve, dev) into .venv.
+	$(PY) -m pip install -e ".[train,serve,dev]"
+
+lint: ## Lint and check formatting (ruff).
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: ## Fix lint and formatting where ruff can.
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint ## The full check CI runs: lint, then every test (unit, data, model, API, integration, tools).
+	$(BIN)/pytest
+
+test-fast: ## Only the quick tests (no `slow` or `integration` marker).
+	$(BIN)/pytest -m "not slow and not integration"
+
+data: ## Ingest the dataset (SOURCE=path or URL).
+	$(BIN)/catsdogs data ingest --source $(SOURCE)
+
+train: ## Train with params.yaml and register the model.
+	$(BIN)/catsdogs train
+
+serve: ## Serve the champion model on 127.0.0.1:8000.
+	$(BIN)/catsdogs serve
+
+bench: ## Run the benchmarks (minutes; results under benchmarks/results/).
+	$(PY) benchmarks/run_all.py

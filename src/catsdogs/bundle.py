@@ -1,0 +1,113 @@
+"""The model bundle: one self-describing folder per model version.
+
+Layout (every consumer reads through :class:`ModelBundle`, never by hard-coded names)::
+
+    bundle/
+      weights.pt              PyTorch state dict (torch.load(..., weights_only=True)); training side only
+      model.onnx              float32 graph, input ``input`` (N, 3, H, W), output ``logits`` (N, classes)
+      model.int8.onnx         optional statically quantized variant
+      preprocessing.json      :class:`~catsdogs.preprocessing.PreprocessConfig`
+      metadata.json           architecture, strategy, versions, data version, ONNX parity, ...
+      metrics.json            evaluation metrics with 95% confidence intervals
+      model_card.md           data, metrics per class, intended use, limits, licences
+      drift_reference.json    reference statistics for drift monitoring (optional)
+      samples/                a few labelled test images: ``<label>.<anything>.jpg``
+
+Only the standard library, NumPy and Pillow are needed here, so serving can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from catsdogs import CatsdogsError
+from catsdogs.preprocessing import PreprocessConfig
+
+WEIGHTS = "weights.pt"
+ONNX = "model.onnx"
+ONNX_INT8 = "model.int8.onnx"
+PREPROCESSING = "preprocessing.json"
+METADATA = "metadata.json"
+METRICS = "metrics.json"
+MODEL_CARD = "model_card.md"
+DRIFT_REFERENCE = "drift_reference.json"
+SAMPLES = "samples"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A model version on disk."""
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: Path | str) -> ModelBundle:
+        """Open an existing bundle, refusing a folder that lacks the files serving needs."""
+        bundle = cls(Path(root))
+        if not bundle.root.is_dir():
+            raise CatsdogsError(f"model bundle {bundle.root} does not exist or is not a folder")
+        if not (bundle.root / PREPROCESSING).is_file():
+            raise CatsdogsError(f"{bundle.root} is not a model bundle: {PREPROCESSING} is missing")
+        return bundle
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        return PreprocessConfig.load(self.root / PREPROCESSING)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return _read_json(self.root / METADATA)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return _read_json(self.root / METRICS)
+
+    @property
+    def drift_reference(self) -> dict[str, Any]:
+        return _read_json(self.root / DRIFT_REFERENCE)
+
+    def onnx_path(self, *, int8: bool = False) -> Path:
+        path = self.root / (ONNX_INT8 if int8 else ONNX)
+        if not path.is_file():
+            raise CatsdogsError(f"{path} is missing: run `catsdogs export` for this model first")
+        return path
+
+    def samples(self) -> list[tuple[Path, str]]:
+        """Labelled smoke-test images shipped in the bundle, as (path, label) pairs."""
+        folder = self.root / SAMPLES
+        if not folder.is_dir():
+            return []
+        return [
+            (path, path.name.split(".", 1)[0])
+            for path in sorted(folder.iterdir())
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]

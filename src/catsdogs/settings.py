@@ -1,0 +1,169 @@
+"""The one settings object.
+
+Precedence, lowest to highest: field defaults < ``params.yaml`` < environment variables
+(``CATSDOGS_*``) < keyword overrides (what the CLI passes from its flags).
+
+Nothing happens at import time: call :func:`get_settings` (or build :class:`Settings`) when needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+#: The public Microsoft download of the Kaggle cats-and-dogs archive ("PetImages" layout).
+DEFAULT_DATA_SOURCE = (
+    "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
+    "kagglecatsanddogs_5340.zip"
+)
+PARAMS_FILE_ENV = "CATSDOGS_PARAMS_FILE"
+
+
+def _params_file() -> Path:
+    return Path(os.environ.get(PARAMS_FILE_ENV, "params.yaml"))
+
+
+class Settings(BaseSettings):
+    """Every tunable of the project: paths, data, training, registry, serving."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CATSDOGS_",
+        extra="ignore",
+        validate_default=True,
+        protected_namespaces=(),
+    )
+
+    # --- paths -------------------------------------------------------------------------------
+    data_dir: Path = Path("data")
+    """Root of everything data: raw downloads, the normalized image store, manifest, report."""
+    runs_dir: Path = Path("runs")
+    """Training checkpoints and per-run outputs."""
+    cache_dir: Path = Path(".cache/catsdogs")
+    """Feature caches and downloaded model bundles."""
+
+    # --- data --------------------------------------------------------------------------------
+    data_source: str = DEFAULT_DATA_SOURCE
+    data_sha256: str | None = None
+    """Expected SHA-256 of a downloaded archive; checked when set."""
+    classes: tuple[str, ...] = ("cat", "dog")
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 42
+    min_image_side: int = 32
+    max_image_pixels: int = 50_000_000
+    """Bigger decoded images are refused (decompression-bomb guard); 48 MP phone photos pass."""
+    store_max_side: int = 512
+    """Images wider or taller than this are downscaled in the normalized store."""
+    near_duplicate_distance: int = 4
+    """Hamming distance (of 64-bit perceptual hashes) at or under which two images are near-duplicates."""
+
+    # --- training ----------------------------------------------------------------------------
+    model_name: str = "catsdogs-classifier"
+    """Registered model name in the MLflow model registry."""
+    architecture: str = "efficientnet_lite0"
+    strategy: Literal["head", "finetune", "scratch"] = "head"
+    profile: Literal["default", "best"] = "default"
+    image_size: int | None = None
+    """Input size; ``None`` means the architecture's native size."""
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    early_stopping_patience: int = 5
+    num_workers: int = 0
+    device: str = "auto"
+    max_train_images: int | None = None
+    """Cap on training images (for quick runs and tests); ``None`` uses the whole train split."""
+
+    # --- tracking and registry -----------------------------------------------------------------
+    mlflow_tracking_uri: str = "sqlite:///mlruns.db"
+    mlflow_registry_uri: str | None = None
+    mlflow_experiment: str = "catsdogs"
+    mlflow_artifact_location: str | None = None
+    promotion_min_accuracy: float = 0.97
+    promotion_min_class_recall: float = 0.95
+    promotion_max_recall_drop: float = 0.01
+
+    # --- serving -----------------------------------------------------------------------------
+    model_uri: str = "models:/catsdogs-classifier@champion"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_batch_images: int = 32
+    batch_max_size: int = 8
+    batch_max_wait_ms: float = 2.0
+    queue_max: int = 256
+    request_timeout_s: float = 10.0
+    reload_interval_s: float = 30.0
+    registry_timeout_s: float = 5.0
+    ort_intra_threads: int | None = None
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_token: SecretStr | None = None
+    feedback_secret: SecretStr | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    store_uploads: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: CLI overrides, then the environment, then params.yaml, then defaults.
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=_params_file())
+        return (init_settings, env_settings, yaml_source, file_secret_settings)
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # Accept "a,b" in an environment variable as well as a YAML/JSON list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if len(self.split_ratios) != 3 or abs(sum(self.split_ratios) - 1.0) > 1e-6:
+            raise ValueError(f"split_ratios must be three numbers that sum to 1, got {self.split_ratios}")
+        if any(r < 0 for r in self.split_ratios):
+            raise ValueError("split_ratios must not be negative")
+        if len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+            raise ValueError("classes must name at least two distinct classes")
+        return self
+
+    # --- derived paths (pure, nothing is created here) -----------------------------------------
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.data_dir / "manifest.csv"
+
+    @property
+    def report_path(self) -> Path:
+        return self.data_dir / "data_report.json"
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Build the settings; ``None`` overrides are dropped so unset CLI flags keep lower layers."""
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})

@@ -1,0 +1,51 @@
+"""Shared fixtures: settings isolated in tmp_path, and access to the real dataset archive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from catsdogs.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET_ZIP = REPO.parent / "shared" / "datasets" / "dogs-vs-cats" / "train.zip"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; a missing tool fails in CI (where .ci/run installs it), skips elsewhere."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not installed; .ci/run must install it")
+    pytest.skip(f"{name} is not installed here (CI installs it)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's params.yaml or CATSDOGS_* variables by accident."""
+    for key in list(os.environ):
+        if key.startswith("CATSDOGS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CATSDOGS_PARAMS_FILE", str(tmp_path / "no-params.yaml"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        runs_dir=tmp_path / "runs",
+        cache_dir=tmp_path / "cache",
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+        mlflow_artifact_location=str(tmp_path / "mlartifacts"),
+    )
+
+
+@pytest.fixture(scope="session")
+def dataset_zip() -> Path:
+    if not DATASET_ZIP.is_file():
+        pytest.fail(f"the real dataset archive is missing at {DATASET_ZIP}")
+    return DATASET_ZIP
