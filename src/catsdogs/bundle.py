@@ -111,3 +111,15 @@ class ModelBundle:
             for path in sorted(folder.iterdir())
             if path.suffix.lower() in IMAGE_SUFFIXES
         ]
+
+
+def find_bundle(path: Path | str) -> ModelBundle:
+    """Locate the bundle in a folder: the folder itself, or ``artifacts/bundle`` inside a downloaded
+    MLflow model (the registry logs the bundle as the pyfunc model's ``bundle`` artifact)."""
+    root = Path(path)
+    for candidate in (root, root / "artifacts" / "bundle", root / "bundle"):
+        if (candidate / PREPROCESSING).is_file():
+            return ModelBundle(candidate)
+    raise CatsdogsError(
+        f"no model bundle found in {root} (expected {PREPROCESSING} there or in artifacts/bundle)"
+    )
