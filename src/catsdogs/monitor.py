@@ -346,3 +346,7 @@ def drift_status(score: float) -> str:
 def reference_from_images(images: Iterable[Image.Image], **options: Any) -> dict[str, Any]:
     """Convenience for pipelines holding Pillow images: :func:`build_reference` of their stats."""
     return build_reference([image_stats(image) for image in images], **options)
+
+
+DriftWindow = DriftMonitor
+"""Alias under which the service looks the monitor up (``catsdogs.serve.drift``)."""
