@@ -75,15 +75,11 @@ DEFAULT_EXPECTED_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def image_stats(image: Image.Image) -> dict[str, float]:
-    """Cheap, resolution-independent statistics of one image, the inputs of drift detection.
+def stats_image(image: Image.Image) -> Image.Image:
+    """The small RGB copy (longest side at most :data:`STATS_MAX_SIDE`) the statistics are computed on.
 
-    Returns:
-        ``brightness`` (mean luma, 0-1), ``contrast`` (luma standard deviation), ``saturation``
-        (mean HSV saturation), ``sharpness`` (mean absolute Laplacian of the luma),
-        ``edge_orientation`` (share of the gradient energy that is vertical: photos have more
-        horizontal edges than vertical ones, so a rotated image moves it), ``aspect_ratio``
-        (width / height) and the original ``width`` and ``height`` in pixels.
+    The service makes it on its decode thread and drops the full-size upload at once; the drift
+    thread then computes :func:`image_stats` of it with ``original_size=upload.size``.
     """
     width, height = image.size
     small = image.convert("RGB")
@@ -92,6 +88,25 @@ def image_stats(image: Image.Image) -> dict[str, float]:
         small = small.resize(
             (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
         )
+    return small
+
+
+def image_stats(image: Image.Image, *, original_size: tuple[int, int] | None = None) -> dict[str, float]:
+    """Cheap, resolution-independent statistics of one image, the inputs of drift detection.
+
+    Args:
+        image: the decoded upload, or its :func:`stats_image` copy (same result).
+        original_size: ``(width, height)`` of the upload when ``image`` is a reduced copy.
+
+    Returns:
+        ``brightness`` (mean luma, 0-1), ``contrast`` (luma standard deviation), ``saturation``
+        (mean HSV saturation), ``sharpness`` (mean absolute Laplacian of the luma),
+        ``edge_orientation`` (share of the gradient energy that is vertical: photos have more
+        horizontal edges than vertical ones, so a rotated image moves it), ``aspect_ratio``
+        (width / height) and the upload's ``width`` and ``height`` in pixels.
+    """
+    width, height = original_size or image.size
+    small = stats_image(image)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
     luma = rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
     high, low = rgb.max(axis=2), rgb.min(axis=2)
@@ -286,10 +301,16 @@ class DriftMonitor:
         image: Image.Image,
         probabilities: np.ndarray | None = None,
         *,
+        original_size: tuple[int, int] | None = None,
         embedding: np.ndarray | None = None,
     ) -> None:
-        """Add one live image (and, if given, the model's probabilities and embedding for it)."""
-        sample: dict[str, float] = {k: v for k, v in image_stats(image).items() if k in self._values}
+        """Add one live image (and, if given, the model's probabilities and embedding for it).
+
+        Pass the decoded upload, or its :func:`stats_image` copy with ``original_size``: never the
+        model input, whose fixed size and resampling would hide size drift and move sharpness.
+        """
+        stats = image_stats(image, original_size=original_size)
+        sample: dict[str, float] = {k: v for k, v in stats.items() if k in self._values}
         if probabilities is not None and (CONFIDENCE in self._values or PREDICTED_CLASS in self._values):
             index, confidence = output_stats(probabilities)
             sample[CONFIDENCE] = confidence

@@ -27,6 +27,7 @@ from catsdogs.monitor import (
     drift_status,
     image_stats,
     psi,
+    stats_image,
 )
 
 WINDOW = 200
@@ -230,3 +231,10 @@ def test_image_stats_of_a_known_image() -> None:
     assert stats["brightness"] == pytest.approx(0.299, abs=1e-3)
     assert stats["contrast"] == pytest.approx(0.0, abs=1e-6)
     assert stats["sharpness"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stats_of_the_reduced_copy_with_the_original_size_equal_the_full_image_stats(live_images) -> None:
+    photo = live_images[0].resize((1600, 1200))
+    small = stats_image(photo)
+    assert max(small.size) <= 128
+    assert image_stats(small, original_size=photo.size) == image_stats(photo)
