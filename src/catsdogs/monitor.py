@@ -61,6 +61,7 @@ IMAGE_FEATURES: tuple[str, ...] = (
     "width",
     "height",
 )
+ORIGINAL_SIZE = "original_size"
 CONFIDENCE = "confidence"
 PREDICTED_CLASS = "predicted_class"
 EMBEDDING_DISTANCE = "embedding_distance"
@@ -78,17 +79,25 @@ DEFAULT_EXPECTED_RANGES: dict[str, tuple[float, float]] = {
 def stats_image(image: Image.Image) -> Image.Image:
     """The small RGB copy (longest side at most :data:`STATS_MAX_SIDE`) the statistics are computed on.
 
-    The service makes it on its decode thread and drops the full-size upload at once; the drift
-    thread then computes :func:`image_stats` of it with ``original_size=upload.size``.
+    The copy remembers the upload's size (``info["original_size"]``), so :func:`image_stats` of the
+    copy equals :func:`image_stats` of the upload. The service makes it on its decode thread and
+    drops the full-size upload at once; the drift thread computes the statistics later.
     """
-    width, height = image.size
-    small = image.convert("RGB")
-    if max(width, height) > STATS_MAX_SIDE:
-        scale = STATS_MAX_SIDE / max(width, height)
+    width, height = _original_size(image)
+    small = image.convert("RGB")  # a copy even for RGB input: the caller's image is not touched
+    if max(small.size) > STATS_MAX_SIDE:
+        scale = STATS_MAX_SIDE / max(small.size)
         small = small.resize(
-            (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
+            (max(1, round(small.width * scale)), max(1, round(small.height * scale))),
+            Image.Resampling.BILINEAR,
         )
+    small.info[ORIGINAL_SIZE] = (width, height)
     return small
+
+
+def _original_size(image: Image.Image) -> tuple[int, int]:
+    size = image.info.get(ORIGINAL_SIZE)
+    return (int(size[0]), int(size[1])) if size else image.size
 
 
 def image_stats(image: Image.Image, *, original_size: tuple[int, int] | None = None) -> dict[str, float]:
@@ -96,7 +105,8 @@ def image_stats(image: Image.Image, *, original_size: tuple[int, int] | None = N
 
     Args:
         image: the decoded upload, or its :func:`stats_image` copy (same result).
-        original_size: ``(width, height)`` of the upload when ``image`` is a reduced copy.
+        original_size: ``(width, height)`` of the upload, when ``image`` is a reduced copy made
+            some other way.
 
     Returns:
         ``brightness`` (mean luma, 0-1), ``contrast`` (luma standard deviation), ``saturation``
@@ -105,7 +115,7 @@ def image_stats(image: Image.Image, *, original_size: tuple[int, int] | None = N
         horizontal edges than vertical ones, so a rotated image moves it), ``aspect_ratio``
         (width / height) and the upload's ``width`` and ``height`` in pixels.
     """
-    width, height = original_size or image.size
+    width, height = original_size or _original_size(image)
     small = stats_image(image)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
     luma = rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
@@ -306,8 +316,8 @@ class DriftMonitor:
     ) -> None:
         """Add one live image (and, if given, the model's probabilities and embedding for it).
 
-        Pass the decoded upload, or its :func:`stats_image` copy with ``original_size``: never the
-        model input, whose fixed size and resampling would hide size drift and move sharpness.
+        Pass the decoded upload or its :func:`stats_image` copy: never the model input, whose fixed
+        size and resampling hide size drift and move sharpness.
         """
         stats = image_stats(image, original_size=original_size)
         sample: dict[str, float] = {k: v for k, v in stats.items() if k in self._values}

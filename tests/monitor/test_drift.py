@@ -237,4 +237,12 @@ def test_stats_of_the_reduced_copy_with_the_original_size_equal_the_full_image_s
     photo = live_images[0].resize((1600, 1200))
     small = stats_image(photo)
     assert max(small.size) <= 128
-    assert image_stats(small, original_size=photo.size) == image_stats(photo)
+    assert image_stats(small) == image_stats(photo)
+    assert image_stats(small.copy(), original_size=photo.size) == image_stats(photo)
+    assert photo.size == (1600, 1200) and "original_size" not in photo.info
+
+
+def test_the_model_input_is_not_a_substitute_for_the_upload(reference, live_images) -> None:
+    # What the service must not do: feed the squashed 64x64 model input instead of the upload.
+    scores = _scores(reference, live_images, lambda image: image.resize((64, 64)))
+    assert scores["sharpness"] >= PSI_DRIFT
