@@ -33,6 +33,7 @@ from monitor_support import (
     build_tiny_bundle,
     dashboard_exprs,
     free_port,
+    grafana_to_promql,
     metric_names,
     prom_query,
     src_dir,
@@ -73,6 +74,20 @@ KUBERNETES_METRICS = {
 #: Series Prometheus makes itself for every scrape target.
 PROMETHEUS_METRICS = {"up": "Prometheus, one series per scrape target (1 when the scrape succeeded)"}
 SERVICE_GROUPS = {"catsdogs-service", "catsdogs-model-quality"}
+PANELS_WITH_DATA = {
+    "Model version",
+    "Model ready",
+    "Targets up",
+    "Request rate",
+    "Error rate",
+    "Latency percentiles (predict)",
+    "Batch size and queue",
+    "Class distribution",
+    "Confidence",
+    "Input and output drift",
+    "Live accuracy",
+    "Feedback rate",
+}
 N_PER_CLASS = 50
 
 
@@ -254,6 +269,15 @@ def test_real_prometheus_scrapes_the_service_and_evaluates_every_rule(
         }
         assert {"brightness", "saturation", "sharpness", "width"} <= set(drift), drift
         assert max(drift.values()) < PSI_DRIFT, f"in-distribution traffic flagged as drift: {drift}"
+
+        # Every dashboard query runs on the real series (promtool only parses them); the panels
+        # fed by the traffic above show data once rate() has a few scrapes to work with.
+        scrapes = f'count_over_time(up{{instance="{target}"}}[1m])'
+        wait_for(lambda: _value(url, scrapes) >= 3, timeout_s=20, what="three scrapes")
+        for title, expr in dashboard_exprs():
+            result = prom_query(url, grafana_to_promql(expr))
+            if title in PANELS_WITH_DATA:
+                assert result, f"panel {title!r} shows no data: {expr}"
 
         wait_for(lambda: _rules_evaluated(url), timeout_s=20, what="every rule evaluated")
         rules = _rules(url)
