@@ -26,6 +26,7 @@ from catsdogs.monitor import (
     build_reference,
     drift_status,
     image_stats,
+    live_proportions,
     psi,
     stats_image,
 )
@@ -158,6 +159,10 @@ def test_empty_reference_is_refused() -> None:
 def test_not_a_reference_is_refused() -> None:
     with pytest.raises(ValueError, match="not a drift reference"):
         DriftMonitor({"format": 1})
+
+
+def test_live_proportions_add_half_a_count_per_bin() -> None:
+    assert live_proportions(np.array([0, 10])) == pytest.approx([0.5 / 11, 10.5 / 11])
 
 
 def test_psi_is_zero_for_identical_and_grows_with_the_shift() -> None:

@@ -5,7 +5,7 @@ drift reference) is shared by the module:
 
 * metric-name coverage: every name read by a dashboard panel or an alert exists in the service's
   real ``/metrics`` output, or in the small kube-state-metrics / cAdvisor list below;
-* ``evaluate-deployed`` sends 100 real labelled images, with feedback, and logs an MLflow run;
+* ``evaluate-deployed`` sends 200 real labelled images, with feedback, and logs an MLflow run;
 * a real Prometheus on loopback scrapes the service, evaluates every alert rule, and the series
   read back through its HTTP API match what was sent: the live accuracy equals the accuracy
   computed by hand from the model's weights.
@@ -88,7 +88,7 @@ PANELS_WITH_DATA = {
     "Live accuracy",
     "Feedback rate",
 }
-N_PER_CLASS = 50
+N_PER_CLASS = 100
 
 
 def _images(archive: Path, label: str, indices: range) -> list[tuple[str, bytes]]:
@@ -112,7 +112,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Iter
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Path:
-    """50 real cats and 50 real dogs (not in the drift reference), as a cat/ dog/ folder."""
+    """100 real cats and 100 real dogs (not in the drift reference), as a cat/ dog/ folder: 200
+    images, the service's default minimum before it publishes drift scores."""
     root = tmp_path_factory.mktemp("labelled")
     for label in ("cat", "dog"):
         (root / label).mkdir()
