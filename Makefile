@@ -6,7 +6,7 @@ PY := $(BIN)/python
 SOURCE ?= ../shared/datasets/dogs-vs-cats/train.zip
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format test test-fast data train serve bench
+.PHONY: help install lint format test test-fast data train serve bench check-monitoring
 
 help: ## Show this help.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,3 +42,9 @@ serve: ## Serve the champion model on 127.0.0.1:8000.
 
 bench: ## Run the benchmarks (minutes; results under benchmarks/results/).
 	$(PY) benchmarks/run_all.py
+
+check-monitoring: ## Check the Prometheus rules and config, run the rules' unit tests, check Alertmanager's config.
+	promtool check rules deploy/prometheus/rules/*.yml
+	promtool test rules deploy/prometheus/tests/*.yml
+	promtool check config deploy/prometheus/prometheus.yml
+	amtool check-config deploy/alertmanager/alertmanager.yml

@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     store_uploads: bool = False
     log_level: str = "INFO"
 
+    # --- monitoring --------------------------------------------------------------------------
+    drift_window: int = Field(default=500, ge=1)
+    """Live images kept per drift feature (the sliding window behind ``catsdogs_drift_score``)."""
+    drift_min_samples: int = Field(default=200, ge=1)
+    """A drift feature gets a score only once its window holds this many images (PSI of fewer is noise)."""
+
     @classmethod
     def settings_customise_sources(
         cls,
