@@ -22,12 +22,15 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from catsdogs import CatsdogsError
 from catsdogs.data import validate
 from catsdogs.data.dedup import near_duplicate_groups
 from catsdogs.data.download import download, is_url
@@ -77,13 +80,22 @@ def _process_all(
                 bar.update()
                 yield validate.process_task(task)
             return
-        # forkserver: safe next to threads (servers in tests), and the preload makes forks cheap.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["catsdogs.data.validate"])
-        with context.Pool(workers, initializer=validate.init_worker, initargs=initargs) as pool:
-            for result in pool.imap_unordered(validate.process_task, tasks, chunksize=64):
+        # fork: workers start in milliseconds with the parent's imports and sys.path (spawn and
+        # forkserver re-import from the installed package, which need not be this source tree).
+        # The workers run only decoding/hashing code: no locks or threads they could inherit stuck.
+        context = multiprocessing.get_context("fork")
+        # ProcessPoolExecutor, not Pool: a worker killed by a decoder crash or the OOM killer
+        # raises BrokenProcessPool here instead of hanging forever.
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=validate.init_worker, initargs=initargs
+        ) as pool:
+            for result in pool.map(validate.process_task, tasks, chunksize=64):
                 bar.update()
                 yield result
+    except BrokenProcessPool as exc:
+        raise CatsdogsError(
+            f"an ingest worker died ({exc}); retry with --workers 1 to find the file that crashes it"
+        ) from None
     finally:
         bar.close()
         validate.init_worker(source.path, "folder", config)  # drop the in-process archive handle
