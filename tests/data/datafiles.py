@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import struct
 import zipfile
@@ -92,3 +93,14 @@ def read_manifest(settings: Settings) -> list[dict[str, str]]:
 
     with settings.manifest_path.open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def require_tool(name: str) -> str:
+    """``tests/conftest.py::require_tool`` (loaded by path: every test folder's conftest is "conftest")."""
+    spec = importlib.util.spec_from_file_location(
+        "_catsdogs_root_conftest", Path(__file__).parents[1] / "conftest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.require_tool(name)
