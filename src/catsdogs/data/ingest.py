@@ -178,6 +178,7 @@ def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[s
 
 def _report(
     *,
+    requested: str,
     source: Source,
     settings: Settings,
     rows: list[dict[str, Any]],
@@ -192,7 +193,7 @@ def _report(
     per_split = {s: sum(per_class[c][s] for c in settings.classes) for s in SPLITS}
     conflicts = sections["conflicting_labels"]
     return {
-        "source": str(source.path),
+        "source": requested,
         "layout": source.layout,
         "seed": settings.seed,
         "split_ratios": list(settings.split_ratios),
@@ -232,6 +233,13 @@ def _swap_in(staging: Path, data_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def _remove_leftovers(data_dir: Path) -> None:
+    """Delete staging folders of an interrupted earlier run (one ingest per data_dir at a time)."""
+    for leftover in [*data_dir.glob(".ingest-*"), *data_dir.glob(".old-images-*")]:
+        _logger.warning("removing %s left by an interrupted ingest", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def ingest(
     settings: Settings, *, source: str | None = None, show_progress: bool = True, workers: int | None = None
 ) -> IngestResult:
@@ -242,12 +250,13 @@ def ingest(
         CatsdogsError: the source is missing, unreadable, or its download failed.
     """
     started = time.perf_counter()
+    requested = source or settings.data_source
     local = open_source(
-        resolve_source(source or settings.data_source, settings, show_progress=show_progress),
-        classes=settings.classes,
+        resolve_source(requested, settings, show_progress=show_progress), classes=settings.classes
     )
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(data_dir)
     staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=data_dir))
     try:
         config = StoreConfig(
@@ -269,6 +278,7 @@ def ingest(
             for image in conflict["images"]:
                 (config.images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
         report = _report(
+            requested=requested,
             source=local,
             settings=settings,
             rows=rows,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import tempfile
 import zipfile
@@ -25,6 +26,7 @@ from PIL import Image
 
 from catsdogs.preprocessing import ImageError, decode_image
 
+_logger = logging.getLogger(__name__)
 JPEG_QUALITY = 95
 
 
@@ -88,11 +90,15 @@ def process(source: str, label: str | None, data: bytes, config: StoreConfig) ->
         image = decode_image(
             data, max_pixels=config.max_pixels, min_side=config.min_side, draft_size=config.store_max_side
         )
+        phash = str(imagehash.phash(image))
+        copyable = _copyable(data, config.store_max_side)
     except ImageError as exc:
         return Rejected(source, label, exc.code, exc.detail)
+    except Exception as exc:  # a decoder bug on a hostile file must cost one file, not the whole ingest
+        _logger.warning("unexpected %s decoding %s: %s", type(exc).__name__, source, exc)
+        return Rejected(source, label, "decode_failed", f"{type(exc).__name__}: {exc}")
     sha256 = hashlib.sha256(data).hexdigest()
-    phash = str(imagehash.phash(image))
-    if _copyable(data, config.store_max_side):
+    if copyable:
         stored = data
     else:
         if max(image.size) > config.store_max_side:
