@@ -87,12 +87,13 @@ def test_exact_duplicates_with_one_label_keep_one_row(
     ]
 
 
+@pytest.mark.parametrize("copy", ["exact", "resized_reencoded"])
 def test_same_photo_under_both_labels_is_a_conflict_and_excluded(
-    tmp_path: Path, settings: Settings, real_photos
+    tmp_path: Path, settings: Settings, real_photos, copy: str
 ) -> None:
     photo = real_photos["cat"][3]
     members = kaggle_members(real_photos, 3)
-    members["train/dog.999.jpg"] = _variant(photo)  # a resized, re-encoded copy of a cat, labelled dog
+    members["train/dog.999.jpg"] = photo if copy == "exact" else _variant(photo)  # a cat, labelled dog
     members["train/cat.3.jpg"] = photo
     result = ingest(settings, source=str(write_zip(tmp_path / "c.zip", members)), show_progress=False)
     (conflict,) = result.report["conflicting_labels"]

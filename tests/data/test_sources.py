@@ -75,6 +75,16 @@ def test_symlink_in_source_folder_is_refused(tmp_path: Path, settings: Settings,
     assert not settings.data_dir.exists()
 
 
+def test_fifo_in_source_folder_is_refused_instead_of_blocking(
+    tmp_path: Path, settings: Settings, real_photos
+) -> None:
+    root = write_folder(tmp_path / "src", {"cat/a.jpg": real_photos["cat"][0]})
+    os.mkfifo(root / "cat" / "b.jpg")
+    with pytest.raises(UnsafeSourceError, match="not a regular file"):
+        ingest(settings, source=str(root), show_progress=False)
+    assert not settings.data_dir.exists()
+
+
 def test_missing_source_is_a_clear_error(tmp_path: Path, settings: Settings) -> None:
     with pytest.raises(CatsdogsError, match="does not exist"):
         ingest(settings, source=str(tmp_path / "nope.zip"), show_progress=False)

@@ -123,10 +123,12 @@ def _folder_members(root: Path, classes: tuple[str, ...]) -> list[Member]:
                     "the source; nothing was written. Replace links by real files."
                 )
         for filename in filenames:
-            name = (Path(dirpath) / filename).relative_to(root).as_posix()
+            full = Path(dirpath) / filename
+            if not full.is_file():  # a FIFO or device would block or stream forever when read
+                raise UnsafeSourceError(f"refusing {root}: {full.relative_to(root)} is not a regular file")
+            name = full.relative_to(root).as_posix()
             if not _ignored(name):
-                size = (Path(dirpath) / filename).stat().st_size
-                members.append(Member(name, label_for(name, classes), size))
+                members.append(Member(name, label_for(name, classes), full.stat().st_size))
     return members
 
 
