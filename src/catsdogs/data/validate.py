@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,13 +71,20 @@ def _copyable(data: bytes, max_side: int) -> bool:
         return probe.getexif().get(0x0112, 1) == 1  # EXIF Orientation
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Two workers may store the same exact duplicate at once: unique temp name, then atomic rename.
+def _write_once(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` unless it exists.
+
+    The store is built in a private staging folder that is swapped in whole, so no reader sees a
+    half-written file and a per-file temp+rename (a third of the per-image cost) buys nothing. The
+    name is the SHA-256 of the source bytes and the stored bytes are a pure function of them, so
+    when two workers store the same exact duplicate, the second has nothing to add.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    Path(tmp).replace(path)
+    try:
+        with path.open("xb") as handle:
+            handle.write(data)
+    except FileExistsError:
+        pass
 
 
 def process(source: str, label: str | None, data: bytes, config: StoreConfig) -> Accepted | Rejected:
@@ -106,7 +111,7 @@ def process(source: str, label: str | None, data: bytes, config: StoreConfig) ->
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
         stored = buffer.getvalue()
-    _atomic_write(config.images_dir / label / f"{sha256}.jpg", stored)
+    _write_once(config.images_dir / label / f"{sha256}.jpg", stored)
     width, height = image.size
     return Accepted(source, label, sha256, phash, width, height)
 
