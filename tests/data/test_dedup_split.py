@@ -210,3 +210,30 @@ def test_reingest_replaces_the_store_and_leaves_no_staging(
         "images",
         "manifest.csv",
     ]
+
+
+def test_new_near_duplicate_joins_its_groups_split_never_straddles(tmp_path: Path, real_photos) -> None:
+    """The documented limit of growth stability: leakage prevention wins over keeping a split."""
+    import hashlib
+
+    originals = {f"train/cat.{i}.jpg": real_photos["cat"][i] for i in range(30)}
+    before = Settings(data_dir=tmp_path / "before")
+    ingest(before, source=str(write_zip(tmp_path / "a.zip", originals)), show_progress=False)
+    added = {}
+    for i in range(30):  # one re-encoded copy per photo: some hash lower than their original, some higher
+        copy = _variant(real_photos["cat"][i])
+        added[f"train/cat.copy{i}.jpg"] = copy
+        assert hashlib.sha256(copy).hexdigest() != hashlib.sha256(real_photos["cat"][i]).hexdigest()
+    after = Settings(data_dir=tmp_path / "after")
+    report = ingest(
+        after, source=str(write_zip(tmp_path / "b.zip", originals | added)), show_progress=False
+    ).report
+    split_of = {row["sha256"]: row["split"] for row in read_manifest(after)}
+    old = {row["sha256"]: row["split"] for row in read_manifest(before)}
+    assert len(report["near_duplicate_groups"]) >= 25
+    for group in report["near_duplicate_groups"]:
+        assert len({split_of[sha] for sha in group["sha256"]}) == 1
+    moved = [sha for sha in old if split_of[sha] != old[sha]]
+    for sha in moved:  # an old image moves only with a new look-alike whose hash is smaller
+        (group,) = [g["sha256"] for g in report["near_duplicate_groups"] if sha in g["sha256"]]
+        assert min(group) not in old
