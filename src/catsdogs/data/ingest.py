@@ -98,7 +98,7 @@ def _process_all(
         ) from None
     finally:
         bar.close()
-        validate.init_worker(source.path, "folder", config)  # drop the in-process archive handle
+        validate.close_worker()
 
 
 def _write_atomic(path: Path, text: str) -> None:

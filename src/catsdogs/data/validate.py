@@ -131,6 +131,14 @@ def init_worker(path: Path, kind: str, config: StoreConfig) -> None:
     _config = config
 
 
+def close_worker() -> None:
+    """Close the archive opened by :func:`init_worker` (in-process runs: no handle left open)."""
+    global _archive, _root, _config
+    if _archive is not None:
+        _archive.close()
+    _archive, _root, _config = None, None, None
+
+
 def process_task(task: tuple[str, str | None, int]) -> Accepted | Rejected:
     """Read one member in the worker (only names cross process boundaries, not image bytes)."""
     name, label, size = task
