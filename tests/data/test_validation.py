@@ -106,6 +106,32 @@ def test_crc_corrupted_member_is_rejected_not_fatal(tmp_path: Path, settings: Se
     assert report["counts"]["manifest_rows"] == 1
 
 
+def _mark_encrypted(archive: Path, name: str) -> None:
+    """Set the "encrypted" flag bit of one member in its local and central headers."""
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        local = zf.getinfo(name).header_offset
+    raw[local + 6] |= 0x1
+    central = raw.find(b"PK\x01\x02")
+    while central != -1:
+        name_length = int.from_bytes(raw[central + 28 : central + 30], "little")
+        if raw[central + 46 : central + 46 + name_length] == name.encode():
+            raw[central + 8] |= 0x1
+        central = raw.find(b"PK\x01\x02", central + 4)
+    archive.write_bytes(bytes(raw))
+
+
+def test_encrypted_member_is_rejected_not_fatal(tmp_path: Path, settings: Settings, real_photos) -> None:
+    archive = write_zip(
+        tmp_path / "enc.zip", {"cat/a.jpg": real_photos["cat"][0], "cat/b.jpg": real_photos["cat"][1]}
+    )
+    _mark_encrypted(archive, "cat/b.jpg")  # reading it now needs a password we do not have
+    report = ingest(settings, source=str(archive), show_progress=False).report
+    assert [(r["source"], r["reason"]) for r in report["rejections"]] == [("cat/b.jpg", "unreadable")]
+    assert "encrypted" in report["rejections"][0]["detail"]
+    assert report["counts"]["manifest_rows"] == 1
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run(

@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,7 @@ def process_task(task: tuple[str, str | None, int]) -> Accepted | Rejected:
         return Rejected(name, label, "file_too_large", f"{size} bytes is over {_config.max_bytes}")
     try:
         data = _archive.read(name) if _archive is not None else (_root / name).read_bytes()  # type: ignore[operator]
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError, NotImplementedError) as exc:
+        # bad CRC, corrupt deflate stream, encrypted member (RuntimeError), unknown compression
         return Rejected(name, label, "unreadable", f"the archive member cannot be read: {exc}")
     return process(name, label, data, _config)
