@@ -5,6 +5,8 @@ Runs the real CLI under GNU ``/usr/bin/time -v`` into a throw-away data folder a
 
 - ``images_per_s``: files processed per wall-clock second, everything included (process start,
   decode, SHA-256, pHash, store writes, duplicate search, split, manifest);
+- ``images_per_cpu_s``: files per CPU-second (user + system, main process and workers): what the
+  code costs, whatever else the shared machine was running;
 - ``peak_rss_mb``: GNU time's "Maximum resident set size", i.e. the largest single process
   (the main process or one worker);
 - ``peak_tree_pss_mb``: the largest sum of PSS (proportional set size: shared pages counted once)
@@ -97,6 +99,11 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     counts = report["counts"]
+    # user + system time of the whole tree (workers are reaped by the main process, so GNU time
+    # counts them): the cost per image independent of how busy the shared machine was.
+    cpu_seconds = float(_time_field(stderr, "User time (seconds)")) + float(
+        _time_field(stderr, "System time (seconds)")
+    )
     result = {
         "benchmark": "ingest",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -109,6 +116,8 @@ def main() -> None:
         "images_per_s": round(counts["files"] / seconds, 1),
         "peak_rss_mb": round(int(_time_field(stderr, "Maximum resident set size (kbytes)")) / 1024, 1),
         "peak_tree_pss_mb": round(peak[0], 1) if peak[0] else None,
+        "cpu_seconds": round(cpu_seconds, 1),
+        "images_per_cpu_s": round(counts["files"] / cpu_seconds, 1),
         "cpu_percent": _time_field(stderr, "Percent of CPU this job got"),
         "machine": {
             "cpus": os.cpu_count(),
