@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     """Images wider or taller than this are downscaled in the normalized store."""
     near_duplicate_distance: int = 4
     """Hamming distance (of 64-bit perceptual hashes) at or under which two images are near-duplicates."""
+    max_image_bytes: int = 64 * 1024 * 1024
+    """Files bigger than this are rejected by ingest before being read (a zip member can claim gigabytes)."""
+    ingest_workers: int | None = None
+    """Processes that decode and hash images during ingest; ``None`` means one per CPU core."""
 
     # --- training ----------------------------------------------------------------------------
     model_name: str = "catsdogs-classifier"

@@ -1,0 +1,296 @@
+"""``catsdogs data ingest``: source → validated, de-duplicated, split data set on disk.
+
+Steps: resolve the source (download a URL) → check every member (unsafe archives are refused
+before anything is written) → validate, hash and store each image in a process pool → group
+exact and near-duplicates → drop groups whose images carry both labels → assign splits → write
+``manifest.csv`` and ``data_report.json``.
+
+Everything is built in a staging folder inside ``data_dir`` and swapped in at the end, so a
+failed or interrupted run leaves the previous data set untouched, and re-running is safe.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from catsdogs import CatsdogsError
+from catsdogs.data import validate
+from catsdogs.data.dedup import near_duplicate_groups
+from catsdogs.data.download import download, is_url
+from catsdogs.data.sources import Source, open_source
+from catsdogs.data.split import SPLITS, assign_splits
+from catsdogs.data.validate import Accepted, Rejected, StoreConfig
+from catsdogs.settings import Settings
+
+_logger = logging.getLogger(__name__)
+MANIFEST_COLUMNS = ("path", "label", "sha256", "phash", "width", "height", "split")
+#: Below this many files a pool costs more than it saves.
+MIN_FILES_FOR_POOL = 200
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingest produced; ``report`` is the content of ``data_report.json``."""
+
+    manifest_path: Path
+    report_path: Path
+    report: dict[str, Any]
+    seconds: float
+
+
+def resolve_source(source: str, settings: Settings, *, show_progress: bool) -> Path:
+    """Local path of the source, downloading (resumably, checksum-checked) a URL into ``raw_dir``."""
+    if is_url(source):
+        return download(source, settings.raw_dir, sha256=settings.data_sha256, show_progress=show_progress)
+    return Path(source).expanduser()
+
+
+def _process_all(
+    source: Source, config: StoreConfig, *, workers: int, show_progress: bool
+) -> Iterator[Accepted | Rejected]:
+    """Run :func:`validate.process_task` on every member, in a pool when it pays off.
+
+    Only (name, label, size) tuples go to the workers; each worker opens the archive once and
+    reads its own members, so neither the archive nor a queue of image bytes is ever in memory.
+    """
+    tasks = [(m.name, m.label, m.size) for m in source.members]
+    bar = tqdm(total=len(tasks), unit="img", desc="ingest", disable=not show_progress)
+    initargs = (source.path, source.kind, config)
+    try:
+        if workers <= 1 or len(tasks) < MIN_FILES_FOR_POOL:
+            validate.init_worker(*initargs)
+            for task in tasks:
+                bar.update()
+                yield validate.process_task(task)
+            return
+        # fork: workers start in milliseconds with the parent's imports and sys.path (spawn and
+        # forkserver re-import from the installed package, which need not be this source tree).
+        # The workers run only decoding/hashing code: no locks or threads they could inherit stuck.
+        context = multiprocessing.get_context("fork")
+        # ProcessPoolExecutor, not Pool: a worker killed by a decoder crash or the OOM killer
+        # raises BrokenProcessPool here instead of hanging forever.
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=validate.init_worker, initargs=initargs
+        ) as pool:
+            for result in pool.map(validate.process_task, tasks, chunksize=64):
+                bar.update()
+                yield result
+    except BrokenProcessPool as exc:
+        raise CatsdogsError(
+            f"an ingest worker died ({exc}); retry with --workers 1 to find the file that crashes it"
+        ) from None
+    finally:
+        bar.close()
+        validate.close_worker()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    Path(tmp).replace(path)
+
+
+def manifest_text(rows: list[dict[str, Any]]) -> str:
+    """CSV text of manifest rows sorted by sha256, ``\\n`` line ends: byte-identical for equal input."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda row: row["sha256"]))
+    return buffer.getvalue()
+
+
+def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Exact/near-duplicate groups, label conflicts and splits → manifest rows and report sections."""
+    by_sha: dict[str, list[Accepted]] = defaultdict(list)
+    for item in sorted(accepted, key=lambda a: (a.sha256, a.source)):
+        by_sha[item.sha256].append(item)
+    groups = near_duplicate_groups(
+        {sha: items[0].phash for sha, items in by_sha.items()}, max_distance=settings.near_duplicate_distance
+    )
+    conflicts, kept_groups, near_groups = [], [], []
+    for group in groups:
+        labels = sorted({item.label for sha in group for item in by_sha[sha]})
+        if len(labels) > 1:
+            conflicts.append(
+                {
+                    "labels": labels,
+                    "images": [
+                        {"sha256": sha, "label": item.label, "source": item.source}
+                        for sha in group
+                        for item in by_sha[sha]
+                    ],
+                }
+            )
+        else:
+            kept_groups.append((labels[0], group))
+    splits = assign_splits(kept_groups, seed=settings.seed, ratios=settings.split_ratios)
+    rows, exact = [], []
+    for label, group in kept_groups:
+        if len(group) > 1:
+            near_groups.append({"label": label, "split": splits[group[0]], "sha256": group})
+        for sha in group:
+            first, *others = by_sha[sha]
+            if others:
+                exact.append(
+                    {
+                        "sha256": sha,
+                        "label": label,
+                        "kept": first.source,
+                        "removed": [o.source for o in others],
+                    }
+                )
+            rows.append(
+                {
+                    "path": f"images/{label}/{sha}.jpg",
+                    "label": label,
+                    "sha256": sha,
+                    "phash": first.phash,
+                    "width": first.width,
+                    "height": first.height,
+                    "split": splits[sha],
+                }
+            )
+    sections = {
+        "exact_duplicates": exact,
+        "near_duplicate_groups": near_groups,
+        "conflicting_labels": conflicts,
+    }
+    return rows, sections
+
+
+def _report(
+    *,
+    requested: str,
+    source: Source,
+    settings: Settings,
+    rows: list[dict[str, Any]],
+    rejected: list[Rejected],
+    accepted_count: int,
+    sections: dict[str, Any],
+) -> dict[str, Any]:
+    per_class = {c: {s: 0 for s in (*SPLITS, "total")} for c in settings.classes}
+    for row in rows:
+        per_class[row["label"]][row["split"]] += 1
+        per_class[row["label"]]["total"] += 1
+    per_split = {s: sum(per_class[c][s] for c in settings.classes) for s in SPLITS}
+    conflicts = sections["conflicting_labels"]
+    return {
+        "source": requested,
+        "layout": source.layout,
+        "seed": settings.seed,
+        "split_ratios": list(settings.split_ratios),
+        "near_duplicate_distance": settings.near_duplicate_distance,
+        "counts": {
+            "files": len(source.members),
+            "accepted": accepted_count,
+            "rejected": len(rejected),
+            "exact_duplicates_removed": sum(len(e["removed"]) for e in sections["exact_duplicates"]),
+            "near_duplicate_groups": len(sections["near_duplicate_groups"]),
+            "conflicting_label_groups": len(conflicts),
+            "conflicting_images_excluded": sum(len(c["images"]) for c in conflicts),
+            "manifest_rows": len(rows),
+        },
+        "per_class": per_class,
+        "per_split": per_split,
+        "rejections_by_reason": dict(sorted(Counter(r.reason for r in rejected).items())),
+        "rejections": [
+            {"source": r.source, "label": r.label, "reason": r.reason, "detail": r.detail}
+            for r in sorted(rejected, key=lambda r: r.source)
+        ],
+        **sections,
+    }
+
+
+def _swap_in(staging: Path, data_dir: Path) -> None:
+    """Replace the store, manifest and report by the staged ones (each rename is atomic)."""
+    images = data_dir / "images"
+    old = None
+    if images.exists():
+        old = data_dir / f".old-images-{os.getpid()}"
+        images.rename(old)
+    (staging / "images").rename(images)
+    for name in ("manifest.csv", "data_report.json"):
+        (staging / name).replace(data_dir / name)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _remove_leftovers(data_dir: Path) -> None:
+    """Delete staging folders of an interrupted earlier run (one ingest per data_dir at a time)."""
+    for leftover in [*data_dir.glob(".ingest-*"), *data_dir.glob(".old-images-*")]:
+        _logger.warning("removing %s left by an interrupted ingest", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def ingest(
+    settings: Settings, *, source: str | None = None, show_progress: bool = True, workers: int | None = None
+) -> IngestResult:
+    """Build the data set in ``settings.data_dir`` from ``source`` (default ``settings.data_source``).
+
+    Raises:
+        UnsafeSourceError: the archive or folder holds an escaping member; nothing was written.
+        CatsdogsError: the source is missing, unreadable, or its download failed.
+    """
+    started = time.perf_counter()
+    requested = source or settings.data_source
+    local = open_source(
+        resolve_source(requested, settings, show_progress=show_progress), classes=settings.classes
+    )
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(data_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=data_dir))
+    try:
+        config = StoreConfig(
+            images_dir=staging / "images",
+            max_pixels=settings.max_image_pixels,
+            min_side=settings.min_image_side,
+            store_max_side=settings.store_max_side,
+            max_bytes=settings.max_image_bytes,
+        )
+        for label in settings.classes:
+            (config.images_dir / label).mkdir(parents=True)
+        accepted: list[Accepted] = []
+        rejected: list[Rejected] = []
+        n_workers = settings.ingest_workers or os.cpu_count() or 1
+        for result in _process_all(local, config, workers=n_workers, show_progress=show_progress):
+            (accepted if isinstance(result, Accepted) else rejected).append(result)
+        rows, sections = _organize(accepted, settings)
+        for conflict in sections["conflicting_labels"]:
+            for image in conflict["images"]:
+                (config.images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
+        report = _report(
+            requested=requested,
+            source=local,
+            settings=settings,
+            rows=rows,
+            rejected=rejected,
+            accepted_count=len(accepted),
+            sections=sections,
+        )
+        _write_atomic(staging / "manifest.csv", manifest_text(rows))
+        _write_atomic(staging / "data_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+        _swap_in(staging, data_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    _logger.info("ingested %d files in %.1f s", len(local.members), seconds)
+    return IngestResult(settings.manifest_path, settings.report_path, report, seconds)

@@ -1,0 +1,79 @@
+"""The DVC pipeline as shipped (dvc.yaml, params.yaml, .dvc/config), run for real on a small archive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from datafiles import kaggle_members, require_tool, write_zip
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _run(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(cwd / "src"), "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def project(tmp_path: Path, real_photos) -> Path:
+    """A fresh git repo holding this project's DVC files and sources, ingesting a 40-photo archive."""
+    require_tool("git")
+    require_tool("dvc")
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data_source"] = str(write_zip(tmp_path / "train.zip", kaggle_members(real_photos, 20)))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    _run("git", "init", "-q", cwd=root)
+    _run("git", "add", "-A", cwd=root)
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "init", cwd=root)
+    return root
+
+
+def test_dvc_repro_tracks_data_and_push_pull_round_trip_offline(project: Path) -> None:
+    _run("dvc", "repro", cwd=project)
+    manifest = (project / "data" / "manifest.csv").read_bytes()
+    assert manifest.count(b"\n") == 41
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert {out["path"] for out in lock["stages"]["ingest"]["outs"]} >= {"data/images", "data/manifest.csv"}
+    assert "Stage 'ingest' didn't change, skipping" in _run("dvc", "repro", cwd=project)
+    git_status = _run("git", "status", "--porcelain", "--untracked-files=all", cwd=project)
+    assert "data/" not in git_status  # DVC tracks data/, git does not
+    assert "dvc.lock" in git_status
+
+    _run("dvc", "push", cwd=project)
+    assert (project / "dvc-remote" / "files" / "md5").is_dir()
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    _run("dvc", "pull", cwd=project)
+    assert (project / "data" / "manifest.csv").read_bytes() == manifest
+    assert len(list((project / "data" / "images").rglob("*.jpg"))) == 40
+    assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=project)
+
+
+def test_changing_a_parameter_reruns_the_stage(project: Path) -> None:
+    _run("dvc", "repro", cwd=project)
+    before = (project / "data" / "manifest.csv").read_text()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["seed"] = 7
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "ingest" in _run("dvc", "status", cwd=project)
+    _run("dvc", "repro", cwd=project)
+    after = (project / "data" / "manifest.csv").read_text()
+    assert sorted(before.splitlines()[1:]) != sorted(after.splitlines()[1:])
+    assert [line.split(",")[2] for line in before.splitlines()] == [
+        line.split(",")[2] for line in after.splitlines()
+    ]
