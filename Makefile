@@ -48,3 +48,9 @@ check-monitoring: ## Check the Prometheus rules and config, run the rules' unit 
 	promtool test rules deploy/prometheus/tests/*.yml
 	promtool check config deploy/prometheus/prometheus.yml
 	amtool check-config deploy/alertmanager/alertmanager.yml
+.PHONY: promote mlflow-ui
+promote: ## Move `champion` to the challenger if it passes the quality gate.
+	$(BIN)/catsdogs promote
+
+mlflow-ui: ## Browse runs and registered models on http://127.0.0.1:5000.
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1

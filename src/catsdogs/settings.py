@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     promotion_min_accuracy: float = 0.97
     promotion_min_class_recall: float = 0.95
     promotion_max_recall_drop: float = 0.01
+    actor: str | None = None
+    """Who is recorded on model alias changes (e.g. a CI bot's name); ``None`` means user@host."""
 
     # --- serving -----------------------------------------------------------------------------
     model_uri: str = "models:/catsdogs-classifier@champion"

@@ -1,0 +1,363 @@
+"""The quality gate: move ``champion`` only to a version that is at least as good, and back again.
+
+Rules (thresholds from the settings):
+
+* test accuracy ≥ ``promotion_min_accuracy`` and ≥ the champion's accuracy on the same test split;
+* every class's recall ≥ ``promotion_min_class_recall`` and ≥ the champion's recall for that class
+  minus ``promotion_max_recall_drop``.
+
+Accuracies are comparable only on the same test split (the fingerprint of its image hashes): when the
+data have grown, the champion is re-evaluated on the challenger's split through ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from catsdogs import CatsdogsError
+from catsdogs.registry.client import (
+    CHALLENGER,
+    CHAMPION,
+    TEST_SPLIT_TAG,
+    bounded_http,
+    champion_history,
+    make_client,
+    move_alias,
+    require_model,
+    set_champion_history,
+    version_by_alias,
+)
+from catsdogs.registry.lineage import split_fingerprint
+from catsdogs.settings import Settings
+
+_logger = logging.getLogger(__name__)
+
+_RECALL_METRIC = re.compile(r"^test_per_class_(?P<label>.+)_recall$")
+#: Float noise allowance when comparing metrics that were computed the same way.
+_EPS = 1e-9
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """What the gate looks at for one version."""
+
+    accuracy: float
+    recall: dict[str, float]
+    split: str | None
+    reevaluated: bool = False
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any], *, split: str | None, reevaluated: bool) -> VersionMetrics:
+        """From a ``metrics.json``-shaped dict (``accuracy``, ``per_class.<label>.recall``)."""
+        try:
+            recall = {label: float(row["recall"]) for label, row in metrics["per_class"].items()}
+            return cls(float(metrics["accuracy"]), recall, split, reevaluated)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CatsdogsError(f"evaluation metrics lack accuracy or per-class recall ({exc!r})") from None
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One row of the comparison table."""
+
+    metric: str
+    challenger: float
+    champion: float | None
+    required: float
+    rule: str
+    passed: bool
+
+
+@dataclass
+class PromotionDecision:
+    """The outcome of :func:`promote`, with every number that decided it."""
+
+    accepted: bool
+    model_name: str
+    challenger_version: int
+    champion_version: int | None
+    checks: list[GateCheck] = field(default_factory=list)
+    message: str = ""
+    champion_reevaluated: bool = False
+
+    def table(self) -> str:
+        """A plain-text comparison table (the CLI prints it)."""
+        champion = f"champion v{self.champion_version}" if self.champion_version else "champion (none)"
+        head = ("metric", f"challenger v{self.challenger_version}", champion, "required", "rule", "result")
+        rows = [head] + [
+            (
+                check.metric,
+                f"{check.challenger:.4f}",
+                "-" if check.champion is None else f"{check.champion:.4f}",
+                f"{check.required:.4f}",
+                check.rule,
+                "pass" if check.passed else "FAIL",
+            )
+            for check in self.checks
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _run_metrics(client: MlflowClient, model_version: ModelVersion) -> VersionMetrics:
+    """The test metrics the version's training run logged."""
+    if not model_version.run_id:
+        raise CatsdogsError(f"version {model_version.version} has no MLflow run with its test metrics")
+    metrics = client.get_run(model_version.run_id).data.metrics
+    recall = {
+        match["label"]: value
+        for key, value in metrics.items()
+        if (match := _RECALL_METRIC.match(key)) is not None
+    }
+    if "test_accuracy" not in metrics or not recall:
+        raise CatsdogsError(
+            f"the run of version {model_version.version} logged no test_accuracy or per-class recall"
+        )
+    return VersionMetrics(metrics["test_accuracy"], recall, model_version.tags.get(TEST_SPLIT_TAG))
+
+
+def _reevaluate_champion(
+    settings: Settings,
+    champion: ModelVersion,
+    challenger: VersionMetrics,
+    evaluate: Callable[[Path], dict] | None,
+    client: MlflowClient,
+) -> VersionMetrics:
+    """Measure the champion on the challenger's test split, or refuse to compare."""
+    from catsdogs.registry.download import download_bundle
+
+    split = champion.tags.get(TEST_SPLIT_TAG)
+    if evaluate is None:
+        raise CatsdogsError(
+            f"the champion (v{champion.version}) was tested on split {str(split)[:12]} and the challenger "
+            f"on split {str(challenger.split)[:12]}: their accuracies are not comparable. Promote with "
+            "an evaluate function (the `catsdogs promote` command passes one) to re-test the champion."
+        )
+    current = split_fingerprint(settings.manifest_path)
+    if current is None or current != challenger.split:
+        raise CatsdogsError(
+            f"cannot re-test the champion on the challenger's split {str(challenger.split)[:12]}: the "
+            f"manifest at {settings.manifest_path} has split {str(current)[:12]}. Retrain on the current "
+            "data or point CATSDOGS_DATA_DIR at the data the challenger was tested on."
+        )
+    bundle = download_bundle(f"models:/{settings.model_name}/{champion.version}", settings)
+    metrics = evaluate(bundle)
+    result = VersionMetrics.from_metrics(metrics, split=current, reevaluated=True)
+    client.set_model_version_tag(
+        settings.model_name,
+        champion.version,
+        f"retest.{current[:16]}",
+        json.dumps({"accuracy": result.accuracy, "recall": result.recall}),
+    )
+    return result
+
+
+def _checks(
+    settings: Settings, challenger: VersionMetrics, champion: VersionMetrics | None
+) -> list[GateCheck]:
+    floor_acc = settings.promotion_min_accuracy
+    rows = []
+    required = floor_acc if champion is None else max(floor_acc, champion.accuracy)
+    rule = f">= floor {floor_acc:.3f}" + ("" if champion is None else " and >= champion")
+    rows.append(
+        GateCheck(
+            "accuracy",
+            challenger.accuracy,
+            None if champion is None else champion.accuracy,
+            required,
+            rule,
+            challenger.accuracy >= required - _EPS,
+        )
+    )
+    floor_recall, drop = settings.promotion_min_class_recall, settings.promotion_max_recall_drop
+    labels = sorted(set(challenger.recall) | set(champion.recall if champion else {}))
+    for label in labels:
+        value = challenger.recall.get(label, 0.0)
+        previous = champion.recall.get(label) if champion else None
+        required = floor_recall if previous is None else max(floor_recall, previous - drop)
+        rule = f">= floor {floor_recall:.3f}" + ("" if previous is None else f" and >= champion - {drop:.3f}")
+        rows.append(GateCheck(f"recall[{label}]", value, previous, required, rule, value >= required - _EPS))
+    return rows
+
+
+def _bounded(function: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a registry command with MLflow's HTTP retries bounded by ``settings.registry_timeout_s``,
+    so an unreachable tracking server fails in seconds instead of retrying for minutes."""
+
+    @functools.wraps(function)
+    def wrapper(settings: Settings, *args: Any, **kwargs: Any) -> _T:
+        with bounded_http(settings):
+            return function(settings, *args, **kwargs)
+
+    return wrapper
+
+
+def _get_version(client: MlflowClient, name: str, version: int | None) -> ModelVersion:
+    if version is None:
+        found = version_by_alias(client, name, CHALLENGER)
+        if found is None:
+            raise CatsdogsError(f"{name} has no '{CHALLENGER}' version: train a model or pass --version")
+        return found
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise CatsdogsError(f"{name} has no version {version}: see `catsdogs models list`") from None
+
+
+@_bounded
+def promote(
+    settings: Settings,
+    *,
+    version: int | None = None,
+    reason: str = "",
+    evaluate: Callable[[Path], dict] | None = None,
+) -> PromotionDecision:
+    """Move ``champion`` to the challenger (or ``version``) if it passes the quality gate.
+
+    Args:
+        settings: registry location, model name and the gate's thresholds.
+        version: the version to promote; the ``challenger`` alias when omitted.
+        reason: why, recorded with the alias change.
+        evaluate: ``bundle folder -> metrics.json-shaped dict`` on the current test split; used to
+            re-test the champion when it was tested on another split.
+
+    Returns:
+        The decision; ``accepted`` is False when the gate refused (nothing was changed then).
+    """
+    client = make_client(settings)
+    name = settings.model_name
+    require_model(client, name)
+    candidate = _get_version(client, name, version)
+    candidate_no = int(candidate.version)
+    current = version_by_alias(client, name, CHAMPION)
+    if current is not None and int(current.version) == candidate_no:
+        raise CatsdogsError(f"version {candidate_no} of {name} is already the champion")
+    challenger = _run_metrics(client, candidate)
+    champion: VersionMetrics | None = None
+    if current is not None:
+        champion = _run_metrics(client, current)
+        if champion.split is None or champion.split != challenger.split:
+            champion = _reevaluate_champion(settings, current, challenger, evaluate, client)
+    decision = PromotionDecision(
+        accepted=False,
+        model_name=name,
+        challenger_version=candidate_no,
+        champion_version=None if current is None else int(current.version),
+        checks=_checks(settings, challenger, champion),
+        champion_reevaluated=bool(champion and champion.reevaluated),
+    )
+    failed = [check for check in decision.checks if not check.passed]
+    if failed:
+        decision.message = f"refused to promote {name} v{candidate_no}: " + "; ".join(
+            f"{check.metric} {check.challenger:.4f} < required {check.required:.4f} ({check.rule})"
+            for check in failed
+        )
+        _logger.warning(decision.message)
+        return decision
+    history = champion_history(client, name)
+    if current is not None and (not history or history[-1] != int(current.version)):
+        history.append(int(current.version))  # an alias moved by hand: keep it reachable by rollback
+    move_alias(client, settings, CHAMPION, candidate_no, reason=reason or "passed the quality gate")
+    set_champion_history(client, name, [*history, candidate_no])
+    decision.accepted = True
+    decision.message = f"promoted {name} v{candidate_no} to {CHAMPION}" + (
+        f" (was v{decision.champion_version})" if decision.champion_version else " (first champion)"
+    )
+    _logger.info(decision.message)
+    return decision
+
+
+@_bounded
+def rollback(settings: Settings, *, reason: str = "") -> int:
+    """Move ``champion`` back to the previous champion and record why.
+
+    Returns:
+        The version that is champion now.
+
+    Raises:
+        CatsdogsError: there is no earlier champion to go back to.
+    """
+    client = make_client(settings)
+    name = settings.model_name
+    require_model(client, name)
+    current = version_by_alias(client, name, CHAMPION)
+    history = champion_history(client, name)
+    current_no = int(current.version) if current is not None else None
+    while history and history[-1] == current_no:
+        history.pop()
+    while history:
+        target = history[-1]
+        try:
+            client.get_model_version(name, str(target))
+            break
+        except MlflowException:
+            _logger.warning("previous champion v%d no longer exists; skipping it", target)
+            history.pop()
+    else:
+        raise CatsdogsError(
+            f"{name} has no previous champion to roll back to (current: "
+            f"{'none' if current_no is None else f'v{current_no}'})"
+        )
+    move_alias(client, settings, CHAMPION, target, reason=reason or f"rollback from v{current_no}")
+    set_champion_history(client, name, history)
+    _logger.info("rolled %s back from v%s to v%d", name, current_no, target)
+    return target
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """One line of ``catsdogs models list``."""
+
+    version: int
+    aliases: tuple[str, ...]
+    created_at_ms: int
+    run_id: str | None
+    accuracy: float | None
+    recall: dict[str, float]
+    test_split: str | None
+
+
+@_bounded
+def list_versions(settings: Settings) -> list[VersionSummary]:
+    """Every version of the registered model, newest first, with aliases and key test metrics."""
+    client = make_client(settings)
+    name = settings.model_name
+    require_model(client, name)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for model_version in client.search_model_versions(f"name = '{name}'"):
+        try:
+            metrics = _run_metrics(client, model_version)
+            accuracy, recall = metrics.accuracy, metrics.recall
+        except (CatsdogsError, MlflowException):
+            accuracy, recall = None, {}
+        rows.append(
+            VersionSummary(
+                version=int(model_version.version),
+                aliases=tuple(sorted(aliases.get(str(model_version.version), []))),
+                created_at_ms=int(model_version.creation_timestamp or 0),
+                run_id=model_version.run_id,
+                accuracy=accuracy,
+                recall=recall,
+                test_split=model_version.tags.get(TEST_SPLIT_TAG),
+            )
+        )
+    return sorted(rows, key=lambda row: row.version, reverse=True)
