@@ -48,6 +48,7 @@ check-monitoring: ## Check the Prometheus rules and config, run the rules' unit 
 	promtool test rules deploy/prometheus/tests/*.yml
 	promtool check config deploy/prometheus/prometheus.yml
 	amtool check-config deploy/alertmanager/alertmanager.yml
+
 .PHONY: promote mlflow-ui
 promote: ## Move `champion` to the challenger if it passes the quality gate.
 	$(BIN)/catsdogs promote
