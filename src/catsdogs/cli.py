@@ -71,7 +71,7 @@ def _settings(**overrides: object) -> Settings:
 # --- deployment --------------------------------------------------------------------------------
 
 deploy_app = typer.Typer(
-    help="Ship the API to Kubernetes: apply an overlay with an image, wait, smoke-test, roll back on failure.",
+    help="Ship the API to Kubernetes: apply an overlay, wait, smoke-test, roll back on failure.",
     invoke_without_command=True,
 )
 app.add_typer(deploy_app, name="deploy")
@@ -143,7 +143,6 @@ def deploy_rollback_command(
         kubectl=deploy.Kubectl(settings.kubectl, context=settings.kube_context),
     )
     console.print(f"rolled back {settings.deploy_namespace}/{settings.deploy_deployment}")
-
 
 
 def main() -> None:

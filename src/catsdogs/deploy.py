@@ -51,11 +51,15 @@ class ImageRef:
         """Parse ``name[:tag]`` or ``name@sha256:<64 hex>``; a port in the registry host is not a tag."""
         image = image.strip()
         if not image or any(char.isspace() for char in image):
-            raise CatsdogsError(f"invalid image reference {image!r}: expected name[:tag] or name@sha256:<digest>")
+            raise CatsdogsError(
+                f"invalid image reference {image!r}: expected name[:tag] or name@sha256:<digest>"
+            )
         if "@" in image:
             match = _DIGEST.match(image)
             if not match:
-                raise CatsdogsError(f"invalid image digest in {image!r}: expected name@sha256:<64 hex digits>")
+                raise CatsdogsError(
+                    f"invalid image digest in {image!r}: expected name@sha256:<64 hex digits>"
+                )
             return cls(name=match["name"], digest=match["digest"])
         last = image.rsplit("/", 1)[-1]
         if ":" in last:
@@ -107,7 +111,9 @@ class Kubectl:
                 command, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
             )
         except FileNotFoundError:
-            raise CatsdogsError(f"{self.binary} is not installed or not on PATH: install kubectl first") from None
+            raise CatsdogsError(
+                f"{self.binary} is not installed or not on PATH: install kubectl first"
+            ) from None
         except subprocess.TimeoutExpired:
             raise CatsdogsError(f"`{' '.join(command)}` did not finish within {timeout:.0f} s") from None
         if completed.returncode != 0:
