@@ -16,10 +16,10 @@ import logging
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -27,8 +27,6 @@ from catsdogs import CatsdogsError
 
 logger = logging.getLogger(__name__)
 
-#: The image name the base manifests use; :func:`render` replaces it with the image being shipped.
-PLACEHOLDER_IMAGE = "ghcr.io/catsdogs/catsdogs-serve"
 DEFAULT_NAMESPACE = "catsdogs"
 DEFAULT_DEPLOYMENT = "catsdogs-api"
 
@@ -68,14 +66,6 @@ class ImageRef:
                 raise CatsdogsError(f"invalid image reference {image!r}: empty tag")
             return cls(name=name, tag=tag)
         return cls(name=image)
-
-    def kustomize_entry(self, placeholder: str) -> dict[str, str]:
-        entry = {"name": placeholder, "newName": self.name}
-        if self.digest:
-            entry["digest"] = self.digest
-        elif self.tag:
-            entry["newTag"] = self.tag
-        return entry
 
 
 @dataclass(frozen=True)
@@ -122,32 +112,46 @@ class Kubectl:
         return completed.stdout
 
 
+def _pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod specs inside a workload (Deployment, StatefulSet, DaemonSet, Job, CronJob)."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "CronJob":
+        spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+    pod = (spec.get("template") or {}).get("spec")
+    return [pod] if isinstance(pod, dict) else []
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for pod in _pod_specs(doc) for c in pod.get("containers", []) + pod.get("initContainers", [])]
+
+
 def render(
     overlay: Path,
     image: str,
     *,
+    deployment: str = DEFAULT_DEPLOYMENT,
     kubectl: Kubectl | None = None,
-    placeholder: str = PLACEHOLDER_IMAGE,
 ) -> str:
     """Render a kustomize overlay with the API image replaced by ``image``.
 
-    The overlay's files are never edited (unlike ``kustomize edit set image``): a throw-away
-    kustomization that points at the overlay and adds an ``images:`` entry is rendered instead.
+    The overlay's files are never edited (unlike ``kustomize edit set image``). Whatever name the
+    overlay gives the API image (``ghcr.io/...`` in production, ``localhost/...`` locally), every
+    container that runs that image gets ``image`` instead.
     """
-    overlay = Path(overlay).resolve()
+    overlay = Path(overlay)
     if not (overlay / "kustomization.yaml").is_file():
         raise CatsdogsError(f"{overlay} is not a kustomize overlay (no kustomization.yaml there)")
-    ref = ImageRef.parse(image)
-    kubectl = kubectl or Kubectl()
-    with tempfile.TemporaryDirectory(prefix="catsdogs-deploy-") as tmp:
-        kustomization = {
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [str(Path(overlay))],
-            "images": [ref.kustomize_entry(placeholder)],
-        }
-        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
-        return kubectl("kustomize", tmp)
+    ImageRef.parse(image)
+    docs = [doc for doc in yaml.safe_load_all((kubectl or Kubectl())("kustomize", str(overlay))) if doc]
+    apis = [d for d in docs if d.get("kind") == "Deployment" and d["metadata"]["name"] == deployment]
+    if len(apis) != 1 or not _containers(apis[0]):
+        raise CatsdogsError(f"{overlay} renders no Deployment named {deployment!r} with a container")
+    current = ImageRef.parse(_containers(apis[0])[0]["image"]).name
+    for doc in docs:
+        for container in _containers(doc):
+            if ImageRef.parse(container["image"]).name == current:
+                container["image"] = image
+    return yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def wait_for_rollout(
@@ -218,7 +222,7 @@ def deploy_and_verify(
     rolled back; raises only when even the rollback fails or nothing was applied.
     """
     kubectl = kubectl or Kubectl()
-    apply_manifests(render(overlay, image, kubectl=kubectl), kubectl=kubectl)
+    apply_manifests(render(overlay, image, deployment=deployment, kubectl=kubectl), kubectl=kubectl)
     stage = "rollout"
     try:
         wait_for_rollout(namespace=namespace, deployment=deployment, timeout_s=timeout_s, kubectl=kubectl)
