@@ -119,14 +119,21 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
 # --- model bundle ---------------------------------------------------------------------------------
 
 
-def _tiny_onnx(path: Path) -> None:
-    """(N,3,H,W) -> global average pool -> linear 3->2: a real ONNX graph with the bundle's I/O names."""
+def _tiny_onnx(path: Path, samples: dict[str, bytes], config: object) -> None:
+    """A real ONNX graph with the bundle's I/O names: global average pool, then a linear layer fitted
+    so that it tells the two shipped samples apart (the smoke test predicts exactly those)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.array([[1.0, -1.0], [0.5, 0.5], [-1.0, 1.0]], np.float32), "w")
-    bias = numpy_helper.from_array(np.array([0.1, -0.1], np.float32), "b")
+    from catsdogs.preprocessing import decode_image, preprocess
+
+    cat, dog = (preprocess(decode_image(samples[name]), config).mean(axis=(1, 2)) for name in ("cat", "dog"))
+    direction = (dog - cat) / float(np.dot(dog - cat, dog - cat))
+    midpoint = (cat + dog) / 2
+    # logit_dog - logit_cat = 8 * (x - midpoint) . direction: -4 on the cat sample, +4 on the dog.
+    weight = np.stack([-4 * direction, 4 * direction], axis=1).astype(np.float32)
+    bias = np.array([4 * midpoint @ direction, -4 * midpoint @ direction], np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
@@ -136,7 +143,7 @@ def _tiny_onnx(path: Path) -> None:
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-        initializer=[weight, bias],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every onnxruntime the serving extra may pin
@@ -151,8 +158,11 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> 
     from catsdogs.preprocessing import PreprocessConfig
 
     root = tmp_path_factory.mktemp("bundle")
-    _tiny_onnx(root / "model.onnx")
-    PreprocessConfig(image_size=32).save(root / "preprocessing.json")
+    config = PreprocessConfig(image_size=32)
+    config.save(root / "preprocessing.json")
+    with zipfile.ZipFile(dataset_zip) as archive:
+        samples = {label: archive.read(f"train/{label}.0.jpg") for label in ("cat", "dog")}
+    _tiny_onnx(root / "model.onnx", samples, config)
     write_json_atomic(
         root / "metadata.json",
         {
@@ -169,13 +179,11 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> 
             "onnx": {},
         },
     )
-    samples = root / "samples"
-    samples.mkdir()
-    with zipfile.ZipFile(dataset_zip) as archive:
-        for name in ("cat.0.jpg", "dog.0.jpg"):
-            (samples / name).write_bytes(archive.read(f"train/{name}"))
+    (root / "samples").mkdir()
+    for label, data in samples.items():
+        (root / "samples" / f"{label}.0.jpg").write_bytes(data)
     # The container runs as uid 10001: the mounted folder must be world-readable.
-    for path in [root, samples, *root.rglob("*")]:
+    for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return root
 

@@ -232,3 +232,19 @@ def test_cli_deploy_passes_the_real_smoke_test_against_the_real_service(
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_tiny_bundle_tells_its_two_samples_apart(tiny_bundle: Path) -> None:
+    """The test model is real ONNX that the smoke test can pass: it predicts its own samples right."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from catsdogs.bundle import ModelBundle
+    from catsdogs.preprocessing import decode_image, preprocess
+
+    bundle = ModelBundle.open(tiny_bundle)
+    session = ort.InferenceSession(str(bundle.onnx_path()), providers=["CPUExecutionProvider"])
+    for path, label in bundle.samples():
+        batch = preprocess(decode_image(path.read_bytes()), bundle.preprocessing)[None]
+        (logits,) = session.run(["logits"], {"input": batch})
+        assert bundle.preprocessing.class_names[int(np.argmax(logits[0]))] == label
