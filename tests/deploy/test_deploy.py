@@ -192,10 +192,12 @@ def test_cli_deploy_rollback_undoes_the_rollout(fake_kubectl) -> None:
 
 
 @pytest.mark.integration
-def test_cli_failing_smoke_exits_nonzero_after_rolling_back(fake_kubectl, unready_service: str) -> None:
+def test_cli_failing_smoke_exits_nonzero_after_rolling_back(fake_kubectl, ready_service: str) -> None:
+    """The real `catsdogs smoke` against a live service that is up and ready but cannot classify
+    (it has no /model-info or /predict): the smoke test fails, the rollout is undone."""
     pytest.importorskip("catsdogs.serve", reason="needs the serving code (`catsdogs smoke`) merged in")
     done = run_cli(
-        "deploy", "--overlay", str(OVERLAYS / "production"), "--image", IMAGE, "--smoke-url", unready_service
+        "deploy", "--overlay", str(OVERLAYS / "production"), "--image", IMAGE, "--smoke-url", ready_service
     )
     assert done.returncode == 1
     assert "rolled back" in done.stderr
