@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import find, local_tool, require_tool
+from .conftest import REPO, find, local_tool, require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -139,12 +140,12 @@ def test_service_monitor_scrapes_the_api_service(rendered: dict[str, list[dict]]
 
 
 def test_prometheus_rule_is_well_formed(rendered: dict[str, list[dict]]) -> None:
-    rule = find(rendered["production"], "PrometheusRule", "catsdogs-api")
+    rule = find(rendered["production"], "PrometheusRule", "catsdogs")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
     assert len(rules) >= 5
     for r in rules:
-        assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}
+        assert set(r) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
         assert r["alert"].startswith("Catsdogs") and r["expr"].strip()
         assert r["labels"]["severity"] in {"warning", "critical"}
         assert r["annotations"]["summary"]
@@ -152,12 +153,24 @@ def test_prometheus_rule_is_well_formed(rendered: dict[str, list[dict]]) -> None
 
 def test_prometheus_rule_passes_promtool(rendered: dict[str, list[dict]], tmp_path: Path) -> None:
     promtool = require_tool("promtool")
-    rule = find(rendered["production"], "PrometheusRule", "catsdogs-api")
+    rule = find(rendered["production"], "PrometheusRule", "catsdogs")
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout + done.stderr
+
+
+def test_prometheus_rule_is_generated_from_the_prometheus_rule_files() -> None:
+    """One source of alert rules: deploy/prometheus/rules (monitoring); the PrometheusRule wraps them."""
+    if not (REPO / "deploy" / "prometheus" / "rules").is_dir():
+        pytest.skip("deploy/prometheus/rules (the monitoring side) is not merged in yet")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sync-prometheusrule.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_local_overlay_needs_no_prometheus_operator(rendered: dict[str, list[dict]]) -> None:
