@@ -2,6 +2,7 @@
 # MLflow tracking server + model registry with the PostgreSQL driver and the S3 client, for
 # docker-compose (PostgreSQL + MinIO) and Kubernetes (SQLite on a PVC, or PostgreSQL + S3).
 ARG PYTHON_IMAGE=python:3.11-slim
+# checkov:skip=CKV_DOCKER_7:the base is pinned by the PYTHON_IMAGE build argument (python:3.11-slim), which checkov does not expand
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \

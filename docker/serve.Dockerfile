@@ -8,6 +8,7 @@
 # Behind a TLS-intercepting proxy, pass its CA bundle as a secret: `--secret id=ca_bundle,src=/path/ca.crt`
 # (used only during `pip install`, through PIP_CERT; it never lands in a layer).
 ARG PYTHON_IMAGE=python:3.11-slim
+# checkov:skip=CKV_DOCKER_7:the base is pinned by the PYTHON_IMAGE build argument (python:3.11-slim), which checkov does not expand
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \

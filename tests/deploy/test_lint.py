@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -139,3 +140,21 @@ def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
     bad.write_text("services:\n  api:\n    image: x\n    healthcheck: yes-please\n")
     done = run(require_tool("docker-compose"), "-f", str(bad), "config", "-q", cwd=tmp_path)
     assert done.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("framework", "target"),
+    [("dockerfile", "docker"), ("github_actions", ".github")],
+    ids=["docker", "actions"],
+)
+def test_checkov_passes_on_dockerfiles_and_workflows(framework: str, target: str) -> None:
+    checkov = local_tool("checkov")
+    done = run(checkov, "--skip-download", "--framework", framework, "-o", "json", "-d", target, timeout=300)
+    report = json.loads(done.stdout)
+    assert report["results"]["failed_checks"] == [], [
+        c["check_id"] for c in report["results"]["failed_checks"]
+    ]
+    assert report["summary"]["passed"] > 50
+    for skipped in report["results"].get("skipped_checks", []):
+        assert len(skipped["check_result"].get("suppress_comment", "")) > 20, skipped["check_id"]
+    assert done.returncode == 0
