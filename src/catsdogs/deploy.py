@@ -38,7 +38,7 @@ Smoke = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image reference split the way kustomize's ``images:`` field wants it."""
+    """An image reference: repository name, optional tag, optional digest."""
 
     name: str
     tag: str | None = None
@@ -46,26 +46,26 @@ class ImageRef:
 
     @classmethod
     def parse(cls, image: str) -> ImageRef:
-        """Parse ``name[:tag]`` or ``name@sha256:<64 hex>``; a port in the registry host is not a tag."""
+        """Parse ``name[:tag][@sha256:<64 hex>]``; a port in the registry host is not a tag."""
         image = image.strip()
         if not image or any(char.isspace() for char in image):
             raise CatsdogsError(
                 f"invalid image reference {image!r}: expected name[:tag] or name@sha256:<digest>"
             )
+        digest = None
         if "@" in image:
             match = _DIGEST.match(image)
             if not match:
                 raise CatsdogsError(
                     f"invalid image digest in {image!r}: expected name@sha256:<64 hex digits>"
                 )
-            return cls(name=match["name"], digest=match["digest"])
-        last = image.rsplit("/", 1)[-1]
-        if ":" in last:
-            name, tag = image.rsplit(":", 1)
-            if not tag:
-                raise CatsdogsError(f"invalid image reference {image!r}: empty tag")
-            return cls(name=name, tag=tag)
-        return cls(name=image)
+            image, digest = match["name"], match["digest"]
+        if ":" not in image.rsplit("/", 1)[-1]:
+            return cls(name=image, digest=digest)
+        name, tag = image.rsplit(":", 1)
+        if not tag:
+            raise CatsdogsError(f"invalid image reference {image!r}: empty tag")
+        return cls(name=name, tag=tag, digest=digest)
 
 
 @dataclass(frozen=True)

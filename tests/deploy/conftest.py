@@ -11,6 +11,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -218,10 +219,16 @@ def serve_image(base_image: str) -> str:
     return SERVE_TAG
 
 
+@dataclass(frozen=True)
+class Container:
+    name: str
+    url: str
+
+
 @pytest.fixture(scope="session")
-def serve_container(serve_image: str, tiny_bundle: Path) -> Iterator[str]:
+def serve_container(serve_image: str, tiny_bundle: Path) -> Iterator[Container]:
     """The serving image as a hardened container (non-root, read-only root, no capabilities), the
-    tiny bundle mounted read-only; yields its base URL once /ready answers."""
+    tiny bundle mounted read-only; yields it once /ready answers."""
     pytest.importorskip("catsdogs.serve", reason="needs the serving code (`catsdogs serve`) merged in")
     port = free_port()
     name = f"catsdogs-test-{os.getpid()}"
@@ -258,7 +265,7 @@ def serve_container(serve_image: str, tiny_bundle: Path) -> Iterator[str]:
             tail = f"{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
             raise AssertionError(f"{exc}; container logs:\n{tail}") from None
         MEASUREMENTS["container start to /ready"] = f"{time.monotonic() - started:.1f} s"
-        yield url
+        yield Container(name=name, url=url)
     finally:
         podman("rm", "--force", "--time", "5", name, check=False)
 

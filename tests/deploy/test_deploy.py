@@ -57,6 +57,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         ("registry:5000/team/api", ImageRef("registry:5000/team/api")),
         ("registry:5000/team/api:dev", ImageRef("registry:5000/team/api", tag="dev")),
         (IMAGE, ImageRef("ghcr.io/acme/catsdogs-serve", digest=DIGEST)),
+        (f"ghcr.io/acme/api:1.0@{DIGEST}", ImageRef("ghcr.io/acme/api", tag="1.0", digest=DIGEST)),
     ],
 )
 def test_image_references_are_split_into_name_tag_and_digest(image: str, expected: ImageRef) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import MEASUREMENTS, REPO, podman
+from .conftest import MEASUREMENTS, REPO, Container, podman
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -86,13 +86,13 @@ def test_root_filesystem_can_be_read_only(serve_image: str) -> None:
     assert "Read-only file system" in done.stderr, done.stderr
 
 
-def test_container_serves_and_passes_the_smoke_test(serve_container: str) -> None:
+def test_container_serves_and_passes_the_smoke_test(serve_container: Container) -> None:
     """Non-root, read-only root, no capabilities, model mounted read-only: /health, /ready, /metrics
     answer, and `catsdogs smoke` passes against the container."""
     for path in ("/health", "/ready", "/metrics"):
-        assert httpx.get(f"{serve_container}{path}", timeout=5).status_code == 200
+        assert httpx.get(f"{serve_container.url}{path}", timeout=5).status_code == 200
     done = subprocess.run(
-        [sys.executable, "-m", "catsdogs", "smoke", "--url", serve_container],
+        [sys.executable, "-m", "catsdogs", "smoke", "--url", serve_container.url],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
@@ -101,7 +101,8 @@ def test_container_serves_and_passes_the_smoke_test(serve_container: str) -> Non
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_container_health_check_reports_healthy(serve_container: str) -> None:
-    name = f"catsdogs-test-{os.getpid()}"
-    done = podman("healthcheck", "run", name, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_container_health_check_reports_healthy(serve_container: Container) -> None:
+    """The image's HEALTHCHECK passes on a healthy container (within its 3 retries, as the engine
+    would count them: a start-up of Python can exceed the timeout on a loaded 2-core machine)."""
+    attempts = [podman("healthcheck", "run", serve_container.name, check=False) for _ in range(3)]
+    assert any(done.returncode == 0 for done in attempts), [a.stdout + a.stderr for a in attempts]
