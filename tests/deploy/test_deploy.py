@@ -82,6 +82,10 @@ def test_render_puts_the_digest_into_the_api_deployment_without_editing_the_over
 
     api = find(docs, "Deployment", "catsdogs-api")
     assert api["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    cronjob = find(docs, "CronJob", "catsdogs-evaluate-deployed")
+    assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE, (
+        "the nightly evaluation runs the serving image too, so it moves with the API"
+    )
     mlflow = find(docs, "Deployment", "catsdogs-mlflow")
     assert mlflow["spec"]["template"]["spec"]["containers"][0]["image"].startswith(
         "ghcr.io/catsdogs/catsdogs-mlflow@sha256:"
