@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +77,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, *, timeout_s: float, alive: callable | None = None) -> httpx.Response:
+def wait_for_http(url: str, *, timeout_s: float, alive: Callable[[], bool] | None = None) -> httpx.Response:
     """Poll ``url`` until it answers 200; ``alive`` lets a dead process end the wait early."""
     deadline = time.monotonic() + timeout_s
     last: object = None
