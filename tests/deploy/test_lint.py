@@ -158,3 +158,20 @@ def test_checkov_passes_on_dockerfiles_and_workflows(framework: str, target: str
     for skipped in report["results"].get("skipped_checks", []):
         assert len(skipped["check_result"].get("suppress_comment", "")) > 20, skipped["check_id"]
     assert done.returncode == 0
+
+
+def test_compose_mounts_only_files_the_repository_has() -> None:
+    """Every host path the stack bind-mounts (monitoring configuration, dashboards) exists."""
+    if not (REPO / "deploy" / "prometheus").is_dir():
+        pytest.skip("deploy/prometheus, alertmanager and grafana (the monitoring side) are not merged in yet")
+    config = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    sources = [
+        volume.split(":", 1)[0]
+        for service in config["services"].values()
+        for volume in service.get("volumes", [])
+        if volume.startswith("./") and not volume.startswith(("./data:", "./secrets"))
+    ]
+    assert sources
+    missing = [source for source in sources if not (REPO / source).exists()]
+    assert missing == []
+    assert (REPO / "deploy" / "prometheus" / "prometheus.yml").is_file()
