@@ -6,7 +6,7 @@ PY := $(BIN)/python
 SOURCE ?= ../shared/datasets/dogs-vs-cats/train.zip
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format test test-fast data train serve bench check-monitoring
+.PHONY: help install lint format test test-fast data train serve bench check-monitoring image stack manifests
 
 help: ## Show this help.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -55,3 +55,15 @@ promote: ## Move `champion` to the challenger if it passes the quality gate.
 
 mlflow-ui: ## Browse runs and registered models on http://127.0.0.1:5000.
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1
+
+IMAGE ?= localhost/catsdogs-serve:dev
+ENGINE ?= podman
+
+image: ## Build the serving image (IMAGE=name:tag, ENGINE=podman|docker); docs/deployment.md.
+	$(ENGINE) build -f docker/serve.Dockerfile -t $(IMAGE) .
+
+stack: ## Start the whole stack with docker compose (API, MLflow, Prometheus, Alertmanager, Grafana).
+	docker compose up -d --build
+
+manifests: ## Render the Kubernetes overlays (OVERLAY=local|production).
+	kubectl kustomize deploy/k8s/overlays/$(or $(OVERLAY),local)

