@@ -17,7 +17,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Formats we are willing to parse at all; everything else is "not an image" (smaller attack surface).
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+#: Multi-picture JPEGs from phones (MPO) open through the JPEG entry.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MIN_SIDE = 32
 
@@ -116,7 +117,8 @@ def decode_image(
             "not_an_image", "the content is not a supported image (JPEG, PNG, GIF, WebP, BMP, TIFF)"
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError("not_an_image", f"the image header cannot be read: {exc}") from None
+        code = "truncated" if "truncated" in str(exc).lower() else "not_an_image"
+        raise ImageError(code, f"the image header cannot be read: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
@@ -134,7 +136,8 @@ def decode_image(
         return _to_rgb(image)
     except OSError as exc:
         message = str(exc)
-        code = "truncated" if "truncated" in message or "broken data stream" in message else "decode_failed"
+        truncated = "truncated" in message.lower() or "broken data stream" in message
+        code = "truncated" if truncated else "decode_failed"
         raise ImageError(code, f"the image data cannot be decoded: {message}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as exc:
         raise ImageError("decode_failed", f"the image data cannot be decoded: {exc}") from None

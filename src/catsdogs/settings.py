@@ -114,6 +114,28 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     store_uploads: bool = False
     log_level: str = "INFO"
+    max_batch_upload_bytes: int = 64 * 1024 * 1024
+    """Body limit of ``/predict/batch`` (each image still obeys ``max_upload_bytes``)."""
+    decode_threads: int | None = None
+    """Threads that decode uploads off the event loop; ``None`` means one per core."""
+    inference_workers: int = 1
+    """Concurrent ONNX Runtime calls (each one runs a whole micro-batch)."""
+    ort_allow_spinning: bool = False
+    """Let idle ORT threads spin: faster alone, but steals CPU from decoding on small machines."""
+    ort_cpu_arena: bool = True
+    """ORT's memory arena (grows to the largest batch run; batches are capped by ``batch_max_size``)."""
+    decode_draft_factor: float = 2.0
+    """JPEGs are DCT-decoded at no less than this × the model input size (0 turns the fast path off)."""
+    serve_int8: bool = False
+    """Serve ``model.int8.onnx`` from the bundle instead of the float32 graph."""
+    upload_dir: Path = Path("uploads")
+    """Where uploads are kept, only when ``store_uploads`` is on."""
+    feedback_window: int = 500
+    """Number of most recent feedback labels behind ``catsdogs_live_accuracy``."""
+    feedback_max_age_s: float = 30 * 24 * 3600.0
+    """Older prediction ids are refused by ``/feedback``."""
+    graceful_timeout_s: float = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish."""
 
     @classmethod
     def settings_customise_sources(
