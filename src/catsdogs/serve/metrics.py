@@ -15,6 +15,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -34,6 +35,7 @@ class Metrics:
     """Every metric the service exports, registered in its own registry."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series only double the scrape size
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.http_requests = Counter(
