@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from serve_testing import WEIGHTS_A, build_bundle, read_dataset
 
 from catsdogs.serve.app import create_app
 from catsdogs.settings import Settings
-from serve_testing import WEIGHTS_A, build_bundle, read_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,11 +23,29 @@ WEIGHTS_A = np.array([[4.0, -4.0], [-2.0, 2.0], [-3.0, 3.0]], dtype=np.float32)
 WEIGHTS_B = -WEIGHTS_A  # the opposite model: every answer flips
 
 
-def build_onnx(path: Path, weights: np.ndarray, bias: np.ndarray | None = None) -> Path:
-    bias = np.zeros(2, dtype=np.float32) if bias is None else bias
+def build_onnx(path: Path, weights: np.ndarray, *, top_half: bool = False) -> Path:
+    """``top_half``: pool only the upper half of the image, so orientation changes the answer."""
+    bias = np.zeros(2, dtype=np.float32)
+    crop = (
+        [
+            helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["region"]),
+        ]
+        if top_half
+        else [helper.make_node("Identity", ["input"], ["region"])]
+    )
+    extra = (
+        [
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "starts"),
+            numpy_helper.from_array(np.array([IMAGE_SIZE // 2], dtype=np.int64), "ends"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "axes"),
+        ]
+        if top_half
+        else []
+    )
     graph = helper.make_graph(
         [
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            *crop,
+            helper.make_node("GlobalAveragePool", ["region"], ["pooled"]),
             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
             helper.make_node("MatMul", ["flat", "W"], ["scores"]),
             helper.make_node("Add", ["scores", "b"], ["logits"]),
@@ -35,7 +53,7 @@ def build_onnx(path: Path, weights: np.ndarray, bias: np.ndarray | None = None) 
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b"), *extra],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -59,10 +77,15 @@ def expected_probabilities(weights: np.ndarray, data: bytes) -> np.ndarray:
 
 
 def build_bundle(
-    root: Path, weights: np.ndarray, *, samples: dict[str, bytes] | None = None, metrics: dict | None = None
+    root: Path,
+    weights: np.ndarray,
+    *,
+    samples: dict[str, bytes] | None = None,
+    metrics: dict | None = None,
+    top_half: bool = False,
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    build_onnx(root / "model.onnx", weights)
+    build_onnx(root / "model.onnx", weights, top_half=top_half)
     config().save(root / "preprocessing.json")
     (root / "metadata.json").write_text(
         json.dumps({"architecture": "tiny_gap_linear", "class_names": ["cat", "dog"]})
