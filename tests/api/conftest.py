@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import WEIGHTS_A, build_bundle, read_dataset
+from serve_testing import WEIGHTS_A, build_bundle, free_port, read_dataset, wait_ready
 
 from catsdogs.serve.app import create_app
 from catsdogs.settings import Settings
@@ -36,15 +35,6 @@ def cat_jpeg(images: list[tuple[str, str, bytes]]) -> bytes:
 @pytest.fixture
 def bundle_a(tmp_path: Path, images: list[tuple[str, str, bytes]]) -> Path:
     return build_bundle(tmp_path / "bundle_a", WEIGHTS_A, samples={"cat.0.jpg": images[0][2]})
-
-
-def wait_ready(client: TestClient | httpx.Client, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.get("/ready").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"service not ready after {timeout}s: {client.get('/ready').text}")
 
 
 @pytest.fixture
@@ -70,12 +60,6 @@ def make_client(settings: Settings, bundle_a: Path) -> Iterator[Callable[..., Te
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -113,3 +116,18 @@ def jpeg_bytes(image: Image.Image, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", **options)
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(client: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/ready").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"service not ready after {timeout}s: {client.get('/ready').text}")

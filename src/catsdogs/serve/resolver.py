@@ -114,20 +114,21 @@ def _download(settings: Settings, name: str, version: str, registry: dict[str, A
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version}."))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version}."))
     try:
-        bound_mlflow_http(settings.registry_timeout_s)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}",
-            dst_path=str(tmp),
-            tracking_uri=settings.mlflow_tracking_uri,
+        # Ask this client for the version's storage location: a bare "models:/" URI would be
+        # resolved against MLflow's process-wide default registry, not the configured one.
+        source = _client(settings).get_model_version_download_uri(name, version)
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(staging), tracking_uri=settings.mlflow_tracking_uri
+            )
         )
-        find_bundle(tmp)  # refuse a model version without a bundle before it enters the cache
-        write_json_atomic(tmp / _SOURCE_FILE, {"name": name, "version": version, **registry})
-        tmp.replace(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        find_bundle(local)  # refuse a model version without a bundle before it enters the cache
+        write_json_atomic(local / _SOURCE_FILE, {"name": name, "version": version, **registry})
+        local.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
