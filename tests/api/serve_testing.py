@@ -26,9 +26,11 @@ WEIGHTS_A = np.array([[4.0, -4.0], [-2.0, 2.0], [-3.0, 3.0]], dtype=np.float32)
 WEIGHTS_B = -WEIGHTS_A  # the opposite model: every answer flips
 
 
-def build_onnx(path: Path, weights: np.ndarray, *, top_half: bool = False) -> Path:
+def build_onnx(
+    path: Path, weights: np.ndarray, *, top_half: bool = False, bias: np.ndarray | None = None
+) -> Path:
     """``top_half``: pool only the upper half of the image, so orientation changes the answer."""
-    bias = np.zeros(2, dtype=np.float32)
+    bias = np.zeros(2, dtype=np.float32) if bias is None else bias.astype(np.float32)
     crop = (
         [
             helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["region"]),
@@ -70,11 +72,11 @@ def config() -> PreprocessConfig:
     return PreprocessConfig(image_size=IMAGE_SIZE)
 
 
-def expected_probabilities(weights: np.ndarray, data: bytes) -> np.ndarray:
+def expected_probabilities(weights: np.ndarray, data: bytes, bias: np.ndarray | None = None) -> np.ndarray:
     """What the model must answer for these bytes, computed without the service."""
     image = decode_image(data)
     batch = preprocess_batch([image], config())
-    logits = batch.mean(axis=(2, 3)) @ weights
+    logits = batch.mean(axis=(2, 3)) @ weights + (0 if bias is None else bias)
     shifted = np.exp(logits - logits.max())
     return (shifted / shifted.sum())[0]
 
@@ -86,9 +88,10 @@ def build_bundle(
     samples: dict[str, bytes] | None = None,
     metrics: dict | None = None,
     top_half: bool = False,
+    bias: np.ndarray | None = None,
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    build_onnx(root / "model.onnx", weights, top_half=top_half)
+    build_onnx(root / "model.onnx", weights, top_half=top_half, bias=bias)
     config().save(root / "preprocessing.json")
     (root / "metadata.json").write_text(
         json.dumps({"architecture": "tiny_gap_linear", "class_names": ["cat", "dog"]})
