@@ -101,7 +101,9 @@ class Settings(BaseSettings):
     workers: int = 1
     max_upload_bytes: int = 10 * 1024 * 1024
     max_batch_images: int = 32
-    batch_max_size: int = 8
+    batch_max_size: int | None = None
+    """Largest micro-batch; ``None`` picks per machine: 1 (no batching, the leanest path) on up to
+    4 cores, where ORT's per-image throughput does not grow with batch size, else 8."""
     batch_max_wait_ms: float = 2.0
     queue_max: int = 256
     request_timeout_s: float = 10.0

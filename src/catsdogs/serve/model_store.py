@@ -31,6 +31,13 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def batch_size(settings: Settings) -> int:
+    """The micro-batch limit: configured, or chosen for the core count (see the setting)."""
+    if settings.batch_max_size is not None:
+        return max(1, settings.batch_max_size)
+    return 1 if available_cores() <= 4 else 8
+
+
 def session_options(settings: Settings) -> Any:
     """ORT options sized for the core count: one inter-op thread, intra-op = cores by default."""
     import onnxruntime as ort
@@ -102,7 +109,7 @@ def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
     factor = settings.decode_draft_factor
     draft = round(config.image_size * factor) if factor > 0 else None
     model = LoadedModel(resolved, session, config, draft)
-    model.warm_up(settings.batch_max_size)
+    model.warm_up(batch_size(settings))
     return model
 
 

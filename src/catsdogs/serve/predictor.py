@@ -27,7 +27,7 @@ from catsdogs.serve.drift import DriftFeed
 from catsdogs.serve.errors import ApiError, image_error
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
-from catsdogs.serve.model_store import LoadedModel, ModelStore, available_cores
+from catsdogs.serve.model_store import LoadedModel, ModelStore, available_cores, batch_size
 from catsdogs.serve.stats import RunningStats
 from catsdogs.settings import Settings
 
@@ -64,14 +64,15 @@ class Predictor:
         self.signer = signer
         self.drift = drift
         self.in_flight = 0
-        self.batching = settings.batch_max_size > 1
+        max_batch = batch_size(settings)
+        self.batching = max_batch > 1
         decode_threads = settings.decode_threads or available_cores()
         # Direct mode: the inference workers also decode, so size the pool for both jobs.
         pool_size = decode_threads if self.batching else max(decode_threads, settings.inference_workers)
         self._pool = ThreadPoolExecutor(pool_size, thread_name_prefix="catsdogs-decode")
         self.batcher = (
             MicroBatcher(
-                max_size=settings.batch_max_size,
+                max_size=max_batch,
                 max_wait_s=settings.batch_max_wait_ms / 1000,
                 workers=settings.inference_workers,
                 observe=self._observe,
