@@ -3,6 +3,7 @@ and its scores are exported as ``catsdogs_drift_score{feature}`` (the drift math
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from pathlib import Path
@@ -20,10 +21,10 @@ class RecordingWindow:
     """A drift window that counts what it is fed and reports the mean brightness it saw."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[tuple[int, int], np.ndarray]] = []
+        self.seen: list[tuple[tuple[int, int], int, np.ndarray]] = []
 
     def update(self, image: Image.Image, probabilities: np.ndarray) -> None:
-        self.seen.append((image.size, np.asarray(probabilities)))
+        self.seen.append((image.info["original_size"], max(image.size), np.asarray(probabilities)))
 
     def scores(self) -> dict[str, float]:
         return {"images_seen": float(len(self.seen))}
@@ -50,8 +51,11 @@ def test_predictions_feed_the_drift_window_and_scores_are_exported(
             time.sleep(0.02)
         metrics = client.get("/metrics").text
     assert len(windows[0].seen) == 5
-    assert all(size == (64, 64) for size, _ in windows[0].seen)  # the model's input, not the upload
-    assert all(probs.shape == (2,) and abs(probs.sum() - 1) < 1e-5 for _, probs in windows[0].seen)
+    # A small copy of the upload itself (not the model input), remembering the upload's size.
+    upload_sizes = sorted(Image.open(io.BytesIO(data)).size for _, _, data in images[:5])
+    assert sorted(original for original, _, _ in windows[0].seen) == upload_sizes
+    assert all(side <= 128 for _, side, _ in windows[0].seen)
+    assert all(probs.shape == (2,) and abs(probs.sum() - 1) < 1e-5 for _, _, probs in windows[0].seen)
     assert re.search(r'^catsdogs_drift_score\{feature="images_seen"\} 5.0$', metrics, re.M)
 
 

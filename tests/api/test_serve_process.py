@@ -170,3 +170,40 @@ def test_smoke_fails_when_nothing_listens() -> None:
 
     report = run_smoke(f"http://127.0.0.1:{free_port()}", ready_wait_s=0)
     assert not report.ok
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_workers_share_metrics_and_accept_each_others_prediction_ids(
+    start_server: Callable[..., object], bundle_a: Path, cat_jpeg: bytes, tmp_path: Path
+) -> None:
+    server = start_server(
+        {
+            "CATSDOGS_MODEL_URI": str(bundle_a),
+            "CATSDOGS_WORKERS": "2",
+            "CATSDOGS_FEEDBACK_SECRET": "shared",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+        }
+    )
+    pids, ids = set(), []
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        for _ in range(30):
+            response = http.post(
+                "/predict", files={"file": ("c.jpg", cat_jpeg)}, headers={"Connection": "close"}
+            )
+            assert response.status_code == 200
+            ids.append(response.json()["prediction_id"])
+            pids.add(http.get("/stats", headers={"Connection": "close"}).json()["pid"])
+        for pid in ids:
+            assert (
+                http.post(
+                    "/feedback", json={"prediction_id": pid, "label": "cat"}, headers={"Connection": "close"}
+                ).status_code
+                == 200
+            )
+        metrics = http.get("/metrics").text
+    assert len(pids) == 2  # both workers answered
+    total = sum(float(v) for v in re.findall(r"^catsdogs_predictions_total\{[^}]*\} (\S+)", metrics, re.M))
+    assert total == 30  # aggregated over both workers
+    feedback = sum(float(v) for v in re.findall(r"^catsdogs_feedback_total\{[^}]*\} (\S+)", metrics, re.M))
+    assert feedback == 30

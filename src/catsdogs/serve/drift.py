@@ -1,10 +1,12 @@
 """The hook where per-image drift statistics are fed (the math lives in ``catsdogs.monitor``).
 
 Contract assumed from the monitoring side: a drift window object with
-``update(image: PIL.Image.Image, probabilities) -> None`` and ``scores() -> dict[str, float]``.
-:func:`default_window_factory` builds one from ``catsdogs.monitor.DriftWindow`` and the bundle's
-``drift_reference.json`` when both exist. Updates run on one background thread through a bounded
-queue, so drift statistics never slow a prediction down (they are dropped under overload).
+``update(image: PIL.Image.Image, probabilities) -> None`` and ``scores() -> dict[str, float]``, fed
+the *upload* (or its small statistics copy, ``catsdogs.monitor.stats_image``), not the model input.
+:func:`default_window_factory` builds ``catsdogs.monitor.DriftMonitor(reference)`` from the bundle's
+``drift_reference.json`` when both exist. The small copy is made on the decode thread (the full-size
+upload is dropped at once); updates run on one background thread through a bounded queue, so drift
+statistics never slow a prediction down (they are dropped under overload).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def default_window_factory(bundle: ModelBundle) -> DriftWindow | None:
         from catsdogs import monitor  # written by the monitoring side; optional here
     except ImportError:
         return None
-    window_cls = getattr(monitor, "DriftWindow", None)
+    window_cls = getattr(monitor, "DriftMonitor", None) or getattr(monitor, "DriftWindow", None)
     if window_cls is None:
         return None
     try:
@@ -50,6 +52,23 @@ def default_window_factory(bundle: ModelBundle) -> DriftWindow | None:
     except Exception:
         logger.exception("could not build the drift window from %s", bundle.root)
         return None
+
+
+ORIGINAL_SIZE = "original_size"
+_COPY_MAX_SIDE = 128
+
+
+def small_copy(image: Image.Image) -> Image.Image:
+    """The statistics copy of an upload: ``catsdogs.monitor.stats_image`` when available, else a
+    thumbnail that remembers the upload's size in ``info["original_size"]`` (same convention)."""
+    try:
+        from catsdogs.monitor import stats_image
+    except ImportError:
+        copy = image.copy()
+        copy.thumbnail((_COPY_MAX_SIDE, _COPY_MAX_SIDE), Image.Resampling.BILINEAR)
+        copy.info[ORIGINAL_SIZE] = image.size
+        return copy
+    return stats_image(image)  # type: ignore[no-any-return]
 
 
 class DriftFeed:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from PIL import Image
 from catsdogs.bundle import write_json_atomic
 from catsdogs.preprocessing import ImageError, decode_image, resize, to_array
 from catsdogs.serve.batcher import MicroBatcher
-from catsdogs.serve.drift import DriftFeed
+from catsdogs.serve.drift import DriftFeed, small_copy
 from catsdogs.serve.errors import ApiError, image_error
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
@@ -70,6 +71,9 @@ class Predictor:
         # Direct mode: the inference workers also decode, so size the pool for both jobs.
         pool_size = decode_threads if self.batching else max(decode_threads, settings.inference_workers)
         self._pool = ThreadPoolExecutor(pool_size, thread_name_prefix="catsdogs-decode")
+        # Direct mode: decoding runs in parallel, but at most `inference_workers` forward passes at
+        # once, each on all its intra-op threads (more would oversubscribe the cores).
+        self._run_slots = threading.BoundedSemaphore(max(1, settings.inference_workers))
         self.batcher = (
             MicroBatcher(
                 max_size=max_batch,
@@ -134,16 +138,19 @@ class Predictor:
             min_side=self.settings.min_image_side,
             draft_size=model.draft_size,
         )
+        # Drift statistics need the upload itself (its size, sharpness), as a small copy.
+        stats_copy = small_copy(image) if self.drift.active else None
         resized = resize(image, model.config)
-        del image
-        return to_array(resized, model.config), (resized if self.drift.active else None)
+        del image  # a 48 MP upload is freed here, before the forward pass
+        return to_array(resized, model.config), stats_copy
 
     def _prepare_and_run(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, Image.Image | None]:
-        array, resized = self._prepare(model, data)
-        started = time.perf_counter()
-        probs = model.run(array[None])[0]
-        self._observe(1, time.perf_counter() - started)
-        return probs, resized
+        array, stats_copy = self._prepare(model, data)
+        with self._run_slots:
+            started = time.perf_counter()
+            probs = model.run(array[None])[0]
+            self._observe(1, time.perf_counter() - started)
+        return probs, stats_copy
 
     def _store(self, data: bytes) -> None:
         digest = hashlib.sha256(data).hexdigest()
@@ -160,8 +167,8 @@ class Predictor:
         try:
             if self.batcher is None:
                 return await loop.run_in_executor(self._pool, self._prepare_and_run, model, data)
-            array, resized = await loop.run_in_executor(self._pool, self._prepare, model, data)
-            return await self.batcher.submit(model, array), resized
+            array, stats_copy = await loop.run_in_executor(self._pool, self._prepare, model, data)
+            return await self.batcher.submit(model, array), stats_copy
         except ImageError as exc:
             self.metrics.rejected_inputs.labels(exc.code).inc()
             self.stats.record_error()
@@ -172,13 +179,13 @@ class Predictor:
         model = self.model()
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                probs, resized = await self._probabilities(model, data)
+                probs, stats_copy = await self._probabilities(model, data)
         except TimeoutError:
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s}s") from None
-        return self._answer(model, probs, resized, started)
+        return self._answer(model, probs, stats_copy, started)
 
     def _answer(
-        self, model: LoadedModel, probs: np.ndarray, resized: Image.Image | None, started: float
+        self, model: LoadedModel, probs: np.ndarray, stats_copy: Image.Image | None, started: float
     ) -> Prediction:
         index = int(np.argmax(probs))
         label = model.class_names[index]
@@ -187,8 +194,8 @@ class Predictor:
         self.metrics.predictions.labels(label).inc()
         self.metrics.confidence.labels(label).observe(confidence)
         self.stats.record(label, confidence, latency_ms)
-        if resized is not None:
-            self.drift.offer(resized, probs)
+        if stats_copy is not None:
+            self.drift.offer(stats_copy, probs)
         return Prediction(
             label=label,
             confidence=confidence,
