@@ -100,6 +100,39 @@ def raw_ort(bundle_dir: Path, jpegs: list[bytes], seconds: float) -> dict[str, o
     }
 
 
+def draft_parity(bundle_dir: Path, files: list[Path], factor: float) -> dict[str, object]:
+    """Reduced-size DCT decoding vs full decoding of phone photos: speed and prediction change."""
+    import onnxruntime as ort
+
+    from catsdogs.bundle import find_bundle
+    from catsdogs.preprocessing import decode_image, preprocess_batch, softmax
+
+    bundle = find_bundle(bundle_dir)
+    config = bundle.preprocessing
+    session = ort.InferenceSession(str(bundle.onnx_path()), providers=["CPUExecutionProvider"])
+    draft = round(config.image_size * factor)
+    diffs, agree, full_ms, draft_ms = [], 0, [], []
+    for path in files:
+        data = path.read_bytes()
+        probs = []
+        for size, times in ((None, full_ms), (draft, draft_ms)):
+            t0 = time.perf_counter()
+            image = decode_image(data, draft_size=size)
+            times.append((time.perf_counter() - t0) * 1000)
+            (logits,) = session.run(["logits"], {"input": preprocess_batch([image], config)})
+            probs.append(softmax(logits)[0])
+        diffs.append(float(np.abs(probs[0] - probs[1]).max()))
+        agree += int(np.argmax(probs[0]) == np.argmax(probs[1]))
+    return {
+        "draft_size": draft,
+        "images": len(files),
+        "max_abs_probability_diff": round(max(diffs), 5),
+        "labels_agree": f"{agree}/{len(files)}",
+        "decode_ms_full": round(float(np.mean(full_ms)), 1),
+        "decode_ms_draft": round(float(np.mean(draft_ms)), 1),
+    }
+
+
 # --- the server ----------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:
@@ -238,7 +271,11 @@ def bad_uploads(folder: Path, jpeg: bytes) -> list[Path]:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
     big = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).convert("RGB").resize((8000, 6000)).save(big, format="JPEG", quality=60)
     files = {
@@ -287,6 +324,11 @@ def main() -> None:
             [] if args.quick else [tmp / f"phone_{i}.jpg" for i in range(len(phone_jpegs(jpegs, 6, tmp)))]
         )
         raw = raw_ort(args.bundle, jpegs, seconds=3.0)
+        parity = (
+            draft_parity(args.bundle, phone_files, float(env.get("CATSDOGS_DECODE_DRAFT_FACTOR", 2.0)))
+            if phone_files
+            else None
+        )
         proc, url, ready_s = start_server(args.bundle, env, tmp)
         try:
             result: dict[str, object] = {
@@ -299,6 +341,7 @@ def main() -> None:
                     "load_avg_at_start": os.getloadavg(),
                 },
                 "raw_onnxruntime": raw,
+                "draft_decode_parity": parity,
                 "time_to_ready_s": round(ready_s, 2),
                 "rss_mb_ready": rss_mb(proc.pid),
             }
@@ -352,6 +395,13 @@ def markdown(result: dict) -> str:
                 f"| {key} | {r['concurrency']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} "
                 f"| {r['p99_ms']} | {bad} |"
             )
+    if result.get("draft_decode_parity"):
+        d = result["draft_decode_parity"]
+        lines.append("")
+        lines.append(
+            f"phone JPEG decode: {d['decode_ms_full']} ms full, {d['decode_ms_draft']} ms with draft "
+            f"{d['draft_size']}; max |Δp| {d['max_abs_probability_diff']}, labels agree {d['labels_agree']}"
+        )
     if "rss_mb_after_requests" in result:
         lines.append("")
         lines.append(

@@ -178,3 +178,17 @@ def test_bad_inputs_are_counted_by_reason(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'catsdogs_rejected_inputs_total{reason="empty"} 1.0' in text
     assert 'catsdogs_rejected_inputs_total{reason="not_an_image"} 1.0' in text
+
+
+def test_multipart_without_boundary_is_400(client: TestClient, cat_jpeg: bytes) -> None:
+    response = client.post("/predict", content=cat_jpeg, headers={"Content-Type": "multipart/form-data"})
+    _assert_error(response, 400, "bad_multipart")
+
+
+def test_garbled_multipart_is_400(client: TestClient) -> None:
+    body = b"--xyz\r\nthis is not a part header at all\r\n\r\n"
+    response = client.post(
+        "/predict", content=body, headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
+    assert 400 <= response.status_code < 500
+    assert "error" in response.json()

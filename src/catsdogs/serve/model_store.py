@@ -171,14 +171,15 @@ class ModelStore:
         with self._lock:
             previous = self._current.version if self._current else None
             served_from_cache = bool(self._current and self._current.resolved.source == "cache")
-            if previous is not None and not force and not served_from_cache:
+            if previous is not None and not force:
                 try:
                     latest = current_version(self.settings)
-                except Exception as exc:
-                    detail = f"registry check failed: {type(exc).__name__}: {exc}"
-                    logger.warning("%s", detail.splitlines()[0])
-                    return ReloadResult(False, previous, previous, detail.splitlines()[0])
-                if latest == previous:
+                except Exception as exc:  # registry still down: keep serving what we have
+                    detail = f"registry check failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                    logger.warning("%s", detail)
+                    return ReloadResult(False, previous, previous, detail)
+                # Same version: nothing to do, unless it came from the cache (then confirm it).
+                if latest == previous and not served_from_cache:
                     return ReloadResult(False, previous, previous, "already serving the current version")
             try:
                 model = self.load_now()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from catsdogs.serve.errors import ApiError
 
@@ -43,11 +44,18 @@ async def read_raw(request: Request, *, limit: int) -> Part:
     """The raw body as one part; 413 as soon as it passes ``limit``."""
     _check_declared_length(request, limit)
     part = Part(name="body")
-    async for chunk in request.stream():
-        if len(part.data) + len(chunk) > limit:
-            raise too_large(limit)
-        part.data += chunk
+    try:
+        async for chunk in request.stream():
+            if len(part.data) + len(chunk) > limit:
+                raise too_large(limit)
+            part.data += chunk
+    except ClientDisconnect:
+        raise _disconnected() from None
     return part
+
+
+def _disconnected() -> ApiError:
+    return ApiError(400, "incomplete_upload", "the client disconnected before the upload was complete")
 
 
 class _PartCollector:
@@ -134,6 +142,8 @@ async def read_multipart(
         parser.finalize()
     except MultipartParseError as exc:
         raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {exc}") from None
+    except ClientDisconnect:
+        raise _disconnected() from None
     return collector.parts
 
 
