@@ -34,10 +34,10 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "upload_too_large", f"the upload is over the limit of {limit} bytes")
 
 
-def _check_declared_length(request: Request, limit: int) -> None:
+def _check_declared_length(request: Request, limit: int, *, reported: int | None = None) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
+        raise too_large(reported or limit)
 
 
 async def read_raw(request: Request, *, limit: int) -> Part:
@@ -127,7 +127,7 @@ async def read_multipart(
     if not boundary:
         raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary")
     limit = body_limit + _FRAMING_ALLOWANCE
-    _check_declared_length(request, limit)
+    _check_declared_length(request, limit, reported=body_limit)
     collector = _PartCollector(fields, part_limit, fail_fast=fail_fast)
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
     received = 0
