@@ -162,9 +162,7 @@ def resolve(settings: Settings, *, uri: str | None = None) -> ResolvedBundle:
     if ref is None:
         bundle = find_bundle(Path(uri))
         ModelBundle.open(bundle.root)
-        return ResolvedBundle(
-            bundle, bundle.metadata.get("architecture", "local"), local_version(bundle), "", "local", uri
-        )
+        return ResolvedBundle(bundle, settings.model_name, local_version(bundle), "", "local", uri)
     alias = ref.alias or ""
     started = time.monotonic()
     try:
