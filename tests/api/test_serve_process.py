@@ -33,6 +33,7 @@ sys.modules["torch"] = None  # any `import torch` now raises ImportError
 from fastapi.testclient import TestClient
 from catsdogs.serve.app import create_app
 from catsdogs.serve import server, smoke, resolver
+import catsdogs.cli
 from catsdogs.settings import Settings
 app = create_app(Settings(model_uri={str(bundle_a)!r}, cache_dir={str(tmp_path / "c")!r}))
 with TestClient(app) as client:
@@ -207,3 +208,7 @@ def test_two_workers_share_metrics_and_accept_each_others_prediction_ids(
     assert total == 30  # aggregated over both workers
     feedback = sum(float(v) for v in re.findall(r"^catsdogs_feedback_total\{[^}]*\} (\S+)", metrics, re.M))
     assert feedback == 30
+    server.stop()
+    # Workers log too: one JSON access line per request, from both processes.
+    lines = [line for line in server.log.read_text().splitlines() if '"route": "/predict"' in line]
+    assert len(lines) == 30

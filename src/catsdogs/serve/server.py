@@ -9,10 +9,14 @@ import sys
 import tempfile
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from catsdogs.serve.access_log import JsonFormatter
 from catsdogs.serve.metrics import MULTIPROC_ENV
-from catsdogs.settings import Settings
+from catsdogs.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,15 @@ def _multiproc_dir() -> str:
     return tempfile.mkdtemp(prefix="catsdogs-prom-")
 
 
+def worker_app() -> FastAPI:
+    """App factory for worker processes: they start fresh, so logging is set up here again."""
+    from catsdogs.serve.app import create_app
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, finish in-flight requests, exit."""
     import uvicorn
@@ -55,7 +68,7 @@ def serve(settings: Settings) -> None:
         # Workers are separate processes that build their own settings from the environment.
         os.environ[MULTIPROC_ENV] = _multiproc_dir()
         os.environ["CATSDOGS_MODEL_URI"] = settings.model_uri
-        uvicorn.run("catsdogs.serve.app:create_app", factory=True, workers=settings.workers, **options)
+        uvicorn.run("catsdogs.serve.server:worker_app", factory=True, workers=settings.workers, **options)
         return
     from catsdogs.serve.app import create_app
 
