@@ -114,3 +114,18 @@ def test_real_registry_download_cache_and_alias_move(
     assert 'catsdogs_model_reloads_total{result="success"} 1.0' in metrics
     info_line = f'alias="champion",architecture="tiny_gap_linear",name="{NAME}",version="{v2}"'
     assert f"catsdogs_model_info{{{info_line}}} 1.0" in metrics
+
+
+@pytest.mark.integration
+def test_poll_notices_the_alias_move_in_the_registry(
+    make_client: Callable[..., TestClient], settings: Settings, tmp_path: Path
+) -> None:
+    v1 = _register(settings.mlflow_tracking_uri, build_bundle(tmp_path / "b1", WEIGHTS_A), tmp_path / "art")
+    client = make_client(ready=False, model_uri=f"models:/{NAME}@champion", reload_interval_s=0.3)
+    wait_ready(client, timeout=30)
+    assert client.get("/ready").json()["model_version"] == v1
+    v2 = _register(settings.mlflow_tracking_uri, build_bundle(tmp_path / "b2", WEIGHTS_B), tmp_path / "art")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and client.get("/ready").json()["model_version"] != v2:
+        time.sleep(0.1)
+    assert client.get("/ready").json()["model_version"] == v2
