@@ -68,8 +68,10 @@ class Predictor:
         max_batch = batch_size(settings)
         self.batching = max_batch > 1
         decode_threads = settings.decode_threads or available_cores()
-        # Direct mode: the inference workers also decode, so size the pool for both jobs.
-        pool_size = decode_threads if self.batching else max(decode_threads, settings.inference_workers)
+        # Direct mode: the same threads decode and run the model, so add one per forward pass that
+        # may be in progress: `decode_threads` keep decoding while the model runs (phone photos
+        # take longer to decode than to classify).
+        pool_size = decode_threads if self.batching else decode_threads + settings.inference_workers
         self._pool = ThreadPoolExecutor(pool_size, thread_name_prefix="catsdogs-decode")
         # Direct mode: decoding runs in parallel, but at most `inference_workers` forward passes at
         # once, each on all its intra-op threads (more would oversubscribe the cores).
