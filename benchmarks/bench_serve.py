@@ -80,7 +80,8 @@ def raw_ort(
     config = bundle.preprocessing
     images = [decode_image(data) for data in jpegs[:32]]
     batch32 = preprocess_batch(images, config)
-    options = session_options(Settings())
+    # The bare model at its best: one session on every core (the serving default may differ).
+    options = session_options(Settings(ort_intra_threads=os.cpu_count(), inference_workers=1))
     session = ort.InferenceSession(
         str(bundle.onnx_path()), sess_options=options, providers=["CPUExecutionProvider"]
     )

@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     reload_interval_s: float = 30.0
     registry_timeout_s: float = 5.0
     ort_intra_threads: int | None = None
+    """ORT intra-op threads per call; ``None``: cores / inference workers."""
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     admin_token: SecretStr | None = None
     feedback_secret: SecretStr | None = None
@@ -120,8 +121,10 @@ class Settings(BaseSettings):
     """Body limit of ``/predict/batch`` (each image still obeys ``max_upload_bytes``)."""
     decode_threads: int | None = None
     """Threads that decode uploads off the event loop; ``None`` means one per core."""
-    inference_workers: int = 1
-    """Concurrent ONNX Runtime calls (each one runs a whole micro-batch)."""
+    inference_workers: int | None = None
+    """Concurrent ONNX Runtime calls (each runs one micro-batch); ``None`` picks per machine: one per
+    core without micro-batching (each call single-threaded: no intra-op synchronization, measured
+    ~20 % more throughput on 2 cores), else 1 call on all cores."""
     ort_allow_spinning: bool = False
     """Let idle ORT threads spin: faster alone, but steals CPU from decoding on small machines."""
     ort_cpu_arena: bool = True

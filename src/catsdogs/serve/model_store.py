@@ -38,12 +38,21 @@ def batch_size(settings: Settings) -> int:
     return 1 if available_cores() <= 4 else 8
 
 
+def inference_workers(settings: Settings) -> int:
+    """Concurrent forward passes: configured, or one per core without micro-batching, else one."""
+    if settings.inference_workers is not None:
+        return max(1, settings.inference_workers)
+    return available_cores() if batch_size(settings) == 1 else 1
+
+
 def session_options(settings: Settings) -> Any:
-    """ORT options sized for the core count: one inter-op thread, intra-op = cores by default."""
+    """ORT options sized for the core count: one inter-op thread, the cores shared by the workers."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.ort_intra_threads or available_cores()
+    options.intra_op_num_threads = settings.ort_intra_threads or max(
+        1, available_cores() // inference_workers(settings)
+    )
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
