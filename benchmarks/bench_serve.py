@@ -1,0 +1,423 @@
+"""End-to-end serving benchmark on loopback: `catsdogs serve` + an aiohttp load generator.
+
+Measures, in one run and on one machine:
+  * raw ONNX Runtime throughput of the same model (batch 1, 8, 32; best reported),
+  * time from process start to `/ready` (cached/local model),
+  * throughput and p50/p95/p99 latency at concurrency 1, 4, 16, 64 with the dataset's JPEGs
+    and with phone-size JPEGs (4032x3024, made by upscaling dataset images in a temp dir),
+  * server RSS after ready, after N requests, and after a burst of bad/huge uploads.
+
+The load generator runs in its own process (aiohttp, prebuilt multipart bodies) so its CPU use
+is small and separate from the server's. Results: benchmarks/results/serve.json + a markdown table.
+
+    python benchmarks/bench_serve.py --bundle /path/to/bundle [--quick] [--env CATSDOGS_BATCH_MAX_SIZE=8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET = REPO.parent / "shared" / "datasets" / "dogs-vs-cats" / "train.zip"
+BOUNDARY = "catsdogsbenchboundary"
+
+
+# --- inputs -------------------------------------------------------------------------------------
+def dataset_jpegs(n: int) -> list[bytes]:
+    with zipfile.ZipFile(DATASET) as archive:
+        names = [f"train/{label}.{i}.jpg" for i in range(n // 2) for label in ("cat", "dog")]
+        return [archive.read(name) for name in names]
+
+
+def phone_jpegs(sources: list[bytes], n: int, folder: Path) -> list[bytes]:
+    """4032x3024 JPEGs made by upscaling dataset images (written to a temp dir, never to git)."""
+    from PIL import Image
+
+    out = []
+    for i, data in enumerate(sources[:n]):
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize((4032, 3024), Image.Resampling.BICUBIC)
+        path = folder / f"phone_{i}.jpg"
+        image.save(path, format="JPEG", quality=90)
+        out.append(path.read_bytes())
+    return out
+
+
+def multipart(data: bytes) -> bytes:
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+# --- raw ONNX Runtime ----------------------------------------------------------------------------
+def raw_ort(
+    bundle_dir: Path, jpegs: list[bytes], seconds: float, sizes: tuple[int, ...] = (1, 8, 32)
+) -> dict[str, object]:
+    """Images/s of the bare model (preprocessed tensors in memory), per batch size."""
+    import onnxruntime as ort
+
+    from catsdogs.bundle import find_bundle
+    from catsdogs.preprocessing import decode_image, preprocess_batch
+    from catsdogs.serve.model_store import session_options
+    from catsdogs.settings import Settings
+
+    bundle = find_bundle(bundle_dir)
+    config = bundle.preprocessing
+    images = [decode_image(data) for data in jpegs[:32]]
+    batch32 = preprocess_batch(images, config)
+    # The bare model at its best: one session on every core (the serving default may differ).
+    options = session_options(Settings(ort_intra_threads=os.cpu_count(), inference_workers=1))
+    session = ort.InferenceSession(
+        str(bundle.onnx_path()), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    results = {}
+    for size in sizes:
+        batch = np.ascontiguousarray(batch32[:size])
+        session.run(["logits"], {"input": batch})
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            session.run(["logits"], {"input": batch})
+            count += size
+        results[str(size)] = round(count / (time.perf_counter() - started), 1)
+    best = max(results, key=lambda k: results[k])
+    return {
+        "images_per_s_by_batch": results,
+        "best_batch": int(best),
+        "best_images_per_s": results[best],
+        "intra_op_threads": options.intra_op_num_threads,
+    }
+
+
+def draft_parity(bundle_dir: Path, files: list[Path], factor: float) -> dict[str, object]:
+    """Reduced-size DCT decoding vs full decoding of phone photos: speed and prediction change."""
+    import onnxruntime as ort
+
+    from catsdogs.bundle import find_bundle
+    from catsdogs.preprocessing import decode_image, preprocess_batch, softmax
+
+    bundle = find_bundle(bundle_dir)
+    config = bundle.preprocessing
+    session = ort.InferenceSession(str(bundle.onnx_path()), providers=["CPUExecutionProvider"])
+    draft = round(config.image_size * factor)
+    diffs, agree, full_ms, draft_ms = [], 0, [], []
+    for path in files:
+        data = path.read_bytes()
+        probs = []
+        for size, times in ((None, full_ms), (draft, draft_ms)):
+            t0 = time.perf_counter()
+            image = decode_image(data, draft_size=size)
+            times.append((time.perf_counter() - t0) * 1000)
+            (logits,) = session.run(["logits"], {"input": preprocess_batch([image], config)})
+            probs.append(softmax(logits)[0])
+        diffs.append(float(np.abs(probs[0] - probs[1]).max()))
+        agree += int(np.argmax(probs[0]) == np.argmax(probs[1]))
+    return {
+        "draft_size": draft,
+        "images": len(files),
+        "max_abs_probability_diff": round(max(diffs), 5),
+        "labels_agree": f"{agree}/{len(files)}",
+        "decode_ms_full": round(float(np.mean(full_ms)), 1),
+        "decode_ms_draft": round(float(np.mean(draft_ms)), 1),
+    }
+
+
+# --- the server ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (workers), in MB."""
+    total = 0.0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return round(total, 1)
+
+
+def start_server(bundle: Path, env: dict[str, str], cache: Path) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src"),
+        "CATSDOGS_LOG_LEVEL": "WARNING",
+        "CATSDOGS_CACHE_DIR": str(cache),
+        "CATSDOGS_PARAMS_FILE": str(cache / "none.yaml"),
+        **env,
+    }
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catsdogs", "serve", "--model-uri", str(bundle), "--port", str(port)],
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    while time.perf_counter() - started < 60:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=1) as response:
+                if response.status == 200:
+                    return proc, url, time.perf_counter() - started
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(proc.stderr.read().decode()[-3000:] if proc.stderr else "server did not start")
+
+
+# --- the load generator (own process) -------------------------------------------------------------
+async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float, total: int | None) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    deadline = time.perf_counter() + seconds
+    sent = 0
+
+    async def worker(session: aiohttp.ClientSession, k: int) -> None:
+        nonlocal sent
+        i = k
+        while (time.perf_counter() < deadline) if total is None else (sent < total):
+            sent += 1
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            t0 = time.perf_counter()
+            async with session.post(f"{url}/predict", data=body, headers=headers) as response:
+                await response.read()
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = np.asarray(latencies)
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "seconds": round(elapsed, 2),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p95_ms": round(float(np.percentile(lat, 95)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "statuses": statuses,
+    }
+
+
+def loadgen_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    bodies = [
+        multipart(Path(p).read_bytes()) if spec.get("multipart", True) else Path(p).read_bytes()
+        for p in spec["files"]
+    ]
+    result = asyncio.run(_load(spec["url"], bodies, spec["concurrency"], spec["seconds"], spec.get("total")))
+    print(json.dumps(result))
+
+
+def run_load(
+    url: str, files: list[Path], concurrency: int, seconds: float, tmp: Path, total: int | None = None
+) -> dict:
+    spec = tmp / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "url": url,
+                "files": [str(f) for f in files],
+                "concurrency": concurrency,
+                "seconds": seconds,
+                "total": total,
+            }
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, __file__, "--loadgen", str(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    return json.loads(out.stdout)
+
+
+def bad_uploads(folder: Path, jpeg: bytes) -> list[Path]:
+    """Odd and huge uploads for the memory-returns-to-baseline check."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
+    big = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").resize((8000, 6000)).save(big, format="JPEG", quality=60)
+    files = {
+        "bomb.png": bomb,
+        "text.jpg": b"not an image" * 100,
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "empty.jpg": b"",
+        "48mp.jpg": big.getvalue(),
+    }
+    paths = []
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        paths.append(folder / name)
+    return paths
+
+
+# --- the run -------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", type=Path, required="--loadgen" not in sys.argv)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    parser.add_argument("--levels", default="1,4,16,64")
+    parser.add_argument("--rss-requests", type=int, default=10_000)
+    parser.add_argument("--quick", action="store_true", help="concurrency 16 on dataset JPEGs only (tuning)")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
+    parser.add_argument("--label", default="default")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "src"))  # this checkout's code, not an installed copy
+    if args.loadgen:
+        loadgen_main(args.loadgen)
+        return
+    env = dict(item.split("=", 1) for item in args.env)
+    levels = [16] if args.quick else [int(x) for x in args.levels.split(",")]
+    with tempfile.TemporaryDirectory(prefix="catsdogs-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        jpegs = dataset_jpegs(64)
+        data_files = []
+        for i, data in enumerate(jpegs):
+            (tmp / f"d{i}.jpg").write_bytes(data)
+            data_files.append(tmp / f"d{i}.jpg")
+        phone_files = (
+            [] if args.quick else [tmp / f"phone_{i}.jpg" for i in range(len(phone_jpegs(jpegs, 6, tmp)))]
+        )
+        raw = raw_ort(args.bundle, jpegs, seconds=3.0)
+        parity = (
+            draft_parity(args.bundle, phone_files, float(env.get("CATSDOGS_DECODE_DRAFT_FACTOR", 2.0)))
+            if phone_files
+            else None
+        )
+        proc, url, ready_s = start_server(args.bundle, env, tmp)
+        try:
+            result: dict[str, object] = {
+                "label": args.label,
+                "bundle": str(args.bundle),
+                "server_env": env,
+                "machine": {
+                    "cores": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "load_avg_at_start": os.getloadavg(),
+                },
+                "raw_onnxruntime": raw,
+                "draft_decode_parity": parity,
+                "time_to_ready_s": round(ready_s, 2),
+                "rss_mb_ready": rss_mb(proc.pid),
+            }
+            run_load(url, data_files, 4, 2.0, tmp)  # warm-up
+            result["dataset"] = [run_load(url, data_files, c, args.seconds, tmp) for c in levels]
+            if phone_files:
+                result["phone_4032x3024"] = [run_load(url, phone_files, c, args.seconds, tmp) for c in levels]
+            # Other jobs share the CPU and their load drifts by the minute: compare the service with
+            # the bare model in alternating short rounds and report the median of the ratios.
+            best_batch = int(raw["best_batch"])  # type: ignore[call-overload]
+            rounds = []
+            for _ in range(3):
+                bare = raw_ort(args.bundle, jpegs, seconds=3.0, sizes=(best_batch,))["best_images_per_s"]
+                served = run_load(url, data_files, 16, 4.0, tmp)["throughput_rps"]
+                rounds.append({"raw_images_per_s": bare, "c16_rps": served, "ratio": round(served / bare, 3)})
+            result["c16_vs_raw_rounds"] = rounds
+            result["ratio_c16_to_raw"] = sorted(r["ratio"] for r in rounds)[1]
+            if not args.quick:
+                done = sum(r["requests"] for key in ("dataset", "phone_4032x3024") for r in result[key])  # type: ignore[union-attr]
+                remaining = max(0, args.rss_requests - done)
+                if remaining:
+                    run_load(url, data_files, 16, 0, tmp, total=remaining)
+                result["requests_before_rss"] = max(done, args.rss_requests)
+                result["rss_mb_after_requests"] = rss_mb(proc.pid)
+                bad = run_load(url, bad_uploads(tmp, jpegs[0]), 4, 0, tmp, total=200)
+                result["bad_uploads"] = {"requests": bad["requests"], "statuses": bad["statuses"]}
+                result["rss_mb_after_bad_uploads"] = rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(markdown(result))
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = args.out.with_suffix(".json.tmp")
+        tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+        tmp_out.replace(args.out)
+    else:
+        print(json.dumps(result))
+
+
+def markdown(result: dict) -> str:
+    raw = result["raw_onnxruntime"]
+    lines = [
+        f"raw ONNX Runtime: {raw['best_images_per_s']} img/s at batch {raw['best_batch']} "
+        f"({raw['images_per_s_by_batch']}); ready in {result['time_to_ready_s']} s; "
+        f"c16/raw = {result['ratio_c16_to_raw']}",
+        "",
+        "| images | concurrency | req/s | p50 ms | p95 ms | p99 ms | non-200 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in ("dataset", "phone_4032x3024"):
+        for r in result.get(key, []):
+            bad = sum(v for k, v in r["statuses"].items() if str(k) != "200")
+            lines.append(
+                f"| {key} | {r['concurrency']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} "
+                f"| {r['p99_ms']} | {bad} |"
+            )
+    if result.get("draft_decode_parity"):
+        d = result["draft_decode_parity"]
+        lines.append("")
+        lines.append(
+            f"phone JPEG decode: {d['decode_ms_full']} ms full, {d['decode_ms_draft']} ms with draft "
+            f"{d['draft_size']}; max |Δp| {d['max_abs_probability_diff']}, labels agree {d['labels_agree']}"
+        )
+    if "rss_mb_after_requests" in result:
+        lines.append("")
+        lines.append(
+            f"RSS: {result['rss_mb_ready']} MB ready, {result['rss_mb_after_requests']} MB after "
+            f"{result['requests_before_rss']} requests, {result['rss_mb_after_bad_uploads']} MB after "
+            f"200 bad/huge uploads"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

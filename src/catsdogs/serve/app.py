@@ -1,0 +1,57 @@
+"""The app factory: wires settings, the service parts, middleware and routers; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from catsdogs import __version__
+from catsdogs.serve.access_log import AccessLogMiddleware
+from catsdogs.serve.drift import DriftWindowFactory
+from catsdogs.serve.errors import install_error_handlers
+from catsdogs.serve.routes import admin, feedback, ops, predict, ui
+from catsdogs.serve.service import build_service
+from catsdogs.settings import Settings, get_settings
+
+
+def create_app(
+    settings: Settings | None = None, *, drift_factory: DriftWindowFactory | None = None
+) -> FastAPI:
+    """Build the service; the model loads in the background once the server starts (``/ready``)."""
+    settings = settings or get_settings()
+    service = build_service(settings, drift_factory=drift_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.predictor.start()
+        service.store.start()
+        yield
+        service.store.stop()
+        await service.predictor.stop()  # in-flight work finishes first (uvicorn drains on SIGTERM)
+        service.drift.stop()
+
+    app = FastAPI(
+        title="catsdogs",
+        version=__version__,
+        lifespan=lifespan,
+        description="Tells cats from dogs in photos. Errors are `{error, detail}` JSON.",
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    for module in (ui, predict, feedback, ops):
+        app.include_router(module.router)
+    if service.admin_token:
+        app.include_router(admin.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(AccessLogMiddleware, metrics=service.metrics)
+    return app

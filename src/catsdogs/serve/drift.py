@@ -1,0 +1,124 @@
+"""The hook where per-image drift statistics are fed (the math lives in ``catsdogs.monitor``).
+
+Contract assumed from the monitoring side: a drift window object with
+``update(image: PIL.Image.Image, probabilities) -> None`` and ``scores() -> dict[str, float]``, fed
+the *upload* (or its small statistics copy, ``catsdogs.monitor.stats_image``), not the model input.
+:func:`default_window_factory` builds ``catsdogs.monitor.DriftMonitor(reference)`` from the bundle's
+``drift_reference.json`` when both exist. The small copy is made on the decode thread (the full-size
+upload is dropped at once); updates run on one background thread through a bounded queue, so drift
+statistics never slow a prediction down (they are dropped under overload).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from catsdogs.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+
+class DriftWindow(Protocol):
+    def update(self, image: Image.Image, probabilities: Any) -> None: ...
+
+    def scores(self) -> dict[str, float]: ...
+
+
+DriftWindowFactory = Callable[[ModelBundle], DriftWindow | None]
+
+
+def default_window_factory(bundle: ModelBundle) -> DriftWindow | None:
+    """``catsdogs.monitor.DriftWindow(reference)`` for bundles that ship a drift reference."""
+    reference = bundle.drift_reference
+    if not reference:
+        return None
+    try:
+        from catsdogs import monitor  # written by the monitoring side; optional here
+    except ImportError:
+        return None
+    window_cls = getattr(monitor, "DriftMonitor", None) or getattr(monitor, "DriftWindow", None)
+    if window_cls is None:
+        return None
+    try:
+        return window_cls(reference)  # type: ignore[no-any-return]
+    except Exception:
+        logger.exception("could not build the drift window from %s", bundle.root)
+        return None
+
+
+ORIGINAL_SIZE = "original_size"
+_COPY_MAX_SIDE = 128
+
+
+def small_copy(image: Image.Image) -> Image.Image:
+    """The statistics copy of an upload: ``catsdogs.monitor.stats_image`` when available, else a
+    thumbnail that remembers the upload's size in ``info["original_size"]`` (same convention)."""
+    try:
+        from catsdogs.monitor import stats_image
+    except ImportError:
+        copy = image.copy()
+        copy.thumbnail((_COPY_MAX_SIDE, _COPY_MAX_SIDE), Image.Resampling.BILINEAR)
+        copy.info[ORIGINAL_SIZE] = image.size
+        return copy
+    return stats_image(image)  # type: ignore[no-any-return]
+
+
+class DriftFeed:
+    """Feeds (model-input image, probabilities) pairs to the drift window off the request path."""
+
+    def __init__(
+        self, publish: Callable[[dict[str, float]], None], *, capacity: int = 256, publish_every: int = 32
+    ) -> None:
+        self._publish = publish
+        self._queue: queue.Queue[tuple[Image.Image, np.ndarray] | None] = queue.Queue(capacity)
+        self._window: DriftWindow | None = None
+        self._publish_every = publish_every
+        self._thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._window is not None
+
+    def set_window(self, window: DriftWindow | None) -> None:
+        """A new model brings its own reference: start a fresh window."""
+        self._window = window
+        if window is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="catsdogs-drift", daemon=True)
+            self._thread.start()
+
+    def offer(self, image: Image.Image, probabilities: np.ndarray) -> None:
+        """Queue one observation; dropped when the drift thread is behind."""
+        if self._window is None:
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait((image, probabilities))
+
+    def _run(self) -> None:
+        seen = 0
+        while (item := self._queue.get()) is not None:
+            window = self._window
+            if window is None:
+                continue
+            try:
+                window.update(item[0], item[1])
+                seen += 1
+                if seen % self._publish_every == 0 or self._queue.empty():
+                    self._publish(window.scores())
+            except Exception:
+                logger.exception("drift window update failed")
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            try:
+                self._queue.put(None, timeout=1)
+            except queue.Full:
+                return
+            self._thread.join(timeout=5)

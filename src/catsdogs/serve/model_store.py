@@ -1,0 +1,230 @@
+"""The served model: loading a bundle into ONNX Runtime, warming it up, and swapping it atomically.
+
+A request takes one reference to :class:`LoadedModel` and uses it to the end, so a swap never
+mixes two models in one answer: old requests finish on the old session, new ones get the new.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from catsdogs.preprocessing import PreprocessConfig, softmax
+from catsdogs.serve.resolver import ResolvedBundle, current_version, resolve
+from catsdogs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def batch_size(settings: Settings) -> int:
+    """The micro-batch limit: configured, or chosen for the core count (see the setting)."""
+    if settings.batch_max_size is not None:
+        return max(1, settings.batch_max_size)
+    return 1 if available_cores() <= 4 else 8
+
+
+def inference_workers(settings: Settings) -> int:
+    """Concurrent forward passes: configured, or one per core without micro-batching, else one."""
+    if settings.inference_workers is not None:
+        return max(1, settings.inference_workers)
+    return available_cores() if batch_size(settings) == 1 else 1
+
+
+def session_options(settings: Settings) -> Any:
+    """ORT options sized for the core count: one inter-op thread, the cores shared by the workers."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.ort_intra_threads or max(
+        1, available_cores() // inference_workers(settings)
+    )
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = settings.ort_cpu_arena
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0"
+    )
+    options.log_severity_level = 3
+    return options
+
+
+@dataclass
+class LoadedModel:
+    """One model version ready to run: ORT session plus everything a response reports about it."""
+
+    resolved: ResolvedBundle
+    session: Any
+    config: PreprocessConfig
+    draft_size: int | None
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str:
+        return self.resolved.version
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.class_names
+
+    @property
+    def architecture(self) -> str:
+        return str(self.resolved.bundle.metadata.get("architecture", "unknown"))
+
+    @property
+    def input_shape(self) -> list[int | str | None]:
+        return list(self.session.get_inputs()[0].shape)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 → (N, classes) probabilities."""
+        (logits,) = self.session.run(["logits"], {"input": batch})
+        return softmax(logits.astype(np.float32, copy=False))
+
+    def warm_up(self, max_batch: int) -> None:
+        """Run the sizes the service will run, so the first requests and the arena hold no surprise."""
+        size = self.config.image_size
+        for n in sorted({1, max(1, max_batch)}):
+            self.run(np.zeros((n, 3, size, size), dtype=np.float32))
+
+
+def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
+    """Open the bundle's ONNX graph in ORT, check its contract, and warm it up."""
+    import onnxruntime as ort
+
+    bundle = resolved.bundle
+    config = bundle.preprocessing
+    path = bundle.onnx_path(int8=settings.serve_int8)
+    session = ort.InferenceSession(
+        str(path), sess_options=session_options(settings), providers=["CPUExecutionProvider"]
+    )
+    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if names[0] != ["input"] or "logits" not in names[1]:
+        raise ValueError(f"{path} must have input 'input' and output 'logits', has {names}")
+    factor = settings.decode_draft_factor
+    draft = round(config.image_size * factor) if factor > 0 else None
+    model = LoadedModel(resolved, session, config, draft)
+    model.warm_up(batch_size(settings))
+    return model
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    reloaded: bool
+    version: str | None
+    previous: str | None
+    detail: str
+
+
+class ModelStore:
+    """Holds the current model; loads, polls and swaps it off the request path."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_swap: Callable[[LoadedModel], None] | None = None,
+        on_reload: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._current: LoadedModel | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._on_swap = on_swap
+        self._on_reload = on_reload
+        self.last_error: str | None = None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def _swap(self, model: LoadedModel) -> None:
+        self._current = model  # one reference assignment: atomic for readers
+        if self._on_swap:
+            self._on_swap(model)
+
+    def load_now(self, *, uri: str | None = None) -> LoadedModel:
+        """Resolve, load and warm up, then swap in (raises on failure)."""
+        started = time.monotonic()
+        model = load_model(resolve(self.settings, uri=uri), self.settings)
+        self._swap(model)
+        self.last_error = None
+        logger.info(
+            "serving %s version %s from %s (%s) after %.2fs%s",
+            model.resolved.name,
+            model.version,
+            model.resolved.source,
+            model.resolved.bundle.root,
+            time.monotonic() - started,
+            f"; {model.resolved.note}" if model.resolved.note else "",
+        )
+        return model
+
+    def reload(self, *, force: bool = False) -> ReloadResult:
+        """Swap in the model the URI points at now, if it differs from the served one (or ``force``)."""
+        with self._lock:
+            previous = self._current.version if self._current else None
+            served_from_cache = bool(self._current and self._current.resolved.source == "cache")
+            if previous is not None and not force:
+                try:
+                    latest = current_version(self.settings)
+                except Exception as exc:  # registry still down: keep serving what we have
+                    detail = f"registry check failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                    logger.warning("%s", detail)
+                    return ReloadResult(False, previous, previous, detail)
+                # Same version: nothing to do, unless it came from the cache (then confirm it).
+                if latest == previous and not served_from_cache:
+                    return ReloadResult(False, previous, previous, "already serving the current version")
+            try:
+                model = self.load_now()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                logger.error("model load failed: %s", self.last_error)
+                if self._on_reload:
+                    self._on_reload(False)
+                return ReloadResult(False, previous, previous, self.last_error)
+            if model.version == previous and model.resolved.source == "cache":
+                return ReloadResult(False, previous, previous, model.resolved.note)
+            if self._on_reload and previous is not None:
+                self._on_reload(True)
+            return ReloadResult(True, model.version, previous, f"now serving version {model.version}")
+
+    def start(self) -> None:
+        """Load the first model and poll for new ones, in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="catsdogs-model-poll", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.reload()
+        interval = self.settings.reload_interval_s
+        while True:
+            # Without a model yet, retry every 2 s; otherwise poll at the interval (0: /admin/reload only).
+            if self._current is None:
+                wait = 2.0
+            elif interval > 0:
+                wait = interval
+            else:
+                return
+            if self._stop.wait(wait):
+                return
+            self.reload()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)

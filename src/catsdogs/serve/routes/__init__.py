@@ -1,0 +1,1 @@
+"""One router per concern: prediction, operations, feedback, admin, the upload page."""

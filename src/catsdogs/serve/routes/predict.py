@@ -1,0 +1,137 @@
+"""``POST /predict`` and ``POST /predict/batch``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from catsdogs.serve.errors import ApiError
+from catsdogs.serve.predictor import Prediction
+from catsdogs.serve.schemas import BatchItemOut, BatchOut, ErrorBody, PredictionOut
+from catsdogs.serve.security import require_api_key
+from catsdogs.serve.service import ServiceDep
+from catsdogs.serve.uploads import Part, is_multipart, read_multipart, read_raw, too_large
+
+router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+
+_ERRORS = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "empty upload, no `file` field, or a broken multipart body",
+        401: "API key missing",
+        403: "API key not valid",
+        413: "upload over the size limit",
+        415: "not an image",
+        422: "an image that cannot be used (too many pixels, truncated, too small)",
+        503: "model not ready, or the queue is full (see `Retry-After`)",
+        504: "no answer within the request timeout",
+    }.items()
+}
+_BINARY = {"type": "string", "format": "binary"}
+_SINGLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}
+            },
+            "image/*": {"schema": _BINARY},
+            "application/octet-stream": {"schema": _BINARY},
+        },
+    }
+}
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": _BINARY}},
+                }
+            },
+        },
+    }
+}
+
+
+def _json(model: PredictionOut | BatchOut) -> Response:
+    # Serialized once by pydantic-core; the declared response_model still documents it.
+    return Response(content=model.model_dump_json(), media_type="application/json")
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionOut,
+    responses=_ERRORS,
+    openapi_extra=_SINGLE_BODY,
+    summary="Classify one image (multipart field `file`, or the raw image as the body)",
+)
+async def predict(request: Request, service: ServiceDep) -> Response:
+    started = time.perf_counter()
+    predictor, limit = service.predictor, service.settings.max_upload_bytes
+    predictor.model()
+    with predictor.admit(1):
+        if is_multipart(request):
+            parts = await read_multipart(
+                request, fields={"file"}, part_limit=limit, body_limit=limit, max_parts=1, fail_fast=True
+            )
+            if not parts:
+                raise ApiError(400, "missing_file", "send the image in the multipart field `file`")
+            data = parts[0].data
+        else:
+            data = (await read_raw(request, limit=limit)).data
+        result = await predictor.predict(bytes(data), started=started)
+    request.state.log.update(
+        label=result.label, confidence=round(result.confidence, 4), model_version=result.model_version
+    )
+    return _json(PredictionOut(**asdict(result)))
+
+
+async def _one(service: ServiceDep, index: int, part: Part, started: float) -> BatchItemOut:
+    try:
+        if part.too_large:
+            raise too_large(service.settings.max_upload_bytes)
+        result: Prediction = await service.predictor.predict(bytes(part.data), started=started)
+    except ApiError as exc:
+        if exc.code == "upload_too_large":
+            service.metrics.rejected_inputs.labels(exc.code).inc()
+        return BatchItemOut(index=index, filename=part.filename, error=exc.code, detail=exc.detail)
+    fields = asdict(result)
+    fields.pop("latency_ms")
+    return BatchItemOut(index=index, filename=part.filename, **fields)
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchOut,
+    responses=_ERRORS,
+    openapi_extra=_BATCH_BODY,
+    summary="Classify up to `max_batch_images` images (multipart fields `files`), in order",
+)
+async def predict_batch(request: Request, service: ServiceDep) -> Response:
+    started = time.perf_counter()
+    settings, predictor = service.settings, service.predictor
+    predictor.model()
+    if not is_multipart(request):
+        raise ApiError(400, "missing_file", "send the images as multipart/form-data fields `files`")
+    parts = await read_multipart(
+        request,
+        fields={"files", "file"},
+        part_limit=settings.max_upload_bytes,
+        body_limit=settings.max_batch_upload_bytes,
+        max_parts=settings.max_batch_images,
+        fail_fast=False,
+    )
+    if not parts:
+        raise ApiError(400, "missing_file", "send the images as multipart/form-data fields `files`")
+    with predictor.admit(len(parts)):
+        results = await asyncio.gather(*(_one(service, i, part, started) for i, part in enumerate(parts)))
+    failed = sum(item.error is not None for item in results)
+    request.state.log.update(images=len(results), failed=failed)
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    return _json(BatchOut(results=results, count=len(results), failed=failed, latency_ms=latency_ms))

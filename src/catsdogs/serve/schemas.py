@@ -1,0 +1,108 @@
+"""Pydantic models for every request and response (they are the OpenAPI schema at ``/docs``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="Stable machine-readable code, e.g. `not_an_image`.")
+    detail: str = Field(description="What went wrong and what to do, for humans.")
+
+
+class PredictionOut(BaseModel):
+    label: str = Field(examples=["cat"])
+    confidence: float = Field(ge=0, le=1, examples=[0.97])
+    probabilities: dict[str, float] = Field(examples=[{"cat": 0.97, "dog": 0.03}])
+    prediction_id: str = Field(description="Signed token; send it back to `/feedback` with the true label.")
+    model_version: str
+    latency_ms: float
+
+
+class BatchItemOut(BaseModel):
+    """One entry per uploaded image, in upload order: a prediction or an error."""
+
+    index: int
+    filename: str | None = None
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    prediction_id: str | None = None
+    model_version: str | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[BatchItemOut]
+    count: int
+    failed: int
+    latency_ms: float
+
+
+class HealthOut(BaseModel):
+    status: str = "ok"
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    model_version: str | None = None
+    detail: str | None = None
+
+
+class ModelInfoOut(BaseModel):
+    name: str
+    version: str
+    alias: str
+    architecture: str
+    uri: str
+    source: str = Field(description="`registry`, `cache` (registry unreachable at load) or `local`.")
+    note: str = Field(description="Why the cache is served, when it is.")
+    loaded_at: float
+    metrics: dict[str, Any] = Field(
+        description="The bundle's evaluation metrics (what it was promoted with)."
+    )
+    registry: dict[str, Any] = Field(description="Registry facts: run id, version tags.")
+    preprocessing: dict[str, Any]
+    input_shape: list[int | str | None]
+    onnx_file: str
+    samples: list[str] = Field(
+        description="Labelled sample images shipped in the bundle (`/samples/{name}`)."
+    )
+
+
+class StatsOut(BaseModel):
+    pid: int = Field(description="Statistics are per worker process.")
+    since: float
+    uptime_s: float
+    predictions: int
+    errors: int
+    counts: dict[str, int]
+    mean_confidence: float | None
+    mean_confidence_by_label: dict[str, float | None]
+    latency_ms: dict[str, float | None]
+    queue_depth: int
+    live_accuracy: float | None
+    feedback_count: int
+
+
+class FeedbackIn(BaseModel):
+    prediction_id: str = Field(min_length=10, max_length=1024)
+    label: str = Field(description="The true label.", examples=["dog"])
+
+
+class FeedbackOut(BaseModel):
+    correct: bool
+    predicted: str
+    label: str
+    model_version: str
+    live_accuracy: float | None
+
+
+class ReloadOut(BaseModel):
+    reloaded: bool
+    version: str | None
+    previous: str | None
+    detail: str

@@ -1,0 +1,75 @@
+"""Running the service under uvicorn: logging, worker processes, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from importlib.util import find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from catsdogs.serve.access_log import JsonFormatter
+from catsdogs.serve.metrics import MULTIPROC_ENV
+from catsdogs.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr for the whole process (uvicorn's own access log is replaced by ours)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def _multiproc_dir() -> str:
+    """A fresh folder for prometheus-client's per-worker files (stale files would skew sums)."""
+    folder = os.environ.get(MULTIPROC_ENV)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return folder
+    return tempfile.mkdtemp(prefix="catsdogs-prom-")
+
+
+def worker_app() -> FastAPI:
+    """App factory for worker processes: they start fresh, so logging is set up here again."""
+    from catsdogs.serve.app import create_app
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; then stop accepting, finish in-flight requests, exit."""
+    import uvicorn
+
+    configure_logging(settings.log_level)
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.graceful_timeout_s,
+        "loop": "uvloop" if find_spec("uvloop") else "asyncio",
+        "http": "httptools" if find_spec("httptools") else "h11",
+    }
+    if settings.workers > 1:
+        # Workers are separate processes that build their own settings from the environment.
+        os.environ[MULTIPROC_ENV] = _multiproc_dir()
+        os.environ["CATSDOGS_MODEL_URI"] = settings.model_uri
+        uvicorn.run("catsdogs.serve.server:worker_app", factory=True, workers=settings.workers, **options)
+        return
+    from catsdogs.serve.app import create_app
+
+    uvicorn.run(create_app(settings), **options)

@@ -1,0 +1,81 @@
+"""Everything one app instance owns, built from the settings; routes reach it via ``Depends``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from catsdogs.serve.drift import DriftFeed, DriftWindowFactory, default_window_factory
+from catsdogs.serve.feedback import LiveAccuracy, PredictionSigner, resolve_secret
+from catsdogs.serve.metrics import Metrics
+from catsdogs.serve.model_store import LoadedModel, ModelStore
+from catsdogs.serve.predictor import Predictor
+from catsdogs.serve.stats import RunningStats
+from catsdogs.settings import Settings
+
+
+@dataclass
+class Service:
+    settings: Settings
+    metrics: Metrics
+    stats: RunningStats
+    store: ModelStore
+    predictor: Predictor
+    signer: PredictionSigner
+    live: LiveAccuracy
+    drift: DriftFeed
+    api_keys: list[str]
+    admin_token: str | None
+
+
+def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | None = None) -> Service:
+    """Wire the parts; nothing is loaded or started here (see the app's lifespan)."""
+    metrics = Metrics()
+    metrics.model_ready.set(0)
+    stats = RunningStats(settings.classes)
+    make_window = drift_factory or default_window_factory
+
+    def publish(scores: dict[str, float]) -> None:
+        for feature, value in scores.items():
+            metrics.drift_score.labels(feature).set(value)
+
+    drift = DriftFeed(publish)
+
+    def on_swap(model: LoadedModel) -> None:
+        metrics.set_model(
+            name=model.resolved.name,
+            version=model.version,
+            alias=model.resolved.alias,
+            architecture=model.architecture,
+        )
+        metrics.model_ready.set(1)
+        drift.set_window(make_window(model.resolved.bundle))
+
+    def on_reload(success: bool) -> None:
+        metrics.model_reloads.labels("success" if success else "failure").inc()
+
+    store = ModelStore(settings, on_swap=on_swap, on_reload=on_reload)
+    secret = settings.feedback_secret.get_secret_value() if settings.feedback_secret else None
+    signer = PredictionSigner(resolve_secret(secret), max_age_s=settings.feedback_max_age_s)
+    predictor = Predictor(settings, store=store, metrics=metrics, stats=stats, signer=signer, drift=drift)
+    return Service(
+        settings=settings,
+        metrics=metrics,
+        stats=stats,
+        store=store,
+        predictor=predictor,
+        signer=signer,
+        live=LiveAccuracy(settings.feedback_window),
+        drift=drift,
+        api_keys=[key.get_secret_value() for key in settings.api_keys],
+        admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+    )
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
