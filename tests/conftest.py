@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,17 @@ def require_tool(name: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reads the developer's params.yaml or CATSDOGS_* variables by accident."""
+def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test reads the developer's params.yaml or CATSDOGS_* variables by accident, and none leaks
+    process-wide environment (the service bounds MLflow's HTTP client through it) into the next."""
+    saved = dict(os.environ)
     for key in list(os.environ):
         if key.startswith("CATSDOGS_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("CATSDOGS_PARAMS_FILE", str(tmp_path / "no-params.yaml"))
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
