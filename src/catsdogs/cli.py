@@ -62,6 +62,72 @@ def _settings(**overrides: object) -> Settings:
 # --- training, evaluation and registry ---------------------------------------------------------
 
 
+@app.command("train")
+def train_command(
+    model: Annotated[
+        str | None, typer.Option("--model", help="efficientnet_lite0|1|2 (pretrained) or simple_cnn.")
+    ] = None,
+    strategy: Annotated[str | None, typer.Option(help="head (frozen backbone, cached features).")] = None,
+    profile: Annotated[str | None, typer.Option(help="default or best.")] = None,
+    head: Annotated[str | None, typer.Option(help="Head on the features: linear or mlp.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", min=0.0)] = None,
+    max_train_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
+    max_eval_images: Annotated[int | None, typer.Option(min=1, help="Cap on val and test images.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Folder under runs_dir for this run.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with manifest.csv.")] = None,
+    runs_dir: Annotated[Path | None, typer.Option()] = None,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")
+    ] = False,
+) -> None:
+    """Train a model on the ingested dataset and write its bundle (with ONNX and test metrics)."""
+    from catsdogs.train import train
+
+    settings = _settings(
+        architecture=model, strategy=strategy, profile=profile, head=head, epochs=epochs,
+        batch_size=batch_size, learning_rate=learning_rate, max_train_images=max_train_images,
+        max_eval_images=max_eval_images, run_name=run_name, data_dir=data_dir, runs_dir=runs_dir,
+        cache_dir=cache_dir, device=device,
+    )  # fmt: skip
+    result = train(settings, tracker=None, resume=resume)
+    if not result.test_metrics:  # a non-zero torchrun rank
+        return
+    low, high = result.test_metrics["accuracy_ci95"]
+    typer.echo(
+        f"bundle: {result.bundle_dir}\n"
+        f"test accuracy: {result.test_metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, "
+        f"n={result.test_metrics['n_images']})\n"
+        f"epochs: {len(result.history)}, wall time: {result.elapsed_s:.0f} s"
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="Bundle folder (or models:/ URI).")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled folder, .zip archive or manifest.csv.")],
+    split: Annotated[str | None, typer.Option(help="With a manifest: train, val or test.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Evaluate model.int8.onnx.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write metrics.json and predictions.csv here.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many images.")] = None,
+) -> None:
+    """Accuracy (95% Wilson CI), precision, recall, F1, log-loss, ROC-AUC and confusion matrix."""
+    import json
+
+    from catsdogs.evaluate import evaluate_bundle, resolve_model_uri
+
+    settings = _settings()
+    bundle = resolve_model_uri(model_uri, cache_dir=settings.cache_dir)
+    result = evaluate_bundle(bundle, data, split=split, tta=tta, int8=int8, out_dir=out, limit=limit)
+    typer.echo(json.dumps(result.metrics, indent=2))
+    if result.skipped:
+        console.print(f"skipped {len(result.skipped)} undecodable images", highlight=False)
+
+
 # --- export and serving ------------------------------------------------------------------------
 
 

