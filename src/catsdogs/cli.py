@@ -131,6 +131,32 @@ def evaluate_command(
 # --- export and serving ------------------------------------------------------------------------
 
 
+@app.command("export")
+def export_command(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="Bundle folder (or models:/ URI).")],
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write a statically quantized model.int8.onnx.")
+    ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Dataset for parity, INT8 calibration and accuracy checks.")
+    ] = None,
+) -> None:
+    """Write the bundle's model.onnx (dynamic batch), checked against PyTorch on real images."""
+    import json
+
+    from catsdogs.evaluate import resolve_model_uri
+    from catsdogs.export import export_bundle
+
+    settings = _settings(data_dir=data_dir)
+    bundle = resolve_model_uri(model_uri, cache_dir=settings.cache_dir)
+    report = export_bundle(bundle, settings=settings, int8=int8)
+    typer.echo(
+        json.dumps(
+            {"onnx": str(report.onnx_path), "parity": report.parity.to_dict(), "int8": report.int8}, indent=2
+        )
+    )
+
+
 # --- monitoring --------------------------------------------------------------------------------
 
 

@@ -163,3 +163,103 @@ def quantize_int8(onnx_path: Path, out_path: Path, *, calibration: Sequence[np.n
         )
         staged.replace(out_path)
     return out_path
+
+
+@dataclass
+class ExportReport:
+    """What ``catsdogs export`` did to a bundle."""
+
+    onnx_path: Path
+    parity: ParityReport
+    int8_path: Path | None = None
+    int8: dict[str, Any] | None = None
+
+
+def _split_arrays(samples: Sequence[Any], config: Any) -> np.ndarray:
+    from catsdogs.features import image_batches
+
+    batches = list(image_batches([s.path for s in samples], config, batch_size=64))
+    return (
+        np.concatenate(batches)
+        if batches
+        else np.zeros((0, 3, config.image_size, config.image_size), np.float32)
+    )
+
+
+def _accuracy(onnx_path: Path, arrays: np.ndarray, labels: np.ndarray) -> float:
+    from catsdogs.features import ort_session
+
+    logits = onnx_logits(ort_session(onnx_path), arrays)
+    return float((logits.argmax(1) == labels).mean())
+
+
+def export_bundle(bundle: Any, *, settings: Any, int8: bool = False) -> ExportReport:
+    """Re-export a bundle's weights to ``model.onnx`` (parity-checked) and optionally ``model.int8.onnx``.
+
+    Parity runs on the bundle's own sample images plus validation images from the manifest (when
+    the dataset is present). The INT8 model is calibrated on training images and refused when it
+    loses more than ``settings.int8_max_accuracy_drop`` validation accuracy.
+    """
+    from catsdogs import bundle as bundle_files
+    from catsdogs.features import load_image, read_manifest, split_samples
+    from catsdogs.model import ModelSpec, load_model
+    from catsdogs.preprocessing import preprocess
+
+    config = bundle.preprocessing
+    spec = ModelSpec.from_dict(bundle.metadata)
+    model = load_model(bundle.path(bundle_files.WEIGHTS), spec)
+    shipped = [preprocess(load_image(path), config) for path, _ in bundle.samples()]
+    samples = read_manifest(settings.data_dir) if settings.manifest_path.is_file() else []
+    val = split_samples(samples, "val", limit=settings.max_eval_images)
+    parts = [np.stack(shipped)] if shipped else []
+    parts.append(_split_arrays(val[: settings.parity_images], config))
+    onnx_path = bundle.path(bundle_files.ONNX)
+    parity = export_verified(
+        model, onnx_path, image_size=config.image_size, parity_batch=np.concatenate(parts)
+    )
+    report = ExportReport(onnx_path, parity)
+    metadata = {**bundle.metadata, "onnx": report.parity.to_dict()}
+    if int8:
+        report.int8_path, report.int8 = _export_int8(bundle, settings=settings, samples=samples)
+        metadata["int8"] = report.int8
+    bundle_files.write_json_atomic(bundle.path(bundle_files.METADATA), metadata)
+    return report
+
+
+def _export_int8(bundle: Any, *, settings: Any, samples: Sequence[Any]) -> tuple[Path, dict[str, Any]]:
+    from catsdogs import bundle as bundle_files
+    from catsdogs.features import split_samples
+
+    config = bundle.preprocessing
+    train = split_samples(samples, "train", limit=settings.int8_calibration_images)
+    val = split_samples(samples, "val", limit=settings.max_eval_images)
+    test = split_samples(samples, "test", limit=settings.max_eval_images)
+    if not train or not val:
+        raise CatsdogsError(
+            f"--int8 needs the dataset (train images to calibrate, val images to check): "
+            f"{settings.manifest_path} has none; run `catsdogs data ingest` or pass --data-dir"
+        )
+    index = {name: i for i, name in enumerate(config.class_names)}
+    calibration = _split_arrays(train, config)
+    out = bundle.path(bundle_files.ONNX_INT8)
+    chunks = [calibration[i : i + 32] for i in range(0, len(calibration), 32)]
+    quantize_int8(bundle.path(bundle_files.ONNX), out, calibration=chunks)
+    result: dict[str, Any] = {
+        "calibration_images": len(train),
+        "max_accuracy_drop": settings.int8_max_accuracy_drop,
+    }
+    for name, split in (("val", val), ("test", test)):
+        if not split:
+            continue
+        arrays, labels = _split_arrays(split, config), np.asarray([index[s.label] for s in split])
+        fp32, q8 = _accuracy(bundle.path(bundle_files.ONNX), arrays, labels), _accuracy(out, arrays, labels)
+        result[name] = {"n_images": len(split), "fp32_accuracy": fp32, "int8_accuracy": q8, "drop": fp32 - q8}
+    result["accepted"] = result["val"]["drop"] <= settings.int8_max_accuracy_drop
+    if not result["accepted"]:
+        out.unlink(missing_ok=True)
+        raise CatsdogsError(
+            f"INT8 model refused: it loses {100 * result['val']['drop']:.2f} points of validation accuracy "
+            f"(limit {100 * settings.int8_max_accuracy_drop:.2f}); serve the float model"
+        )
+    logger.info("INT8 model %s: %s", out, result)
+    return out, result

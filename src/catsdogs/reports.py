@@ -123,7 +123,8 @@ Created {m["created_at"]} by catsdogs {m["package_version"]} (commit {m["git_com
 - Dataset: Kaggle "Dogs vs. Cats" training images (`train.zip`), ingested by `catsdogs data ingest`.
 - Data version (manifest SHA-256): `{metadata["data_version"]}`
 - Images used: {data["n_train"]} train (plus mirror images: {data["flip_features"]}),
-  {data["n_val"]} validation, {metrics["n_images"]} test. Choices (backbone, head, epochs) were made on validation only.
+  {data["n_val"]} validation, {metrics["n_images"]} test.
+- Choices (backbone, head, epochs) were made on the validation split only.
 
 ## Metrics (test split, exactly what serving runs: ONNX, TTA {metrics.get("tta", "none")})
 - Accuracy **{metrics["accuracy"]:.4f}** (95% Wilson CI [{low:.4f}, {high:.4f}])
