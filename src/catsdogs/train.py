@@ -170,7 +170,7 @@ def train_one_epoch(model, source, optimizer, *, batch_size, rng, dist, device, 
         loss = loss_fn(logits, y)
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(y)
+        total += float(loss.detach()) * len(y)
         count += len(y)
         labels.append(y.cpu().numpy())
         probs.append(torch.softmax(logits.detach(), 1).cpu().numpy())
@@ -194,6 +194,7 @@ def validate(model, source, *, batch_size, device, class_names) -> dict:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -372,6 +373,14 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
     return spec, strategy
 
 
+def preprocess_config_for(settings: Settings) -> PreprocessConfig:
+    """The preprocessing the configured model trains, exports and serves with."""
+    from catsdogs.model import preprocess_config
+
+    spec, _ = resolve_spec(settings)
+    return preprocess_config(spec.architecture, image_size=spec.image_size, class_names=settings.classes)
+
+
 def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str, Any]:
     """The resolved configuration of a run (logged and written next to the run)."""
     keys = (
@@ -384,7 +393,6 @@ def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str
 def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = False) -> TrainResult:
     """Train the configured model, write its complete bundle (with ONNX) and evaluate it on test."""
     from catsdogs.bundle_writer import write_bundle
-    from catsdogs.model import preprocess_config
 
     started = time.perf_counter()
     spec, strategy = resolve_spec(settings)
@@ -393,7 +401,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(settings.seed)
-    config = preprocess_config(spec.architecture, image_size=spec.image_size, class_names=settings.classes)
+    config = preprocess_config_for(settings)
     params = train_params(settings, spec, strategy)
     fingerprint = json.dumps(params, sort_keys=True, default=str)
     run_dir = settings.runs_dir / (settings.run_name or f"{spec.architecture}-{strategy}")
