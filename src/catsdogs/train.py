@@ -402,7 +402,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(settings.seed)
     config = preprocess_config_for(settings)
-    params = train_params(settings, spec, strategy)
+    params = {**train_params(settings, spec, strategy), "world_size": dist.world}
     fingerprint = json.dumps(params, sort_keys=True, default=str)
     run_dir = settings.runs_dir / (settings.run_name or f"{spec.architecture}-{strategy}")
     if dist.main:
@@ -447,6 +447,8 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
             for path in sorted(artifacts_dir.iterdir()):
                 tracker.log_artifact(path, "evaluation")
     dist.barrier()
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
     elapsed = time.perf_counter() - started
     logger.info("trained in %.0f s (%.0f s before export and test)", elapsed, train_seconds)
     return TrainResult(bundle_dir, history, test_metrics, params, artifacts_dir, elapsed, run_dir)

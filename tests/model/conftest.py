@@ -113,3 +113,19 @@ def make_dataset(dataset_zip: Path):
         return build_dataset(dataset_zip, data_dir, per_class=per_class, offset=offset)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cnn_run(isolated_env, small_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The from-scratch baseline trained for one epoch (a small, fast model for export tests)."""
+    from catsdogs.train import train
+
+    settings = Settings(
+        architecture="simple_cnn",
+        data_dir=small_data_dir,
+        runs_dir=tmp_path_factory.mktemp("runs"),
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        epochs=1,
+        batch_size=32,
+    )
+    return train(settings), settings
