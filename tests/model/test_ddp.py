@@ -21,8 +21,8 @@ def test_two_cpu_processes_train_one_model_with_gloo(make_dataset, tmp_path: Pat
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     cmd = [
         torchrun, "--standalone", "--nproc_per_node=2", "-m", "catsdogs", "train",
-        "--model", "simple_cnn",
-        "--epochs", "2", "--batch-size", "8", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path / "runs"),
+        "--model", "simple_cnn", "--epochs", "2", "--batch-size", "8",
+        "--data-dir", str(data_dir), "--runs-dir", str(tmp_path / "runs"),
         "--cache-dir", str(tmp_path / "cache"), "--run-name", "ddp", "--device", "cpu",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
