@@ -13,6 +13,7 @@ batch (gloo on CPU, NCCL on GPU) and only rank 0 writes files or logs.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -88,7 +89,10 @@ def init_distributed(device: torch.device) -> Dist:
     if world <= 1:
         return Dist()
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 alone extracts the features while the others wait: allow it hours, not minutes.
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3)
+        )
     return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
 
 

@@ -24,7 +24,7 @@ def _imagenet_hits(model, images, labels, config: PreprocessConfig) -> float:
 @pytest.mark.slow
 def test_lite_normalization_puts_real_cats_and_dogs_in_their_imagenet_classes(dataset_zip: Path) -> None:
     with zipfile.ZipFile(dataset_zip) as archive:
-        names = [f"train/{label}.{i}.jpg" for label in ("cat", "dog") for i in range(5000, 5020)]
+        names = [f"train/{label}.{i}.jpg" for label in ("cat", "dog") for i in range(5000, 5012)]
         images = [decode_image(archive.read(name)) for name in names]
     labels = [name.split("/")[1].split(".")[0] for name in names]
     model = load_imagenet_model("efficientnet_lite0")
@@ -33,6 +33,6 @@ def test_lite_normalization_puts_real_cats_and_dogs_in_their_imagenet_classes(da
     hits = _imagenet_hits(model, images, labels, config)
     # Cat photos land in ImageNet's 5 cat classes and dogs in its 118 dog breeds.
     assert hits >= 0.8, f"only {hits:.0%} of real photos land in the right ImageNet classes"
-    # Feeding un-normalized [0, 1] pixels must be clearly worse: the check can tell them apart.
-    raw = PreprocessConfig(image_size=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    assert _imagenet_hits(model, images, labels, raw) < hits - 0.2
+    # The check can fail: pixels left unscaled (0-255, a classic bug) collapse it.
+    unscaled = PreprocessConfig(image_size=224, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+    assert _imagenet_hits(model, images, labels, unscaled) < 0.5
