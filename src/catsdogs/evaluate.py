@@ -260,7 +260,8 @@ def evaluate_session(
 ) -> EvaluationResult:
     """Evaluate an ONNX session on labelled images with the given preprocessing."""
     prob, skipped = predict_probabilities(session, config, images, tta=tta, progress=progress)
-    kept = [item for item in images if item.name not in set(skipped)]
+    skipped_names = set(skipped)
+    kept = [item for item in images if item.name not in skipped_names]
     labels = np.asarray([item.label for item in kept], dtype=np.int64)
     metrics = classification_metrics(labels, prob, config.class_names, split=split)
     metrics["tta"] = "hflip" if tta else "none"
