@@ -19,9 +19,10 @@ import torch
 
 from catsdogs.evaluate import wilson_interval
 from catsdogs.features import read_manifest, split_samples
+from catsdogs.loop import Dist, fit
 from catsdogs.model import BACKBONES, build_head
 from catsdogs.settings import Settings
-from catsdogs.train import Dist, fit, head_sources, preprocess_config_for
+from catsdogs.train import head_sources, preprocess_config_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head_selection.json"
 

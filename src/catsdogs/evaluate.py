@@ -40,7 +40,9 @@ def wilson_interval(successes: int, n: int, *, z: float = Z_95) -> tuple[float, 
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, free of rounding
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:

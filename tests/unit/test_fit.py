@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from catsdogs import CatsdogsError
-from catsdogs import train as train_module
+from catsdogs import loop as train_module
+from catsdogs.loop import CHECKPOINT, Dist, TensorSource, fit
 from catsdogs.settings import Settings
-from catsdogs.train import CHECKPOINT, Dist, TensorSource, fit
 
 
 def _data(seed: int, n: int) -> TensorSource:

@@ -12,8 +12,7 @@ from catsdogs.evaluate import classification_metrics, roc_auc, wilson_interval
 def _random_binary(seed: int, n: int = 500):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
-    p_dog = np.clip(y * 0.6 + rng.normal(0.2, 0.25, n), 0.001, 0.999)
-    p_dog = np.round(p_dog, 2)  # creates ties, which ROC-AUC must handle
+    p_dog = np.clip(np.round(y * 0.6 + rng.normal(0.2, 0.25, n), 2), 0.01, 0.99)  # rounding makes ties
     return y, np.stack([1 - p_dog, p_dog], axis=1)
 
 
