@@ -90,8 +90,10 @@ class Settings(BaseSettings):
     """Classifier on the frozen features: logistic regression or a one-hidden-layer MLP."""
     head_hidden: int = 256
     head_dropout: float = 0.2
-    flip_features: bool = True
-    """Also train the head on the mirror image of every training image (a cached, fixed view)."""
+    flip_features: bool = False
+    """Also train the head on the mirror image of every training image (a cached, fixed view).
+    Off by default: on the validation split it gained nothing for Lite2 (98.80% either way,
+    benchmarks/results/head_selection.json) and doubles the feature extraction time."""
     run_name: str | None = None
     """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
     bundle_samples_per_class: int = 4

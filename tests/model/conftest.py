@@ -100,6 +100,7 @@ def head_run(
         cache_dir=session_cache,
         epochs=3,
         batch_size=32,
+        flip_features=True,  # exercise the mirror-image view of the cache too
     )
     tracker = RecordingTracker()
     return train(settings, tracker=tracker), tracker, settings
