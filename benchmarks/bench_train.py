@@ -68,6 +68,7 @@ def main() -> None:
     bundle = work / "runs" / args.name / "bundle"
     metrics = json.loads((bundle / "metrics.json").read_text())
     metadata = json.loads((bundle / "metadata.json").read_text())
+    params = json.loads((work / "runs" / args.name / "params.json").read_text())
     entry = {
         "command": " ".join(command[2:]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -82,6 +83,8 @@ def main() -> None:
         "architecture": metadata["architecture"],
         "head": metadata.get("head"),
         "onnx_parity": metadata.get("onnx"),
+        "params": params,
+        "feature_cache": "reused" if args.keep_cache else "empty at start",
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
