@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from catsdogs import CatsdogsError
+from catsdogs.bundle import write_json_atomic
 from catsdogs.features import FeatureCache, Sample, read_manifest, split_samples
 from catsdogs.loop import CHECKPOINT, Dist, ImageSource, TensorSource, Tracker, fit, init_distributed
 from catsdogs.model import BACKBONES, LiteFeatures, ModelSpec, build_model, select_device
@@ -161,7 +162,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (run_dir / CHECKPOINT).unlink(missing_ok=True)
-        (run_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n")
+        write_json_atomic(run_dir / "params.json", params)
         if tracker is not None:
             tracker.log_params(params)
     dist.barrier()
