@@ -44,7 +44,12 @@ SIMPLE_CNN_LICENCE = "Apache-2.0 (trained from scratch by catsdogs)"
 def _git_commit() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+            cwd=Path(__file__).resolve().parent,  # the source tree, whatever the working directory
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
