@@ -186,11 +186,20 @@ def _split_arrays(samples: Sequence[Any], config: Any) -> np.ndarray:
     )
 
 
-def _accuracy(onnx_path: Path, arrays: np.ndarray, labels: np.ndarray) -> float:
-    from catsdogs.features import ort_session
+def _accuracies(
+    paths: Sequence[Path], samples: Sequence[Any], labels: np.ndarray, config: Any
+) -> list[float]:
+    """Accuracy of several ONNX models on the same images, streamed batch by batch (bounded memory)."""
+    from catsdogs.features import image_batches, ort_session
 
-    logits = onnx_logits(ort_session(onnx_path), arrays)
-    return float((logits.argmax(1) == labels).mean())
+    sessions = [ort_session(path) for path in paths]
+    correct = np.zeros(len(paths), dtype=np.int64)
+    batches = image_batches([s.path for s in samples], config, batch_size=64)
+    for start, batch in zip(range(0, len(samples), 64), batches, strict=True):
+        truth = labels[start : start + 64]
+        for k, session in enumerate(sessions):
+            correct[k] += int((onnx_logits(session, batch).argmax(1) == truth).sum())
+    return [float(c) / max(len(samples), 1) for c in correct]
 
 
 def export_bundle(bundle: Any, *, settings: Any, int8: bool = False) -> ExportReport:
@@ -251,8 +260,8 @@ def _export_int8(bundle: Any, *, settings: Any, samples: Sequence[Any]) -> tuple
     for name, split in (("val", val), ("test", test)):
         if not split:
             continue
-        arrays, labels = _split_arrays(split, config), np.asarray([index[s.label] for s in split])
-        fp32, q8 = _accuracy(bundle.path(bundle_files.ONNX), arrays, labels), _accuracy(out, arrays, labels)
+        labels = np.asarray([index[s.label] for s in split])
+        fp32, q8 = _accuracies([bundle.path(bundle_files.ONNX), out], split, labels, config)
         result[name] = {"n_images": len(split), "fp32_accuracy": fp32, "int8_accuracy": q8, "drop": fp32 - q8}
     result["accepted"] = result["val"]["drop"] <= settings.int8_max_accuracy_drop
     if not result["accepted"]:
