@@ -34,6 +34,10 @@ def _isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
         if key.startswith("CATSDOGS_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("CATSDOGS_PARAMS_FILE", str(tmp_path / "no-params.yaml"))
+    # Whatever a test (or a CLI subprocess it starts) tracks lands in tmp_path, never in the checkout.
+    monkeypatch.setenv("CATSDOGS_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("CATSDOGS_MLFLOW_ARTIFACT_LOCATION", str(tmp_path / "mlartifacts"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -196,6 +196,92 @@ def models_list() -> None:
     Console(width=200).print(table)
 
 
+@app.command("train")
+def train_command(
+    model: Annotated[
+        str | None, typer.Option("--model", help="efficientnet_lite0|1|2 (pretrained) or simple_cnn.")
+    ] = None,
+    strategy: Annotated[str | None, typer.Option(help="head (frozen backbone, cached features).")] = None,
+    profile: Annotated[str | None, typer.Option(help="default or best.")] = None,
+    head: Annotated[str | None, typer.Option(help="Head on the features: linear or mlp.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", min=0.0)] = None,
+    max_train_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
+    max_eval_images: Annotated[int | None, typer.Option(min=1, help="Cap on val and test images.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Folder under runs_dir for this run.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with manifest.csv.")] = None,
+    runs_dir: Annotated[Path | None, typer.Option()] = None,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")
+    ] = False,
+    track: Annotated[
+        bool, typer.Option("--track/--no-track", help="Log to MLflow and register the model.")
+    ] = True,
+) -> None:
+    """Train a model, write its bundle (ONNX, test metrics, drift reference), log it to MLflow and
+    register it as the new `challenger`."""
+    from catsdogs.train import train
+
+    settings = _settings(
+        architecture=model, strategy=strategy, profile=profile, head=head, epochs=epochs,
+        batch_size=batch_size, learning_rate=learning_rate, max_train_images=max_train_images,
+        max_eval_images=max_eval_images, run_name=run_name, data_dir=data_dir, runs_dir=runs_dir,
+        cache_dir=cache_dir, device=device,
+    )  # fmt: skip
+    version = None
+    if not track or int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 logs
+        result = train(settings, tracker=None, resume=resume)
+    else:
+        from catsdogs.registry import MlflowTracker
+
+        with MlflowTracker(settings, run_name=settings.run_name) as tracker:
+            result = train(settings, tracker=tracker, resume=resume)
+            version = tracker.finish(
+                bundle_dir=result.bundle_dir,
+                test_metrics=result.test_metrics,
+                artifacts_dir=result.artifacts_dir,
+                manifest_path=settings.manifest_path,
+                report_path=settings.report_path,
+            )
+    if not result.test_metrics:  # a non-zero torchrun rank
+        return
+    low, high = result.test_metrics["accuracy_ci95"]
+    typer.echo(
+        f"bundle: {result.bundle_dir}\n"
+        f"test accuracy: {result.test_metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, "
+        f"n={result.test_metrics['n_images']})\n"
+        f"epochs: {len(result.history)}, wall time: {result.elapsed_s:.0f} s"
+    )
+    if version is not None:
+        typer.echo(f"registered {settings.model_name} v{version} as challenger; `catsdogs promote` next")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="Bundle folder (or models:/ URI).")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled folder, .zip archive or manifest.csv.")],
+    split: Annotated[str | None, typer.Option(help="With a manifest: train, val or test.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Evaluate model.int8.onnx.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write metrics.json and predictions.csv here.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many images.")] = None,
+) -> None:
+    """Accuracy (95% Wilson CI), precision, recall, F1, log-loss, ROC-AUC and confusion matrix."""
+    import json
+
+    from catsdogs.evaluate import evaluate_bundle, resolve_model_uri
+
+    settings = _settings()
+    bundle = resolve_model_uri(model_uri, settings=settings)
+    result = evaluate_bundle(bundle, data, split=split, tta=tta, int8=int8, out_dir=out, limit=limit)
+    typer.echo(json.dumps(result.metrics, indent=2))
+    if result.skipped:
+        console.print(f"skipped {len(result.skipped)} undecodable images", highlight=False)
+
+
 # --- export and serving ------------------------------------------------------------------------
 
 
@@ -234,6 +320,32 @@ def smoke_command(
         console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
     if not report.ok:
         raise CatsdogsError(f"smoke test of {url} failed")
+
+
+@app.command("export")
+def export_command(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="Bundle folder (or models:/ URI).")],
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write a statically quantized model.int8.onnx.")
+    ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Dataset for parity, INT8 calibration and accuracy checks.")
+    ] = None,
+) -> None:
+    """Write the bundle's model.onnx (dynamic batch), checked against PyTorch on real images."""
+    import json
+
+    from catsdogs.evaluate import resolve_model_uri
+    from catsdogs.export import export_bundle
+
+    settings = _settings(data_dir=data_dir)
+    bundle = resolve_model_uri(model_uri, settings=settings)
+    report = export_bundle(bundle, settings=settings, int8=int8)
+    typer.echo(
+        json.dumps(
+            {"onnx": str(report.onnx_path), "parity": report.parity.to_dict(), "int8": report.int8}, indent=2
+        )
+    )
 
 
 # --- monitoring --------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     # --- training ----------------------------------------------------------------------------
     model_name: str = "catsdogs-classifier"
     """Registered model name in the MLflow model registry."""
-    architecture: str = "efficientnet_lite0"
+    architecture: str = "efficientnet_lite2"
     strategy: Literal["head", "finetune", "scratch"] = "head"
     profile: Literal["default", "best"] = "default"
     image_size: int | None = None
@@ -88,6 +88,25 @@ class Settings(BaseSettings):
     device: str = "auto"
     max_train_images: int | None = None
     """Cap on training images (for quick runs and tests); ``None`` uses the whole train split."""
+    max_eval_images: int | None = None
+    """Cap on validation and test images each (for quick runs and tests); ``None`` uses all."""
+    head: Literal["linear", "mlp"] = "linear"
+    """Classifier on the frozen features: logistic regression or a one-hidden-layer MLP."""
+    head_hidden: int = 256
+    head_dropout: float = 0.2
+    flip_features: bool = False
+    """Also train the head on the mirror image of every training image (a cached, fixed view).
+    Off by default: on the validation split it gained nothing for Lite2 (98.80% either way,
+    benchmarks/results/head_selection.json) and doubles the feature extraction time."""
+    run_name: str | None = None
+    """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
+    bundle_samples_per_class: int = 4
+    """Labelled test images shipped in the bundle for smoke tests."""
+    parity_images: int = 32
+    """Validation images (besides the bundle samples) on which ONNX must match PyTorch."""
+    int8_calibration_images: int = 256
+    int8_max_accuracy_drop: float = 0.003
+    """An INT8 model losing more validation accuracy than this (0.3 points) is refused."""
 
     # --- tracking and registry -----------------------------------------------------------------
     mlflow_tracking_uri: str = "sqlite:///mlruns.db"
@@ -153,6 +172,8 @@ class Settings(BaseSettings):
     """Live images kept per drift feature (the sliding window behind ``catsdogs_drift_score``)."""
     drift_min_samples: int = Field(default=200, ge=1)
     """A drift feature gets a score only once its window holds this many images (PSI of fewer is noise)."""
+    drift_reference_images: int = Field(default=1000, ge=50)
+    """Training images whose statistics make the bundle's drift reference (600+ keeps PSI noise low)."""
 
     # --- deployment --------------------------------------------------------------------------
     deploy_namespace: str = "catsdogs"

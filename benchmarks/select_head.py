@@ -1,0 +1,80 @@
+"""Choose the head on the VALIDATION split from cached backbone features (never on test).
+
+Usage: python benchmarks/select_head.py --data-dir data --cache-dir .cache/catsdogs \
+           --architecture efficientnet_lite2
+Trains each candidate head (linear / MLP, with and without mirror-image features) with the real
+training loop on the cached features and records validation loss and accuracy (with its Wilson
+interval) in benchmarks/results/head_selection.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from catsdogs.evaluate import wilson_interval
+from catsdogs.features import read_manifest, split_samples
+from catsdogs.loop import Dist, fit
+from catsdogs.model import BACKBONES, build_head
+from catsdogs.settings import Settings
+from catsdogs.train import head_sources, preprocess_config_for
+
+RESULTS = Path(__file__).resolve().parent / "results" / "head_selection.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--architecture", default="efficientnet_lite2")
+    args = parser.parse_args()
+
+    samples = read_manifest(args.data_dir)
+    train_s, val_s = split_samples(samples, "train"), split_samples(samples, "val")
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for head in ("linear", "mlp"):
+        for flip in (True, False):
+            settings = Settings(
+                architecture=args.architecture, head=head, flip_features=flip, data_dir=args.data_dir,
+                cache_dir=args.cache_dir,
+            )  # fmt: skip
+            config = preprocess_config_for(settings)
+            train_src, val_src = head_sources(settings, config, train_s, val_s, Dist())
+            torch.manual_seed(settings.seed)
+            model = build_head(
+                head, in_features=BACKBONES[args.architecture].feature_dim, num_classes=2,
+                hidden=settings.head_hidden, dropout=settings.head_dropout,
+            )  # fmt: skip
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as run_dir:
+                _, history = fit(
+                    model, train_src, val_src, settings=settings, run_dir=Path(run_dir), fingerprint="select",
+                    dist=Dist(), device=torch.device("cpu"),
+                )  # fmt: skip
+            best = min(history, key=lambda row: row["val_loss"])
+            correct = round(best["val_accuracy"] * len(val_src))
+            key = f"{args.architecture}/{head}/{'orig+flip' if flip else 'orig'}"
+            results[key] = {
+                "val_loss": best["val_loss"],
+                "val_accuracy": best["val_accuracy"],
+                "val_accuracy_ci95": list(wilson_interval(correct, len(val_src))),
+                "n_val": len(val_src),
+                "n_train_rows": len(train_src),
+                "best_epoch": best["epoch"],
+                "epochs_run": len(history),
+                "head_train_s": time.perf_counter() - started,
+            }
+            print(key, json.dumps(results[key]))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

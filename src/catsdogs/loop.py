@@ -1,0 +1,277 @@
+"""The training loop: epochs over batch sources, early stopping, checkpoints, exact resume, DDP.
+
+Resuming is exact: each epoch seeds its own shuffling, augmentation and dropout from
+``(seed, epoch)``, and the checkpoint written after every epoch holds the model, optimizer,
+scheduler and early-stopping state. Under ``torchrun`` each global batch is split across ranks
+(gloo on CPU, NCCL on GPU) and only rank 0 writes checkpoints or logs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from catsdogs import CatsdogsError
+from catsdogs.augment import augment
+from catsdogs.evaluate import classification_metrics
+from catsdogs.features import Sample, load_image
+from catsdogs.preprocessing import PreprocessConfig, preprocess
+from catsdogs.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Tracker(Protocol):
+    """What training reports to (``catsdogs.registry.MlflowTracker`` implements it)."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
+# --- distributed -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not torch.distributed.is_initialized():
+        # Rank 0 alone extracts the features while the others wait: allow it hours, not minutes.
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3)
+        )
+    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch])
+
+
+def _batch_indices(
+    n: int, batch_size: int, rng: np.random.Generator | None, dist: Dist
+) -> Iterator[np.ndarray]:
+    """Global batches (shuffled when ``rng`` is given), each split across ranks."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) < dist.world:
+            return
+        yield batch[dist.rank :: dist.world]
+
+
+class TensorSource:
+    """Cached features (or any in-memory tensors) with labels."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
+        for index in _batch_indices(len(self), batch_size, rng, dist):
+            yield self.x[index], self.y[index]
+
+
+class ImageSource:
+    """Images decoded on the fly; augmented when ``train`` (random draws from the epoch's rng)."""
+
+    def __init__(
+        self, samples: Sequence[Sample], labels: np.ndarray, config: PreprocessConfig, *, train: bool
+    ):
+        self.samples, self.labels, self.config, self.train = list(samples), labels, config, train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
+        for index in _batch_indices(len(self), batch_size, rng, dist):
+            arrays = []
+            for i in index:
+                image = load_image(self.samples[i].path)
+                if self.train and rng is not None:
+                    image = augment(image, rng)
+                arrays.append(preprocess(image, self.config))
+            yield torch.from_numpy(np.stack(arrays)), torch.from_numpy(self.labels[index])
+
+
+# --- loop --------------------------------------------------------------------------------------
+
+
+def _metrics(prefix: str, loss: float, labels: list[np.ndarray], probs: list[np.ndarray], names) -> dict:
+    m = classification_metrics(np.concatenate(labels), np.concatenate(probs), names, split=prefix)
+    keys = ("accuracy", "precision", "recall", "f1", "roc_auc")
+    return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": float(m[k]) for k in keys}}
+
+
+def train_one_epoch(model, source, optimizer, *, batch_size, rng, dist, device, class_names) -> dict:
+    """One pass over the training data; returns train loss and metrics."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total, count, labels, probs = 0.0, 0, [], []
+    bar = tqdm(total=len(source) // dist.world, desc="train", unit="ex", leave=False, disable=not dist.main)
+    for x, y in source.batches(batch_size, rng=rng, dist=dist):
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+        labels.append(y.cpu().numpy())
+        probs.append(torch.softmax(logits.detach(), 1).cpu().numpy())
+        bar.update(len(y))
+    bar.close()
+    return _metrics("train", total / max(count, 1), labels, probs, class_names)
+
+
+@torch.inference_mode()
+def validate(model, source, *, batch_size, device, class_names) -> dict:
+    """Loss and metrics on the validation data (every rank sees all of it)."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total, labels, probs = 0.0, [], []
+    for x, y in source.batches(batch_size, rng=None, dist=Dist()):
+        logits = model(x.to(device))
+        total += float(loss_fn(logits, y.to(device)))
+        labels.append(y.numpy())
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+    return _metrics("val", total / max(len(source), 1), labels, probs, class_names)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def fit(
+    model: nn.Module,
+    train_source,
+    val_source,
+    *,
+    settings: Settings,
+    run_dir: Path,
+    fingerprint: str,
+    dist: Dist,
+    device: torch.device,
+    tracker: Tracker | None = None,
+    resume: bool = False,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Train with AdamW, cosine LR, early stopping on validation loss; checkpoint every epoch.
+
+    Returns the model with its best (lowest validation loss) weights, and the per-epoch history.
+    """
+    model.to(device)
+    wrapped = model
+    if dist.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    history: list[dict[str, float]] = []
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_loss, bad_epochs, start = float("inf"), 0, 1
+    checkpoint = run_dir / CHECKPOINT
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise CatsdogsError(
+                f"{checkpoint} was made with other settings; train without --resume to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        best_state, best_loss, bad_epochs = state["best_model"], state["best_val_loss"], state["bad_epochs"]
+        history, start = state["history"], state["epoch"] + 1
+        logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    names = settings.classes
+    for epoch in range(start, settings.epochs + 1):
+        if bad_epochs >= settings.early_stopping_patience:
+            break
+        torch.manual_seed(settings.seed * 100_003 + epoch)  # dropout: same draws when resumed
+        rng = _epoch_rng(settings.seed, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, "lr": lr}
+        row |= train_one_epoch(
+            wrapped,
+            train_source,
+            optimizer,
+            batch_size=settings.batch_size,
+            rng=rng,
+            dist=dist,
+            device=device,
+            class_names=names,
+        )
+        row |= validate(
+            model, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names
+        )
+        scheduler.step()
+        if row["val_loss"] < best_loss - 1e-6:
+            best_loss, bad_epochs = row["val_loss"], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        history.append(row)
+        if dist.main:
+            logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+            if tracker is not None:
+                tracker.log_epoch(epoch, {k: float(v) for k, v in row.items() if k != "epoch"})
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "epoch": epoch,
+                    "fingerprint": fingerprint,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_model": best_state,
+                    "best_val_loss": best_loss,
+                    "bad_epochs": bad_epochs,
+                    "history": history,
+                },
+            )
+        dist.barrier()
+    model.load_state_dict(best_state)
+    return model.eval(), history

