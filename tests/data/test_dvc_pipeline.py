@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -44,36 +45,46 @@ def project(tmp_path: Path, real_photos) -> Path:
 
 
 def test_dvc_repro_tracks_data_and_push_pull_round_trip_offline(project: Path) -> None:
-    _run("dvc", "repro", cwd=project)
+    _run("dvc", "repro", "ingest", cwd=project)
     manifest = (project / "data" / "manifest.csv").read_bytes()
     assert manifest.count(b"\n") == 41
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert {out["path"] for out in lock["stages"]["ingest"]["outs"]} >= {"data/images", "data/manifest.csv"}
-    assert "Stage 'ingest' didn't change, skipping" in _run("dvc", "repro", cwd=project)
+    assert "Stage 'ingest' didn't change, skipping" in _run("dvc", "repro", "ingest", cwd=project)
     git_status = _run("git", "status", "--porcelain", "--untracked-files=all", cwd=project)
     assert "data/" not in git_status  # DVC tracks data/, git does not
     assert "dvc.lock" in git_status
 
-    _run("dvc", "push", cwd=project)
+    _run("dvc", "push", "ingest", cwd=project)
     assert (project / "dvc-remote" / "files" / "md5").is_dir()
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
-    _run("dvc", "pull", cwd=project)
+    _run("dvc", "pull", "ingest", cwd=project)
     assert (project / "data" / "manifest.csv").read_bytes() == manifest
     assert len(list((project / "data" / "images").rglob("*.jpg"))) == 40
-    assert "Data and pipelines are up to date" in _run("dvc", "status", cwd=project)
+    assert "Data and pipelines are up to date" in _run("dvc", "status", "ingest", cwd=project)
 
 
 def test_changing_a_parameter_reruns_the_stage(project: Path) -> None:
-    _run("dvc", "repro", cwd=project)
+    _run("dvc", "repro", "ingest", cwd=project)
     before = (project / "data" / "manifest.csv").read_text()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["seed"] = 7
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert "ingest" in _run("dvc", "status", cwd=project)
-    _run("dvc", "repro", cwd=project)
+    _run("dvc", "repro", "ingest", cwd=project)
     after = (project / "data" / "manifest.csv").read_text()
     assert sorted(before.splitlines()[1:]) != sorted(after.splitlines()[1:])
     assert [line.split(",")[2] for line in before.splitlines()] == [
         line.split(",")[2] for line in after.splitlines()
     ]
+
+
+def test_the_pipeline_runs_ingest_then_train_then_evaluate(project: Path) -> None:
+    """Every stage's parameters exist in params.yaml and the stages chain through their outputs."""
+    dag = _run("dvc", "dag", "--md", cwd=project)
+    nodes = dict(re.findall(r'(node\d+)\["(\w+)"\]', dag))
+    edges = {(nodes[a], nodes[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", dag)}
+    assert {("ingest", "train"), ("train", "evaluate"), ("ingest", "evaluate")} <= edges
+    status = _run("dvc", "status", cwd=project)  # parses dvc.yaml and resolves every params entry
+    assert "train" in status and "evaluate" in status
