@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from catsdogs.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
-DATASET_ZIP = REPO.parent / "shared" / "datasets" / "dogs-vs-cats" / "train.zip"
-
-
-def require_tool(name: str) -> str:
-    """Path of an external tool; a missing tool fails in CI (where .ci/run installs it), skips elsewhere."""
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is not installed; .ci/run must install it")
-    pytest.skip(f"{name} is not installed here (CI installs it)")
+from support import DATASET_ZIP, require_tool  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
+from support import free_port  # noqa: F401
 
 IMAGE_SIZE = 64
 WEIGHTS_A = np.array([[4.0, -4.0], [-2.0, 2.0], [-3.0, 3.0]], dtype=np.float32)
@@ -119,12 +119,6 @@ def jpeg_bytes(image: Image.Image, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", **options)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ready(client: Any, timeout: float = 20.0) -> None:

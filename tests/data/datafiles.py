@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import struct
 import zipfile
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from catsdogs.settings import Settings
+from support import require_tool  # noqa: F401
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -93,14 +93,3 @@ def read_manifest(settings: Settings) -> list[dict[str, str]]:
 
     with settings.manifest_path.open(newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def require_tool(name: str) -> str:
-    """``tests/conftest.py::require_tool`` (loaded by path: every test folder's conftest is "conftest")."""
-    spec = importlib.util.spec_from_file_location(
-        "_catsdogs_root_conftest", Path(__file__).parents[1] / "conftest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.require_tool(name)

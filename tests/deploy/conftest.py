@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,11 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, require_tool
+from support import (
+    REPO,
+    free_port,
+    require_tool,
+)
 
 TOOLS = REPO / ".tools"
 CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
@@ -69,12 +72,6 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
         timeout=timeout,
         check=check,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, *, timeout_s: float, alive: Callable[[], bool] | None = None) -> httpx.Response:

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from PIL import Image
 import catsdogs
 from catsdogs.monitor import build_reference, image_stats
 from catsdogs.preprocessing import PreprocessConfig
+from support import free_port, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -100,25 +100,7 @@ def architecture_metrics() -> dict[str, str]:
     return {name: kind.split()[0] for name, kind in rows}
 
 
-def _root_conftest_require_tool() -> Callable[[str], str]:
-    # Loaded by path: `from conftest import ...` depends on which conftest pytest imported last.
-    spec = importlib.util.spec_from_file_location("_catsdogs_root_conftest", REPO / "tests" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.require_tool
-
-
-require_tool = _root_conftest_require_tool()
-
-
 # --- real servers on loopback ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(check: Callable[[], bool], *, timeout_s: float, what: str, log: Path | None = None) -> None:

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ from registry_fakes import hashes, write_manifest
 
 from catsdogs.registry import CHALLENGER, MlflowTracker, download_bundle, promote
 from catsdogs.settings import Settings
+from support import free_port
 
 CHAMPION_URI = "models:/catsdogs-classifier@champion"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -48,7 +42,7 @@ def mlflow_server(tmp_path: Path, _migrated_db: Path) -> Iterator[tuple[str, sub
     store = tmp_path / "server"
     store.mkdir()
     shutil.copy(_migrated_db, store / "mlflow.db")
-    port = _free_port()
+    port = free_port()
     command = [
         *(sys.executable, "-m", "mlflow", "server"),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
