@@ -40,8 +40,11 @@ train: ## Train with params.yaml and register the model.
 serve: ## Serve the champion model on 127.0.0.1:8000.
 	$(BIN)/catsdogs serve
 
-bench: ## Run the benchmarks (minutes; results under benchmarks/results/).
-	$(PY) benchmarks/run_all.py
+BUNDLE ?= runs/efficientnet_lite2-head/bundle
+
+bench: ## Full-size benchmarks (minutes): ingest → train → evaluate from nothing, then serving BUNDLE.
+	$(PY) benchmarks/bench_pipeline.py --source $(SOURCE)
+	$(PY) benchmarks/bench_serve.py --bundle $(BUNDLE)
 
 check-monitoring: ## Check the Prometheus rules and config, run the rules' unit tests, check Alertmanager's config.
 	promtool check rules deploy/prometheus/rules/*.yml

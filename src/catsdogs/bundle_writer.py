@@ -8,10 +8,8 @@ Runtime: exactly what serving runs.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,13 @@ from torch import nn
 
 from catsdogs import __version__
 from catsdogs import bundle as bundle_files
+from catsdogs.data.download import file_sha256
 from catsdogs.evaluate import LabeledImage, evaluate_session, write_predictions_csv
 from catsdogs.export import export_verified
 from catsdogs.features import Sample, image_batches, ort_session
 from catsdogs.model import BACKBONES, ModelSpec
 from catsdogs.preprocessing import PreprocessConfig, decode_image
+from catsdogs.registry.lineage import git_commit
 from catsdogs.reports import (
     model_card,
     plot_confusion_matrix,
@@ -39,28 +39,6 @@ from catsdogs.settings import Settings
 logger = logging.getLogger(__name__)
 
 SIMPLE_CNN_LICENCE = "Apache-2.0 (trained from scratch by catsdogs)"
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-            cwd=Path(__file__).resolve().parent,  # the source tree, whatever the working directory
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pick_samples(test: Sequence[Sample], class_names: Sequence[str], *, per_class: int) -> list[Sample]:
@@ -131,7 +109,7 @@ def write_bundle(
         "class_names": list(config.class_names),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "package_version": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(cwd=Path(__file__).resolve().parent),  # the source tree's
         "data_version": file_sha256(manifest) if manifest.is_file() else None,
         "run_id": None,
         "onnx": parity.to_dict(),

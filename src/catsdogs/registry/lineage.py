@@ -13,14 +13,6 @@ import yaml
 _logger = logging.getLogger(__name__)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def split_fingerprint(manifest_path: Path) -> str | None:
     """SHA-256 of the sorted content hashes of the manifest's test images.
 

@@ -22,6 +22,7 @@ from mlflow.tracking._tracking_service import utils as _tracking_utils
 
 from catsdogs import CatsdogsError, __version__
 from catsdogs.bundle import METADATA, find_bundle, write_json_atomic
+from catsdogs.data.download import file_sha256
 from catsdogs.registry.client import (
     BUNDLE_ARTIFACT,
     CHALLENGER,
@@ -32,7 +33,7 @@ from catsdogs.registry.client import (
     move_alias,
     registry_uri,
 )
-from catsdogs.registry.lineage import dvc_data_version, file_sha256, git_commit, split_fingerprint
+from catsdogs.registry.lineage import dvc_data_version, git_commit, split_fingerprint
 from catsdogs.settings import Settings
 
 _logger = logging.getLogger(__name__)
