@@ -260,15 +260,18 @@ def evaluate_deployed(
 
 
 def log_to_mlflow(result: DeployedEvaluation, settings: Settings, *, data_source: str) -> str:
-    """Log the evaluation as an MLflow run tagged with the model version; returns the run id."""
-    import mlflow
+    """Log the evaluation as an MLflow run tagged with the model version; returns the run id.
 
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
+    Goes through an explicit client, never MLflow's process-wide tracking URI.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(settings.mlflow_experiment)
     experiment_id = (
         experiment.experiment_id
         if experiment is not None
-        else mlflow.create_experiment(
+        else client.create_experiment(
             settings.mlflow_experiment, artifact_location=settings.mlflow_artifact_location
         )
     )
@@ -291,8 +294,14 @@ def log_to_mlflow(result: DeployedEvaluation, settings: Settings, *, data_source
         "service_url": result.url,
         "data_source": data_source,
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate-deployed", tags=tags) as run:
-        mlflow.log_metrics(values)
-        mlflow.log_dict(result.as_dict() | {"run_id": run.info.run_id}, "evaluate_deployed.json")
-        result.run_id = run.info.run_id
+    run_id = client.create_run(experiment_id, run_name="evaluate-deployed", tags=tags).info.run_id
+    try:
+        for name, value in values.items():
+            client.log_metric(run_id, name, float(value))
+        result.run_id = run_id
+        client.log_dict(run_id, result.as_dict() | {"run_id": run_id}, "evaluate_deployed.json")
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
     return result.run_id

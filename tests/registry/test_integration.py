@@ -125,6 +125,8 @@ def test_the_default_sqlite_store_needs_no_server(
     _migrated_db: Path,
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CATSDOGS_MLFLOW_TRACKING_URI", raising=False)  # the real default, not the tests'
+    monkeypatch.delenv("CATSDOGS_MLFLOW_ARTIFACT_LOCATION", raising=False)
     shutil.copy(_migrated_db, tmp_path / "mlruns.db")  # the migrated schema; the URI stays the default
     settings = Settings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
     assert settings.mlflow_tracking_uri == "sqlite:///mlruns.db"

@@ -18,9 +18,10 @@ from mlflow import MlflowClient
 from registry_fakes import build_bundle, hashes, metrics_payload, write_manifest, write_plots
 
 from catsdogs import CatsdogsError, __version__
+from catsdogs.data.download import file_sha256
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch, softmax
 from catsdogs.registry import CHALLENGER, MlflowTracker, alias_log, flatten_metrics
-from catsdogs.registry.lineage import dvc_data_version, file_sha256, split_fingerprint
+from catsdogs.registry.lineage import dvc_data_version, split_fingerprint
 from catsdogs.settings import Settings
 
 EPOCH_METRICS = [
