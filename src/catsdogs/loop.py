@@ -95,10 +95,11 @@ def _batch_indices(
 
 
 class TensorSource:
-    """Cached features (or any in-memory tensors) with labels."""
+    """Cached features (or any in-memory tensors) with labels; float16 storage is batched as float32."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        floating = x.dtype if x.dtype in (np.float16, np.float32) else np.float32
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=floating))
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     def __len__(self) -> int:
@@ -106,7 +107,7 @@ class TensorSource:
 
     def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
         for index in _batch_indices(len(self), batch_size, rng, dist):
-            yield self.x[index], self.y[index]
+            yield self.x[index].float(), self.y[index]
 
 
 class ImageSource:
@@ -195,8 +196,12 @@ def fit(
     device: torch.device,
     tracker: Tracker | None = None,
     resume: bool = False,
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train with AdamW, cosine LR, early stopping on validation loss; checkpoint every epoch.
+
+    ``param_groups`` (AdamW's, e.g. a lower learning rate for pretrained blocks) default to every
+    parameter that requires a gradient.
 
     Returns the model with its best (lowest validation loss) weights, and the per-epoch history.
     """
@@ -206,9 +211,8 @@ def fit(
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    groups = param_groups or [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     history: list[dict[str, float]] = []
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

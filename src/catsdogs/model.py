@@ -132,6 +132,41 @@ class LiteFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.net._blocks)
+
+    def trunk(self, x: torch.Tensor, *, stop: int) -> torch.Tensor:
+        """Stem and blocks ``[0, stop)``: the frozen lower part whose activations fine-tuning caches."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for index in range(stop):
+            x = self._block(index, x)
+        return x
+
+    def top(self, x: torch.Tensor, *, start: int) -> torch.Tensor:
+        """Blocks ``[start, end)``, the head convolution and pooling: ``top(trunk(x, k), k) == self(x)``."""
+        net = self.net
+        for index in range(start, self.num_blocks):
+            x = self._block(index, x)
+        return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
+
+    def _block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        # Stochastic depth as in the library's extract_features (only active in training mode).
+        rate = (self.net._global_params.drop_connect_rate or 0.0) * index / self.num_blocks
+        return self.net._blocks[index](x, drop_connect_rate=rate)
+
+
+class LiteTrunk(nn.Module):
+    """The frozen lower part as a module of its own (exported to ONNX to extract activations)."""
+
+    def __init__(self, features: LiteFeatures, *, stop: int) -> None:
+        super().__init__()
+        self.features, self.stop = features, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features.trunk(x, stop=self.stop)
+
 
 def build_head(
     kind: HeadKind, *, in_features: int, num_classes: int, hidden: int, dropout: float
@@ -160,6 +195,49 @@ class TransferClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+class FinetuneTop(nn.Module):
+    """The trainable part of a fine-tuned :class:`TransferClassifier`: its last ``blocks`` backbone
+    blocks, the head convolution and the classifier, fed with cached trunk activations.
+
+    It shares its parameters with ``model``, so training it trains the full model in place. The
+    trunk is frozen; batch-norm layers keep their ImageNet statistics (only their affine
+    parameters learn), which is stable with CPU-sized batches.
+    """
+
+    def __init__(self, model: TransferClassifier, *, blocks: int) -> None:
+        super().__init__()
+        backbone = model.backbone
+        if not 0 <= blocks <= backbone.num_blocks:
+            raise CatsdogsError(f"finetune_blocks must be between 0 and {backbone.num_blocks}, not {blocks}")
+        self.model, self.start = model, backbone.num_blocks - blocks
+        trainable = {id(p) for p in self.top_parameters()} | {id(p) for p in model.head.parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in trainable)
+
+    def top_parameters(self) -> list[nn.Parameter]:
+        """The backbone parameters that fine-tuning unfreezes."""
+        net = self.model.backbone.net
+        modules = [*net._blocks[self.start :], net._conv_head, net._bn1]
+        return [p for module in modules for p in module.parameters()]
+
+    def param_groups(self, lr: float, *, backbone_lr_scale: float) -> list[dict]:
+        """The head learns at ``lr``; the pretrained blocks at a fraction of it."""
+        return [
+            {"params": list(self.model.head.parameters()), "lr": lr},
+            {"params": self.top_parameters(), "lr": lr * backbone_lr_scale},
+        ]
+
+    def train(self, mode: bool = True) -> FinetuneTop:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.backbone.top(activations, start=self.start))
 
 
 class SimpleCNN(nn.Module):

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     """Also train the head on the mirror image of every training image (a cached, fixed view).
     Off by default: on the validation split it gained nothing for Lite2 (98.80% either way,
     benchmarks/results/head_selection.json) and doubles the feature extraction time."""
+    finetune_blocks: int = 1
+    """``finetune``: how many of the backbone's last blocks are trained (with its head convolution)."""
+    finetune_views: tuple[Literal["orig", "flip", "crop", "crop_flip"], ...] = ("orig", "flip")
+    """``finetune``: the fixed views of each training image whose trunk activations are cached."""
+    finetune_backbone_lr_scale: float = 0.1
+    """``finetune``: the unfrozen blocks learn at this fraction of ``learning_rate`` (the head at all of
+    it), so the pretrained weights move gently while the new head settles."""
     run_name: str | None = None
     """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
     bundle_samples_per_class: int = 4

@@ -3,7 +3,15 @@
 Strategies:
 - ``head``: frozen pretrained backbone. Features of every image (and its mirror image) are
   extracted once through ONNX Runtime and cached on disk; only the head is trained on them.
+- ``finetune``: the last ``finetune_blocks`` backbone blocks, the head convolution and the head
+  are trained. The activations below them are extracted once through ONNX Runtime for a few
+  fixed views of each training image (``finetune_views``: the image, its mirror image, a central
+  crop and its mirror) and cached on disk, so an epoch costs only the top of the network.
+  Augmentation comes from those views, stochastic depth in the unfrozen blocks and dropout;
+  random crops, colour jitter and rotations cannot be cached and are not used here.
 - ``scratch``: the ``simple_cnn`` baseline, trained on augmented images.
+
+Profiles: ``default`` uses the settings as given; ``best`` is :data:`BEST_PROFILE` on top of them.
 
 The loop itself (checkpoints, exact resume, early stopping, DDP) is in :mod:`catsdogs.loop`.
 """
@@ -24,9 +32,17 @@ import torch
 
 from catsdogs import CatsdogsError
 from catsdogs.bundle import write_json_atomic
-from catsdogs.features import FeatureCache, Sample, read_manifest, split_samples
+from catsdogs.features import FeatureCache, Sample, View, read_manifest, split_samples
 from catsdogs.loop import CHECKPOINT, Dist, ImageSource, TensorSource, Tracker, fit, init_distributed
-from catsdogs.model import BACKBONES, LiteFeatures, ModelSpec, build_model, select_device
+from catsdogs.model import (
+    BACKBONES,
+    FinetuneTop,
+    LiteFeatures,
+    LiteTrunk,
+    ModelSpec,
+    build_model,
+    select_device,
+)
 from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.settings import Settings
 
@@ -55,15 +71,25 @@ def backbone_id(architecture: str, image_size: int) -> str:
     return f"{BACKBONES[architecture].weights_path().stem}-{image_size}"
 
 
-def feature_extractor(architecture: str, config: PreprocessConfig, cache_dir: Path):
-    """The frozen backbone as an ONNX Runtime function (exported once into the cache)."""
+def extractor_id(architecture: str, image_size: int, *, stop: int | None = None) -> str:
+    """Names what is cached: pooled features of the whole backbone, or the activations of its
+    trunk up to block ``stop`` (fine-tuning)."""
+    base = backbone_id(architecture, image_size)
+    return base if stop is None else f"{base}-trunk{stop}"
+
+
+def feature_extractor(
+    architecture: str, config: PreprocessConfig, cache_dir: Path, *, stop: int | None = None
+):
+    """The frozen backbone (or its trunk) as an ONNX Runtime function, exported once into the cache."""
     from catsdogs.export import export_onnx
     from catsdogs.features import ort_session
 
-    path = cache_dir / "backbones" / f"{backbone_id(architecture, config.image_size)}.onnx"
+    path = cache_dir / "backbones" / f"{extractor_id(architecture, config.image_size, stop=stop)}.onnx"
     if not path.is_file():
         backbone = LiteFeatures(architecture, image_size=config.image_size)
-        export_onnx(backbone, path, image_size=config.image_size, output_name="features")
+        module = backbone if stop is None else LiteTrunk(backbone, stop=stop)
+        export_onnx(module, path, image_size=config.image_size, output_name="features")
     session = ort_session(path)
     return lambda batch: session.run(None, {"input": batch})[0]
 
@@ -78,12 +104,33 @@ def _labels(samples: Sequence[Sample], classes: Sequence[str]) -> np.ndarray:
 
 def head_sources(settings: Settings, config: PreprocessConfig, train_s, val_s, dist: Dist):
     """Cached backbone features: train images and (optionally) their mirror images; val as is."""
+    views: tuple[View, ...] = ("orig", "flip") if settings.flip_features else ("orig",)
+    return cached_sources(settings, config, train_s, val_s, dist, views=views)
+
+
+def cached_sources(
+    settings: Settings,
+    config: PreprocessConfig,
+    train_s: Sequence[Sample],
+    val_s: Sequence[Sample],
+    dist: Dist,
+    *,
+    views: Sequence[View],
+    stop: int | None = None,
+) -> tuple[TensorSource, TensorSource]:
+    """Training rows for every view of every training image, and the validation images as they are.
+
+    ``stop=None`` caches pooled backbone features (float32); otherwise the trunk's spatial
+    activations up to block ``stop`` (float16: a 9x9x208 map per view for Lite2).
+    """
     cache = FeatureCache(
-        settings.cache_dir, backbone_id=backbone_id(settings.architecture, config.image_size), config=config
+        settings.cache_dir,
+        backbone_id=extractor_id(settings.architecture, config.image_size, stop=stop),
+        config=config,
+        dtype=np.float32 if stop is None else np.float16,
     )
-    views = ("orig", "flip") if settings.flip_features else ("orig",)
     if dist.main:  # one process extracts; the others read the cache
-        extract = feature_extractor(settings.architecture, config, settings.cache_dir)
+        extract = feature_extractor(settings.architecture, config, settings.cache_dir, stop=stop)
         for view in views:
             cache.features(train_s, view=view, extract=extract)
         cache.features(val_s, view="orig", extract=extract)
@@ -101,20 +148,37 @@ def _refuse_extract(batch: np.ndarray) -> np.ndarray:
     raise RuntimeError("features missing from the cache after extraction")
 
 
+#: ``--profile best``: what it sets on top of the other settings (chosen on the validation split;
+#: README "Results").
+BEST_PROFILE: dict[str, Any] = {
+    "strategy": "finetune",
+    "finetune_blocks": 2,
+    "finetune_views": ("orig", "flip", "crop", "crop_flip"),
+}
+
+
+def apply_profile(settings: Settings) -> Settings:
+    """The settings a run actually uses: the ``best`` profile overrides its fields."""
+    if settings.profile == "best":
+        return settings.model_copy(update=BEST_PROFILE)
+    return settings
+
+
 def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
     """The model to build and the effective strategy; refuses combinations that are not implemented."""
     from catsdogs.model import check_architecture, native_image_size
 
+    settings = apply_profile(settings)
     arch = check_architecture(settings.architecture)
-    strategy = "finetune" if settings.profile == "best" else settings.strategy
+    strategy = settings.strategy
     if arch == "simple_cnn":
+        if settings.profile == "best":
+            raise CatsdogsError(
+                "--profile best fine-tunes a pretrained backbone: choose an efficientnet_lite model"
+            )
         strategy = "scratch"
     elif strategy == "scratch":
         raise CatsdogsError(f"{arch} is pretrained: use --strategy head (or --model simple_cnn for scratch)")
-    if strategy == "finetune":
-        raise CatsdogsError(
-            "the finetune strategy (and --profile best) is not implemented yet; use --strategy head"
-        )
     spec = ModelSpec(
         architecture=arch,
         image_size=settings.image_size or native_image_size(arch),
@@ -140,7 +204,10 @@ def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str
         "profile", "batch_size", "epochs", "learning_rate", "weight_decay", "early_stopping_patience",
         "seed", "max_train_images", "max_eval_images", "flip_features",
     )  # fmt: skip
-    return {**spec.to_dict(), "strategy": strategy, **{k: getattr(settings, k) for k in keys}}
+    if strategy == "finetune":
+        keys += ("finetune_blocks", "finetune_views", "finetune_backbone_lr_scale")
+    params = {**spec.to_dict(), "strategy": strategy, **{k: getattr(settings, k) for k in keys}}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
 
 
 def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = False) -> TrainResult:
@@ -148,6 +215,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     from catsdogs.bundle_writer import write_bundle
 
     started = time.perf_counter()
+    settings = apply_profile(settings)
     spec, strategy = resolve_spec(settings)
     device = select_device(settings.device)
     dist = init_distributed(device)
@@ -174,17 +242,27 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     if not train_s or not val_s or not test_s:
         raise CatsdogsError("the manifest needs train, val and test images: re-run `catsdogs data ingest`")
 
+    groups = None
     if strategy == "head":
         train_src, val_src = head_sources(settings, config, train_s, val_s, dist)
         full = build_model(spec)
         trainable = full.head
+    elif strategy == "finetune":
+        full = build_model(spec)
+        trainable = FinetuneTop(full, blocks=settings.finetune_blocks)
+        train_src, val_src = cached_sources(
+            settings, config, train_s, val_s, dist, views=settings.finetune_views, stop=trainable.start
+        )
+        groups = trainable.param_groups(
+            settings.learning_rate, backbone_lr_scale=settings.finetune_backbone_lr_scale
+        )
     else:
         train_src = ImageSource(train_s, _labels(train_s, settings.classes), config, train=True)
         val_src = ImageSource(val_s, _labels(val_s, settings.classes), config, train=False)
         full = trainable = build_model(spec, pretrained=False)
     trainable, history = fit(
         trainable, train_src, val_src, settings=settings, run_dir=run_dir, fingerprint=fingerprint,
-        dist=dist, device=device, tracker=tracker, resume=resume,
+        dist=dist, device=device, tracker=tracker, resume=resume, param_groups=groups,
     )  # fmt: skip
     full = full.cpu().eval()
     train_seconds = time.perf_counter() - started

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from catsdogs import CatsdogsError
-from catsdogs.features import FeatureCache, Sample, read_manifest, split_samples
+from catsdogs.features import FeatureCache, Sample, read_manifest, split_samples, view_image
 from catsdogs.preprocessing import PreprocessConfig
 
 
@@ -58,6 +58,34 @@ def test_the_mirror_view_is_a_different_cache_entry(tmp_path: Path) -> None:
     orig = cache.features(sample, view="orig", extract=extract, progress=False)
     flip = cache.features(sample, view="flip", extract=extract, progress=False)
     assert orig[0, 0] > 0.9 and flip[0, 0] < -0.9
+
+
+def test_crop_views_zoom_into_the_centre_and_can_be_mirrored() -> None:
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 100, 100))  # white left half
+    crop = view_image(image, "crop")
+    assert crop.size == (175, 88)
+    assert crop.getpixel((0, 44)) == (255, 255, 255) and crop.getpixel((174, 44)) == (0, 0, 0)
+    assert list(view_image(image, "crop_flip").getdata()) == list(ImageOps.mirror(crop).getdata())
+    assert view_image(image, "orig") is image
+
+
+def test_an_unknown_view_is_refused() -> None:
+    with pytest.raises(CatsdogsError, match="unknown view"):
+        view_image(Image.new("RGB", (8, 8)), "rotate")  # type: ignore[arg-type]
+
+
+def test_a_float16_cache_stores_and_returns_half_precision(tmp_path: Path) -> None:
+    samples = _samples(tmp_path, 3)
+
+    def half_cache() -> FeatureCache:
+        config = PreprocessConfig(image_size=32)
+        return FeatureCache(tmp_path / "cache", backbone_id="b", config=config, dtype=np.float16)
+
+    computed = half_cache().features(samples, view="orig", extract=CountingExtractor(), progress=False)
+    reread = half_cache().features(samples, view="orig", extract=None, progress=False)
+    assert computed.dtype == reread.dtype == np.float16
+    np.testing.assert_array_equal(computed, reread)
 
 
 def test_changing_preprocessing_or_backbone_changes_the_cache_key(tmp_path: Path) -> None:

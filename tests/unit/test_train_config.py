@@ -6,7 +6,7 @@ import pytest
 
 from catsdogs import CatsdogsError
 from catsdogs.settings import Settings
-from catsdogs.train import preprocess_config_for, resolve_spec
+from catsdogs.train import BEST_PROFILE, apply_profile, preprocess_config_for, resolve_spec
 
 
 def test_the_default_is_a_frozen_lite2_with_a_linear_head_at_its_native_size() -> None:
@@ -34,9 +34,20 @@ def test_an_unknown_architecture_lists_the_choices() -> None:
         resolve_spec(Settings(architecture="resnet50"))
 
 
-def test_the_best_profile_says_it_is_not_implemented_yet() -> None:
-    with pytest.raises(CatsdogsError, match="not implemented yet"):
-        resolve_spec(Settings(profile="best"))
+def test_the_best_profile_fine_tunes_with_its_own_settings() -> None:
+    settings = apply_profile(Settings(profile="best", strategy="head", finetune_blocks=0))
+    assert {key: getattr(settings, key) for key in BEST_PROFILE} == BEST_PROFILE
+    assert resolve_spec(Settings(profile="best"))[1] == "finetune"
+
+
+def test_the_default_profile_leaves_the_settings_alone() -> None:
+    settings = Settings(strategy="finetune", finetune_blocks=3)
+    assert apply_profile(settings) == settings
+
+
+def test_the_best_profile_refuses_the_from_scratch_baseline() -> None:
+    with pytest.raises(CatsdogsError, match="pretrained backbone"):
+        resolve_spec(Settings(architecture="simple_cnn", profile="best"))
 
 
 def test_preprocessing_follows_the_architecture_and_the_size_override() -> None:

@@ -1,0 +1,130 @@
+"""Fine-tuning the last blocks on cached trunk activations: the split of the backbone is exact,
+only the top learns, and the result is an ordinary bundle whose ONNX graph matches PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from catsdogs.bundle import ModelBundle
+from catsdogs.model import FinetuneTop, LiteFeatures, ModelSpec, build_model, load_model
+from catsdogs.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lite0() -> LiteFeatures:
+    return LiteFeatures("efficientnet_lite0", image_size=224).eval()
+
+
+@pytest.mark.parametrize("stop", [0, 10, 15, 16])
+def test_top_of_trunk_equals_the_whole_backbone(lite0: LiteFeatures, stop: int) -> None:
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            lite0.top(lite0.trunk(x, stop=stop), start=stop).numpy(), lite0(x).numpy(), atol=1e-5
+        )
+
+
+def test_only_the_last_blocks_the_head_conv_and_the_head_require_gradients() -> None:
+    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    top = FinetuneTop(model, blocks=2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    allowed = ("head.", "backbone.net._blocks.14.", "backbone.net._blocks.15.",
+               "backbone.net._conv_head.", "backbone.net._bn1.")  # fmt: skip
+    assert trainable and all(name.startswith(allowed) for name in trainable)
+    assert any(name.startswith("backbone.net._blocks.14.") for name in trainable)
+    assert top.start == 14
+
+
+def test_training_steps_leave_batch_norm_statistics_and_the_trunk_untouched() -> None:
+    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    top = FinetuneTop(model, blocks=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = top.param_groups(1e-2, backbone_lr_scale=0.1)
+    optimizer = torch.optim.AdamW(groups)
+    top.train()
+    with torch.no_grad():
+        activations = model.backbone.trunk(torch.randn(4, 3, 224, 224), stop=top.start)
+    for _ in range(2):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(top(activations), torch.tensor([0, 1, 0, 1])).backward()
+        optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "head.1.weight" in changed and "backbone.net._conv_head.weight" in changed
+    assert not any("running_" in k for k in changed)
+    assert not any(k.startswith("backbone.net._blocks.") and not k.startswith("backbone.net._blocks.15.")
+                   for k in changed)  # fmt: skip
+    assert [g["lr"] for g in groups] == [1e-2, 1e-3]
+
+
+def test_more_blocks_than_the_backbone_has_are_refused() -> None:
+    from catsdogs import CatsdogsError
+
+    with pytest.raises(CatsdogsError, match="finetune_blocks must be between 0 and 16"):
+        FinetuneTop(build_model(ModelSpec("efficientnet_lite0", 224)), blocks=17)
+
+
+@pytest.fixture(scope="module")
+def finetune_run(isolated_env, small_data_dir, session_cache, tmp_path_factory):
+    from catsdogs.train import train
+
+    settings = Settings(
+        architecture="efficientnet_lite0",
+        strategy="finetune",
+        finetune_blocks=1,
+        finetune_views=("orig", "crop_flip"),
+        data_dir=small_data_dir,
+        runs_dir=tmp_path_factory.mktemp("runs"),
+        cache_dir=session_cache,
+        epochs=2,
+        batch_size=32,
+    )
+    return train(settings), settings
+
+
+def test_fine_tuning_learns_and_writes_a_bundle_whose_onnx_matches(finetune_run) -> None:
+    result, _ = finetune_run
+    assert result.params["strategy"] == "finetune" and result.params["finetune_blocks"] == 1
+    assert result.params["finetune_views"] == ["orig", "crop_flip"]
+    assert result.history[-1]["val_accuracy"] >= 0.9
+    assert result.test_metrics["accuracy"] >= 0.9
+    bundle = ModelBundle.open(result.bundle_dir)
+    assert bundle.metadata["strategy"] == "finetune" and bundle.metadata["onnx"]["passed"]
+    model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    pretrained = LiteFeatures("efficientnet_lite0", image_size=224)
+    trained = model.backbone.net
+    assert torch.equal(
+        trained._blocks[0]._depthwise_conv.weight, pretrained.net._blocks[0]._depthwise_conv.weight
+    )
+    assert not torch.equal(
+        trained._blocks[15]._project_conv.weight, pretrained.net._blocks[15]._project_conv.weight
+    )
+
+
+def test_a_second_run_reads_the_trunk_activations_from_the_cache(finetune_run, monkeypatch) -> None:
+    from catsdogs import train as train_module
+    from catsdogs.features import read_manifest, split_samples
+
+    _, settings = finetune_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("activations should come from the cache")
+
+    monkeypatch.setattr(train_module, "feature_extractor", lambda *a, **k: refuse)
+    samples = read_manifest(settings.data_dir)
+    train_src, val_src = train_module.cached_sources(
+        settings,
+        train_module.preprocess_config_for(settings),
+        split_samples(samples, "train"),
+        split_samples(samples, "val"),
+        train_module.Dist(),
+        views=settings.finetune_views,
+        stop=15,
+    )
+    x, _ = next(train_src.batches(4, rng=None, dist=train_module.Dist()))
+    assert len(train_src) == 2 * 160 and len(val_src) == 40
+    assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (192, 7, 7)  # block 15's input
