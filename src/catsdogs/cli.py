@@ -201,8 +201,18 @@ def train_command(
     model: Annotated[
         str | None, typer.Option("--model", help="efficientnet_lite0|1|2 (pretrained) or simple_cnn.")
     ] = None,
-    strategy: Annotated[str | None, typer.Option(help="head (frozen backbone, cached features).")] = None,
-    profile: Annotated[str | None, typer.Option(help="default or best.")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="head (frozen backbone, cached features) or finetune (last blocks on cached activations)."
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="default, or best (fine-tunes more blocks on more views; slower).")
+    ] = None,
+    finetune_blocks: Annotated[
+        int | None, typer.Option(min=0, help="finetune: how many of the last backbone blocks to train.")
+    ] = None,
     head: Annotated[str | None, typer.Option(help="Head on the features: linear or mlp.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
@@ -227,6 +237,7 @@ def train_command(
 
     settings = _settings(
         architecture=model, strategy=strategy, profile=profile, head=head, epochs=epochs,
+        finetune_blocks=finetune_blocks,
         batch_size=batch_size, learning_rate=learning_rate, max_train_images=max_train_images,
         max_eval_images=max_eval_images, run_name=run_name, data_dir=data_dir, runs_dir=runs_dir,
         cache_dir=cache_dir, device=device,
@@ -331,6 +342,10 @@ def export_command(
     data_dir: Annotated[
         Path | None, typer.Option(help="Dataset for parity, INT8 calibration and accuracy checks.")
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the exported bundle here (a copy) instead of in place."),
+    ] = None,
 ) -> None:
     """Write the bundle's model.onnx (dynamic batch), checked against PyTorch on real images."""
     import json
@@ -340,7 +355,7 @@ def export_command(
 
     settings = _settings(data_dir=data_dir)
     bundle = resolve_model_uri(model_uri, settings=settings)
-    report = export_bundle(bundle, settings=settings, int8=int8)
+    report = export_bundle(bundle, settings=settings, int8=int8, out=out)
     typer.echo(
         json.dumps(
             {"onnx": str(report.onnx_path), "parity": report.parity.to_dict(), "int8": report.int8}, indent=2

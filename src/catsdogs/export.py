@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -160,6 +161,9 @@ def quantize_int8(onnx_path: Path, out_path: Path, *, calibration: Sequence[np.n
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            # Merge the ranges every few batches instead of holding every intermediate output of
+            # every calibration batch (same result, bounded memory).
+            extra_options={"CalibMaxIntermediateOutputs": 4},
         )
         staged.replace(out_path)
     return out_path
@@ -202,13 +206,41 @@ def _accuracies(
     return [float(c) / max(len(samples), 1) for c in correct]
 
 
-def export_bundle(bundle: Any, *, settings: Any, int8: bool = False) -> ExportReport:
+def export_bundle(bundle: Any, *, settings: Any, int8: bool = False, out: Path | None = None) -> ExportReport:
     """Re-export a bundle's weights to ``model.onnx`` (parity-checked) and optionally ``model.int8.onnx``.
 
     Parity runs on the bundle's own sample images plus validation images from the manifest (when
     the dataset is present). The INT8 model is calibrated on training images and refused when it
     loses more than ``settings.int8_max_accuracy_drop`` validation accuracy.
+
+    With ``out``, the bundle is copied there and exported in the copy (the source is left as it
+    was: the DVC ``export`` stage's output is separate from ``train``'s); the copy replaces ``out``
+    only once everything passed.
     """
+    from catsdogs.bundle import ModelBundle, replace_folder
+
+    if out is None:
+        return _export_in_place(bundle, settings=settings, int8=int8)
+    out = Path(out)
+    if out.resolve() == Path(bundle.root).resolve():
+        return _export_in_place(bundle, settings=settings, int8=int8)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle.root, staging)
+    try:
+        report = _export_in_place(ModelBundle(staging), settings=settings, int8=int8)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_folder(staging, out)
+    report.onnx_path = out / report.onnx_path.name
+    if report.int8_path is not None:
+        report.int8_path = out / report.int8_path.name
+    return report
+
+
+def _export_in_place(bundle: Any, *, settings: Any, int8: bool) -> ExportReport:
     from catsdogs import bundle as bundle_files
     from catsdogs.features import load_image, read_manifest, split_samples
     from catsdogs.model import ModelSpec, load_model

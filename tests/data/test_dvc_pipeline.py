@@ -80,11 +80,11 @@ def test_changing_a_parameter_reruns_the_stage(project: Path) -> None:
     ]
 
 
-def test_the_pipeline_runs_ingest_then_train_then_evaluate(project: Path) -> None:
+def test_the_pipeline_runs_ingest_then_train_then_export_then_evaluate(project: Path) -> None:
     """Every stage's parameters exist in params.yaml and the stages chain through their outputs."""
     dag = _run("dvc", "dag", "--md", cwd=project)
     nodes = dict(re.findall(r'(node\d+)\["(\w+)"\]', dag))
     edges = {(nodes[a], nodes[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", dag)}
-    assert {("ingest", "train"), ("train", "evaluate"), ("ingest", "evaluate")} <= edges
+    assert {("ingest", "train"), ("train", "export"), ("export", "evaluate"), ("ingest", "evaluate")} <= edges
     status = _run("dvc", "status", cwd=project)  # parses dvc.yaml and resolves every params entry
-    assert "train" in status and "evaluate" in status
+    assert all(stage in status for stage in ("train", "export", "evaluate"))

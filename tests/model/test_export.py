@@ -71,6 +71,61 @@ def test_int8_export_is_refused_when_it_loses_too_much_accuracy(cnn_run, tmp_pat
     assert not (bundle / "model.int8.onnx").exists()
 
 
+def test_export_to_another_folder_leaves_the_source_bundle_untouched(
+    cnn_run, tmp_path: Path, monkeypatch
+) -> None:
+    bundle = _bundle_copy(cnn_run, tmp_path)
+    _, settings = cnn_run
+    before = {path.name: path.read_bytes() for path in bundle.iterdir() if path.is_file()}
+    monkeypatch.setenv("CATSDOGS_INT8_MAX_ACCURACY_DROP", "1.0")
+    monkeypatch.setenv("CATSDOGS_INT8_CALIBRATION_IMAGES", "32")
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    args = [
+        "export",
+        "--model-uri",
+        str(bundle),
+        "--int8",
+        "--data-dir",
+        str(settings.data_dir),
+        "--out",
+        str(out),
+    ]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert {path.name: path.read_bytes() for path in bundle.iterdir() if path.is_file()} == before
+    assert (out / "model.int8.onnx").is_file() and not (out / "stale.txt").exists()
+    assert json.loads((out / "metadata.json").read_text())["int8"]["accepted"]
+    assert json.loads(run.output)["int8"]["accepted"] and not list(tmp_path.glob(".exported*"))
+
+
+def test_a_refused_export_to_another_folder_keeps_the_previous_output(
+    cnn_run, tmp_path: Path, monkeypatch
+) -> None:
+    bundle = _bundle_copy(cnn_run, tmp_path)
+    _, settings = cnn_run
+    monkeypatch.setenv("CATSDOGS_INT8_MAX_ACCURACY_DROP", "-1.0")
+    monkeypatch.setenv("CATSDOGS_INT8_CALIBRATION_IMAGES", "32")
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "previous.txt").write_text("the last good export")
+    args = [
+        "export",
+        "--model-uri",
+        str(bundle),
+        "--int8",
+        "--data-dir",
+        str(settings.data_dir),
+        "--out",
+        str(out),
+    ]
+    run = CliRunner().invoke(app, args)
+    assert isinstance(run.exception, CatsdogsError)
+    assert (out / "previous.txt").read_text() == "the last good export"
+    assert not list(tmp_path.glob(".exported*"))
+
+
 def test_a_graph_that_disagrees_with_pytorch_is_refused(tmp_path: Path) -> None:
     torch.manual_seed(0)
     exported, other = SimpleCNN().eval(), SimpleCNN().eval()
