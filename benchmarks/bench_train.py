@@ -47,6 +47,9 @@ def main() -> None:
         "--work-dir", type=Path, default=None, help="Runs and cache (default: a temp folder)."
     )
     parser.add_argument("--keep-cache", action="store_true", help="Reuse the feature cache in --work-dir.")
+    parser.add_argument(
+        "--note", default="", help="What else ran on the machine meanwhile (recorded with the result)."
+    )
     parser.add_argument("train_args", nargs="*", help="Extra `catsdogs train` options (after --).")
     args = parser.parse_args()
 
@@ -90,7 +93,7 @@ def main() -> None:
             "platform": platform.platform(),
             "load_avg_at_end": os.getloadavg(),
         },
-        "note": "CPU shared with other jobs during the run: times are upper bounds",
+        "note": args.note or "quiet machine",
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.name] = entry

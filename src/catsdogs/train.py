@@ -152,8 +152,9 @@ def _refuse_extract(batch: np.ndarray) -> np.ndarray:
 #: README "Results").
 BEST_PROFILE: dict[str, Any] = {
     "strategy": "finetune",
-    "finetune_blocks": 2,
+    "finetune_blocks": 1,
     "finetune_views": ("orig", "flip", "crop", "crop_flip"),
+    "epochs": 3,
 }
 
 
