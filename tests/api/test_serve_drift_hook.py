@@ -68,3 +68,35 @@ def test_default_factory_needs_a_reference(bundle_a: Path) -> None:
     from catsdogs.serve.drift import default_window_factory
 
     assert default_window_factory(ModelBundle(bundle_a)) is None
+
+
+def test_scores_are_published_once_per_interval_not_per_image() -> None:
+    """Scoring a window costs more than updating it: a burst is scored about once per interval, and
+    the last update is published when the interval ends even if no more traffic comes."""
+    from catsdogs.serve.drift import DriftFeed
+
+    class CountingWindow(RecordingWindow):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scored = 0
+
+        def scores(self) -> dict[str, float]:
+            self.scored += 1
+            return super().scores()
+
+    published: list[dict[str, float]] = []
+    feed = DriftFeed(published.append, publish_interval_s=0.5)
+    window = CountingWindow()
+    feed.set_window(window)
+    image = Image.new("RGB", (64, 48))
+    image.info["original_size"] = (640, 480)
+    try:
+        for _ in range(100):
+            feed.offer(image, np.array([0.3, 0.7]))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (published and published[-1]["images_seen"] == 100):
+            time.sleep(0.02)
+        assert published and published[-1] == {"images_seen": 100.0}
+        assert window.scored <= 3
+    finally:
+        feed.stop()

@@ -74,7 +74,8 @@ def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | Non
     )
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: a plain def dependency would cost a thread-pool hop on every request.
     return request.app.state.service  # type: ignore[no-any-return]
 
 
