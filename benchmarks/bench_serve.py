@@ -251,12 +251,16 @@ def start_server(bundle: Path, env: dict[str, str], cache: Path) -> tuple[subpro
         **env,
     }
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catsdogs", "serve", "--model-uri", str(bundle), "--port", str(port)],
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # The server's log goes to a file: an unread pipe fills up and blocks the server (at INFO level
+    # it writes one access-log line per request).
+    log = cache / "server.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "catsdogs", "serve", "--model-uri", str(bundle), "--port", str(port)],
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -268,7 +272,7 @@ def start_server(bundle: Path, env: dict[str, str], cache: Path) -> tuple[subpro
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(proc.stderr.read().decode()[-3000:] if proc.stderr else "server did not start")
+    raise RuntimeError(f"server did not start: {log.read_text(errors='replace')[-3000:]}")
 
 
 # --- the load generator (own process) -------------------------------------------------------------
