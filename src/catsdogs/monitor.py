@@ -87,7 +87,9 @@ def stats_image(image: Image.Image) -> Image.Image:
     drops the full-size upload at once; the drift thread computes the statistics later.
     """
     width, height = _original_size(image)
-    small = image.convert("RGB")  # a copy even for RGB input: the caller's image is not touched
+    # convert() copies even RGB input, so the caller's image is not touched; when the resize below
+    # makes a new image anyway, that copy is skipped.
+    small = image if image.mode == "RGB" and max(image.size) > STATS_MAX_SIDE else image.convert("RGB")
     if max(small.size) > STATS_MAX_SIDE:
         scale = STATS_MAX_SIDE / max(small.size)
         small = small.resize(
