@@ -100,3 +100,19 @@ def test_scores_are_published_once_per_interval_not_per_image() -> None:
         assert window.scored <= 3
     finally:
         feed.stop()
+
+
+def test_after_the_window_is_filled_uploads_are_sampled_at_the_configured_rate() -> None:
+    from catsdogs.serve.drift import DriftFeed
+
+    feed = DriftFeed(lambda scores: None, max_images_per_s=2.0, fill=3)
+    assert not feed.wants_sample()  # no drift reference: nothing to feed
+    feed.set_window(RecordingWindow())
+    try:
+        assert [feed.wants_sample() for _ in range(6)] == [True] * 3 + [False] * 3
+        time.sleep(0.55)
+        assert [feed.wants_sample() for _ in range(2)] == [True, False]
+        feed.set_window(RecordingWindow())  # a new model fills its new window again
+        assert [feed.wants_sample() for _ in range(3)] == [True] * 3
+    finally:
+        feed.stop()

@@ -149,7 +149,7 @@ class Predictor:
             draft_size=model.draft_size,
         )
         # Drift statistics need the upload itself (its size, sharpness), as a small copy.
-        stats_copy = small_copy(image) if self.drift.active else None
+        stats_copy = small_copy(image) if self.drift.wants_sample() else None
         resized = resize(image, model.config)
         del image  # a 48 MP upload is freed here, before the forward pass
         return to_array(resized, model.config), stats_copy
