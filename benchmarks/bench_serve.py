@@ -1,7 +1,11 @@
 """End-to-end serving benchmark on loopback: `catsdogs serve` + an aiohttp load generator.
 
 Measures, in one run and on one machine:
-  * raw ONNX Runtime throughput of the same model (batch 1, 8, 32; best reported),
+  * raw ONNX Runtime throughput of the very file the server serves (``model.int8.onnx`` with
+    CATSDOGS_SERVE_INT8=true), in the server's own thread layout and in the usual best layouts (one
+    session on every core at batch 1/8/32, one single-threaded caller per core); the best layout
+    is the reference for the c16/raw ratio,
+  * server CPU-ms per request (from /proc: robust to other jobs on the machine, unlike req/s),
   * time from process start to `/ready` (cached/local model),
   * throughput and p50/p95/p99 latency at concurrency 1, 4, 16, 64 with the dataset's JPEGs
     and with phone-size JPEGs (4032x3024, made by upscaling dataset images in a temp dir),
@@ -28,6 +32,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,45 +70,123 @@ def multipart(data: bytes) -> bytes:
 
 
 # --- raw ONNX Runtime ----------------------------------------------------------------------------
+def server_settings(env: dict[str, str], cache: Path) -> Any:
+    """The settings the server will run with: the same ``--env`` values, no params file."""
+    from catsdogs.settings import Settings
+
+    saved = dict(os.environ)
+    os.environ.update({"CATSDOGS_PARAMS_FILE": str(cache / "none.yaml"), **env})
+    try:
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _throughput(session: Any, batch: np.ndarray, threads: int, seconds: float) -> tuple[float, float]:
+    """Images/s of ``threads`` callers running ``session`` back to back (ORT releases the GIL), and
+    the CPU-ms this process spent per image (robust to other jobs on the machine, unlike images/s)."""
+    import threading
+
+    session.run(["logits"], {"input": batch})
+    counts = [0] * threads
+    deadline = time.perf_counter() + seconds
+
+    def call(k: int) -> None:
+        while time.perf_counter() < deadline:
+            session.run(["logits"], {"input": batch})
+            counts[k] += len(batch)
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    workers = [threading.Thread(target=call, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    cpu = time.process_time() - cpu_started
+    images = max(1, sum(counts))
+    return round(images / (time.perf_counter() - started), 1), round(cpu * 1000 / images, 2)
+
+
+def raw_configs(settings: Any) -> dict[str, dict[str, int]]:
+    """The bare-model layouts to try: the server's own, and the usual best ones on this machine."""
+    from catsdogs.serve.model_store import available_cores, batch_size, inference_workers
+
+    cores = available_cores()
+    workers = inference_workers(settings)
+    intra = settings.ort_intra_threads or max(1, cores // workers)
+    return {
+        # What the server runs: each process's inference workers share one session.
+        "server": {
+            "intra_op_threads": intra,
+            "callers": workers * max(1, settings.workers),
+            "batch": batch_size(settings),
+        },
+        "one_session_all_cores_b1": {"intra_op_threads": cores, "callers": 1, "batch": 1},
+        "one_session_all_cores_b8": {"intra_op_threads": cores, "callers": 1, "batch": 8},
+        "one_session_all_cores_b32": {"intra_op_threads": cores, "callers": 1, "batch": 32},
+        "single_thread_callers_b1": {"intra_op_threads": 1, "callers": cores, "batch": 1},
+        "single_thread_callers_b8": {"intra_op_threads": 1, "callers": cores, "batch": 8},
+    }
+
+
 def raw_ort(
-    bundle_dir: Path, jpegs: list[bytes], seconds: float, sizes: tuple[int, ...] = (1, 8, 32)
+    bundle_dir: Path,
+    jpegs: list[bytes],
+    seconds: float,
+    *,
+    settings: Any,
+    only: str | None = None,
 ) -> dict[str, object]:
-    """Images/s of the bare model (preprocessed tensors in memory), per batch size."""
+    """Images/s of the bare model (preprocessed tensors in memory) on the very file the server serves.
+
+    Every layout in :func:`raw_configs` is measured (or only ``only``); the best is the honest
+    reference for the service, and ``server`` is the same thread layout the server uses.
+    """
     import onnxruntime as ort
 
     from catsdogs.bundle import find_bundle
     from catsdogs.preprocessing import decode_image, preprocess_batch
     from catsdogs.serve.model_store import session_options
-    from catsdogs.settings import Settings
 
     bundle = find_bundle(bundle_dir)
-    config = bundle.preprocessing
+    model_file = bundle.onnx_path(int8=settings.serve_int8)
     images = [decode_image(data) for data in jpegs[:32]]
-    batch32 = preprocess_batch(images, config)
-    # The bare model at its best: one session on every core (the serving default may differ).
-    options = session_options(Settings(ort_intra_threads=os.cpu_count(), inference_workers=1))
-    session = ort.InferenceSession(
-        str(bundle.onnx_path()), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    results = {}
-    for size in sizes:
-        batch = np.ascontiguousarray(batch32[:size])
-        session.run(["logits"], {"input": batch})
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            session.run(["logits"], {"input": batch})
-            count += size
-        results[str(size)] = round(count / (time.perf_counter() - started), 1)
-    best = max(results, key=lambda k: results[k])
+    batch32 = preprocess_batch(images, bundle.preprocessing)
+    configs = raw_configs(settings)
+    if only is not None:
+        configs = {only: configs[only]}
+    sessions: dict[int, Any] = {}
+    measured = {}
+    for name, config in configs.items():
+        intra = config["intra_op_threads"]
+        if intra not in sessions:
+            options = session_options(settings.model_copy(update={"ort_intra_threads": intra}))
+            sessions[intra] = ort.InferenceSession(
+                str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        batch = np.ascontiguousarray(batch32[: config["batch"]])
+        rate, cpu_ms = _throughput(sessions[intra], batch, config["callers"], seconds)
+        measured[name] = {**config, "images_per_s": rate, "cpu_ms_per_image": cpu_ms}
+    best = max(measured, key=lambda k: measured[k]["images_per_s"])
+    by_batch: dict[str, float] = {}
+    for config in measured.values():
+        key = str(config["batch"])
+        by_batch[key] = max(by_batch.get(key, 0.0), config["images_per_s"])
     return {
-        "images_per_s_by_batch": results,
-        "best_batch": int(best),
-        "best_images_per_s": results[best],
-        "intra_op_threads": options.intra_op_num_threads,
+        "model_file": model_file.name,
+        "configs": measured,
+        "best_config": best,
+        "server_images_per_s": measured.get("server", {}).get("images_per_s"),
+        # Kept from the earlier format: the best over every layout, per batch size and overall.
+        "images_per_s_by_batch": by_batch,
+        "best_batch": measured[best]["batch"],
+        "best_images_per_s": measured[best]["images_per_s"],
+        "intra_op_threads": measured[best]["intra_op_threads"],
     }
 
 
-def draft_parity(bundle_dir: Path, files: list[Path], factor: float) -> dict[str, object]:
+def draft_parity(bundle_dir: Path, files: list[Path], factor: float, *, int8: bool) -> dict[str, object]:
     """Reduced-size DCT decoding vs full decoding of phone photos: speed and prediction change."""
     import onnxruntime as ort
 
@@ -112,7 +195,7 @@ def draft_parity(bundle_dir: Path, files: list[Path], factor: float) -> dict[str
 
     bundle = find_bundle(bundle_dir)
     config = bundle.preprocessing
-    session = ort.InferenceSession(str(bundle.onnx_path()), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(bundle.onnx_path(int8=int8)), providers=["CPUExecutionProvider"])
     draft = round(config.image_size * factor)
     diffs, agree, full_ms, draft_ms = [], 0, [], []
     for path in files:
@@ -168,12 +251,16 @@ def start_server(bundle: Path, env: dict[str, str], cache: Path) -> tuple[subpro
         **env,
     }
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catsdogs", "serve", "--model-uri", str(bundle), "--port", str(port)],
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # The server's log goes to a file: an unread pipe fills up and blocks the server (at INFO level
+    # it writes one access-log line per request).
+    log = cache / "server.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "catsdogs", "serve", "--model-uri", str(bundle), "--port", str(port)],
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -185,7 +272,7 @@ def start_server(bundle: Path, env: dict[str, str], cache: Path) -> tuple[subpro
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(proc.stderr.read().decode()[-3000:] if proc.stderr else "server did not start")
+    raise RuntimeError(f"server did not start: {log.read_text(errors='replace')[-3000:]}")
 
 
 # --- the load generator (own process) -------------------------------------------------------------
@@ -213,9 +300,9 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     lat = np.asarray(latencies)
     return {
         "concurrency": concurrency,
@@ -226,6 +313,8 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
         "p95_ms": round(float(np.percentile(lat, 95)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "statuses": statuses,
+        # The load generator shares the machine: its CPU per request is not available to the server.
+        "loadgen_cpu_ms_per_request": round(cpu * 1000 / max(1, len(latencies)), 2),
     }
 
 
@@ -239,9 +328,34 @@ def loadgen_main(spec_path: str) -> None:
     print(json.dumps(result))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (uvicorn workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def run_load(
-    url: str, files: list[Path], concurrency: int, seconds: float, tmp: Path, total: int | None = None
+    url: str,
+    files: list[Path],
+    concurrency: int,
+    seconds: float,
+    tmp: Path,
+    total: int | None = None,
+    *,
+    pid: int | None = None,
 ) -> dict:
+    """One load run in its own process; with ``pid``, also the server's CPU-ms per request."""
     spec = tmp / "spec.json"
     spec.write_text(
         json.dumps(
@@ -254,6 +368,7 @@ def run_load(
             }
         )
     )
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         [sys.executable, __file__, "--loadgen", str(spec)],
         capture_output=True,
@@ -261,7 +376,11 @@ def run_load(
         check=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    if pid:
+        used = cpu_seconds(pid) - cpu_before
+        result["server_cpu_ms_per_request"] = round(used * 1000 / max(1, result["requests"]), 2)
+    return result
 
 
 def bad_uploads(folder: Path, jpeg: bytes) -> list[Path]:
@@ -326,9 +445,15 @@ def main() -> None:
         phone_files = (
             [] if args.quick else [tmp / f"phone_{i}.jpg" for i in range(len(phone_jpegs(jpegs, 6, tmp)))]
         )
-        raw = raw_ort(args.bundle, jpegs, seconds=3.0)
+        settings = server_settings(env, tmp)
+        raw = raw_ort(args.bundle, jpegs, seconds=3.0, settings=settings)
         parity = (
-            draft_parity(args.bundle, phone_files, float(env.get("CATSDOGS_DECODE_DRAFT_FACTOR", 2.0)))
+            draft_parity(
+                args.bundle,
+                phone_files,
+                float(env.get("CATSDOGS_DECODE_DRAFT_FACTOR", 2.0)),
+                int8=settings.serve_int8,
+            )
             if phone_files
             else None
         )
@@ -349,19 +474,39 @@ def main() -> None:
                 "rss_mb_ready": rss_mb(proc.pid),
             }
             run_load(url, data_files, 4, 2.0, tmp)  # warm-up
-            result["dataset"] = [run_load(url, data_files, c, args.seconds, tmp) for c in levels]
+            result["dataset"] = [
+                run_load(url, data_files, c, args.seconds, tmp, pid=proc.pid) for c in levels
+            ]
             if phone_files:
-                result["phone_4032x3024"] = [run_load(url, phone_files, c, args.seconds, tmp) for c in levels]
+                result["phone_4032x3024"] = [
+                    run_load(url, phone_files, c, args.seconds, tmp, pid=proc.pid) for c in levels
+                ]
             # Other jobs share the CPU and their load drifts by the minute: compare the service with
             # the bare model in alternating short rounds and report the median of the ratios.
-            best_batch = int(raw["best_batch"])  # type: ignore[call-overload]
+            # The reference is the best bare-model layout (named in raw_onnxruntime.best_config).
+            best = str(raw["best_config"])
             rounds = []
             for _ in range(3):
-                bare = raw_ort(args.bundle, jpegs, seconds=3.0, sizes=(best_batch,))["best_images_per_s"]
-                served = run_load(url, data_files, 16, 4.0, tmp)["throughput_rps"]
-                rounds.append({"raw_images_per_s": bare, "c16_rps": served, "ratio": round(served / bare, 3)})
+                bare = raw_ort(args.bundle, jpegs, seconds=3.0, settings=settings, only=best)
+                load = run_load(url, data_files, 16, 4.0, tmp, pid=proc.pid)
+                bare_rate = float(bare["best_images_per_s"])  # type: ignore[arg-type]
+                bare_cpu = bare["configs"][best]["cpu_ms_per_image"]  # type: ignore[index]
+                rounds.append(
+                    {
+                        "raw_config": best,
+                        "raw_images_per_s": bare_rate,
+                        "raw_cpu_ms_per_image": bare_cpu,
+                        "c16_rps": load["throughput_rps"],
+                        "c16_server_cpu_ms_per_request": load["server_cpu_ms_per_request"],
+                        "ratio": round(load["throughput_rps"] / bare_rate, 3),
+                    }
+                )
             result["c16_vs_raw_rounds"] = rounds
             result["ratio_c16_to_raw"] = sorted(r["ratio"] for r in rounds)[1]
+            # Contention-robust: CPU per image of the bare model / CPU per request of the server.
+            result["cpu_ratio_raw_to_server"] = sorted(
+                round(r["raw_cpu_ms_per_image"] / r["c16_server_cpu_ms_per_request"], 3) for r in rounds
+            )[1]
             if not args.quick:
                 done = sum(r["requests"] for key in ("dataset", "phone_4032x3024") for r in result[key])  # type: ignore[union-attr]
                 remaining = max(0, args.rss_requests - done)
@@ -388,19 +533,32 @@ def main() -> None:
 def markdown(result: dict) -> str:
     raw = result["raw_onnxruntime"]
     lines = [
-        f"raw ONNX Runtime: {raw['best_images_per_s']} img/s at batch {raw['best_batch']} "
-        f"({raw['images_per_s_by_batch']}); ready in {result['time_to_ready_s']} s; "
-        f"c16/raw = {result['ratio_c16_to_raw']}",
+        f"raw ONNX Runtime on {raw['model_file']}: best {raw['best_images_per_s']} img/s "
+        f"({raw['best_config']}), server layout {raw['server_images_per_s']} img/s; "
+        f"ready in {result['time_to_ready_s']} s; c16/raw = {result['ratio_c16_to_raw']}, "
+        f"raw/server CPU per image = {result['cpu_ratio_raw_to_server']}",
         "",
-        "| images | concurrency | req/s | p50 ms | p95 ms | p99 ms | non-200 |",
-        "|---|---|---|---|---|---|---|",
+        "| raw layout | intra-op threads | callers | batch | img/s | CPU-ms/img |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in raw["configs"].items():
+        lines.append(
+            f"| {name} | {c['intra_op_threads']} | {c['callers']} | {c['batch']} | {c['images_per_s']} "
+            f"| {c['cpu_ms_per_image']} |"
+        )
+    lines += [
+        "",
+        "| images | concurrency | req/s | p50 ms | p95 ms | p99 ms | server CPU-ms/req "
+        "| load generator CPU-ms/req | non-200 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in ("dataset", "phone_4032x3024"):
         for r in result.get(key, []):
             bad = sum(v for k, v in r["statuses"].items() if str(k) != "200")
             lines.append(
                 f"| {key} | {r['concurrency']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} "
-                f"| {r['p99_ms']} | {bad} |"
+                f"| {r['p99_ms']} | {r.get('server_cpu_ms_per_request', '')} "
+                f"| {r.get('loadgen_cpu_ms_per_request', '')} | {bad} |"
             )
     if result.get("draft_decode_parity"):
         d = result["draft_decode_parity"]

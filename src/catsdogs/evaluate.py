@@ -299,7 +299,7 @@ def write_predictions_csv(path: Path, predictions: Sequence[dict[str, Any]]) -> 
 def resolve_model_uri(model_uri: str, *, settings: Settings) -> ModelBundle:
     """The single place where a model URI (``models:/…``, ``runs:/…`` or a folder) becomes a local bundle."""
     if model_uri.startswith(("models:/", "runs:/")):
-        from catsdogs.registry import download_bundle
+        from catsdogs.model_source import download_bundle
 
         return find_bundle(download_bundle(model_uri, settings))
     return find_bundle(Path(model_uri))

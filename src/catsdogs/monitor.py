@@ -87,7 +87,9 @@ def stats_image(image: Image.Image) -> Image.Image:
     drops the full-size upload at once; the drift thread computes the statistics later.
     """
     width, height = _original_size(image)
-    small = image.convert("RGB")  # a copy even for RGB input: the caller's image is not touched
+    # convert() copies even RGB input, so the caller's image is not touched; when the resize below
+    # makes a new image anyway, that copy is skipped.
+    small = image if image.mode == "RGB" and max(image.size) > STATS_MAX_SIDE else image.convert("RGB")
     if max(small.size) > STATS_MAX_SIDE:
         scale = STATS_MAX_SIDE / max(small.size)
         small = small.resize(
@@ -120,10 +122,14 @@ def image_stats(image: Image.Image, *, original_size: tuple[int, int] | None = N
         (width / height) and the upload's ``width`` and ``height`` in pixels.
     """
     width, height = original_size or _original_size(image)
-    small = stats_image(image)
+    # A stats_image copy (what the service feeds) is used as is: copying it again changes nothing.
+    small = image if image.mode == "RGB" and max(image.size) <= STATS_MAX_SIDE else stats_image(image)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
     luma = rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
-    high, low = rgb.max(axis=2), rgb.min(axis=2)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # Same values as rgb.max(axis=2) / min(axis=2), which NumPy reduces slowly over a length-3 axis.
+    high = np.maximum(np.maximum(red, green), blue)
+    low = np.minimum(np.minimum(red, green), blue)
     saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
     laplacian = 4 * luma[1:-1, 1:-1] - luma[:-2, 1:-1] - luma[2:, 1:-1] - luma[1:-1, :-2] - luma[1:-1, 2:]
     grad_x = float(np.abs(np.diff(luma, axis=1)).mean()) if luma.shape[1] > 1 else 0.0

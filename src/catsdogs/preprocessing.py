@@ -132,7 +132,7 @@ def decode_image(
             image.draft("RGB", (draft_size, draft_size))
         image.seek(0)  # animated images: the first frame
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no full copy of an upright photo
         return _to_rgb(image)
     except OSError as exc:
         message = str(exc)
@@ -162,11 +162,19 @@ def resize(image: Image.Image, config: PreprocessConfig) -> Image.Image:
 
 
 def to_array(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """Normalize an already-resized RGB image into a float32 CHW array."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    mean = np.asarray(config.mean, dtype=np.float32)
-    std = np.asarray(config.std, dtype=np.float32)
-    return np.ascontiguousarray(((array - mean) / std).transpose(2, 0, 1))
+    """Normalize an already-resized RGB image into a float32 CHW array: ``(x / 255 - mean) / std``.
+
+    The CHW buffer is filled once and normalized in place: the same float32 operations in the same
+    order as the textbook expression (bit-identical results), in about half the time, because no
+    temporary HWC arrays are made and the transpose happens in the uint8 → float32 copy.
+    """
+    pixels = np.asarray(image)
+    array = np.empty((3, pixels.shape[0], pixels.shape[1]), dtype=np.float32)
+    np.copyto(array, pixels.transpose(2, 0, 1))
+    array /= np.float32(255.0)
+    array -= np.asarray(config.mean, dtype=np.float32)[:, None, None]
+    array /= np.asarray(config.std, dtype=np.float32)[:, None, None]
+    return array
 
 
 def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:

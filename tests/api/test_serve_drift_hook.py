@@ -68,3 +68,51 @@ def test_default_factory_needs_a_reference(bundle_a: Path) -> None:
     from catsdogs.serve.drift import default_window_factory
 
     assert default_window_factory(ModelBundle(bundle_a)) is None
+
+
+def test_scores_are_published_once_per_interval_not_per_image() -> None:
+    """Scoring a window costs more than updating it: a burst is scored about once per interval, and
+    the last update is published when the interval ends even if no more traffic comes."""
+    from catsdogs.serve.drift import DriftFeed
+
+    class CountingWindow(RecordingWindow):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scored = 0
+
+        def scores(self) -> dict[str, float]:
+            self.scored += 1
+            return super().scores()
+
+    published: list[dict[str, float]] = []
+    feed = DriftFeed(published.append, publish_interval_s=0.5)
+    window = CountingWindow()
+    feed.set_window(window)
+    image = Image.new("RGB", (64, 48))
+    image.info["original_size"] = (640, 480)
+    try:
+        for _ in range(100):
+            feed.offer(image, np.array([0.3, 0.7]))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (published and published[-1]["images_seen"] == 100):
+            time.sleep(0.02)
+        assert published and published[-1] == {"images_seen": 100.0}
+        assert window.scored <= 3
+    finally:
+        feed.stop()
+
+
+def test_after_the_window_is_filled_uploads_are_sampled_at_the_configured_rate() -> None:
+    from catsdogs.serve.drift import DriftFeed
+
+    feed = DriftFeed(lambda scores: None, max_images_per_s=2.0, fill=3)
+    assert not feed.wants_sample()  # no drift reference: nothing to feed
+    feed.set_window(RecordingWindow())
+    try:
+        assert [feed.wants_sample() for _ in range(6)] == [True] * 3 + [False] * 3
+        time.sleep(0.55)
+        assert [feed.wants_sample() for _ in range(2)] == [True, False]
+        feed.set_window(RecordingWindow())  # a new model fills its new window again
+        assert [feed.wants_sample() for _ in range(3)] == [True] * 3
+    finally:
+        feed.stop()

@@ -32,7 +32,8 @@ import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 from fastapi.testclient import TestClient
 from catsdogs.serve.app import create_app
-from catsdogs.serve import server, smoke, resolver
+from catsdogs.serve import server, smoke
+from catsdogs import model_source
 import catsdogs.cli
 from catsdogs.settings import Settings
 app = create_app(Settings(model_uri={str(bundle_a)!r}, cache_dir={str(tmp_path / "c")!r}))
@@ -48,7 +49,7 @@ loaded = [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", 
 heavy = [m for m in loaded if m.split(".")[0] in ("torch", "torchvision") and sys.modules[m] is not None]
 assert not heavy, heavy
 training = ("catsdogs.train", "catsdogs.model", "catsdogs.registry", "catsdogs.export")
-bad = [m for m in loaded if m.startswith(training)]
+bad = [m for m in loaded if m in training or m.startswith(tuple(t + "." for t in training))]
 assert not bad, bad
 print("OK")
 """

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_testing import WEIGHTS_A, WEIGHTS_B, build_bundle, free_port, wait_ready
 
-from catsdogs.serve.resolver import parse_models_uri
+from catsdogs.model_source import REFS_FILE, parse_models_uri
 from catsdogs.settings import Settings
 
 NAME = "catsdogs-classifier"
@@ -26,12 +26,13 @@ def _fill_cache(cache_dir: Path, version: str, bundle: Path) -> None:
 
     target = cache_dir / "bundles" / NAME / version
     shutil.copytree(bundle, target)
-    (cache_dir / "bundles" / NAME / ".alias-champion.json").write_text(json.dumps({"version": version}))
+    refs = {f"models:/{NAME}@champion": {"version": int(version)}}
+    (cache_dir / "bundles" / NAME / REFS_FILE).write_text(json.dumps(refs))
 
 
 def test_models_uri_forms_are_parsed() -> None:
     assert parse_models_uri("models:/m@champion").alias == "champion"
-    assert parse_models_uri("models:/m/4").version == "4"
+    assert parse_models_uri("models:/m/4").version == 4
     assert parse_models_uri("/some/path") is None
 
 

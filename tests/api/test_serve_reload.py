@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from serve_testing import WEIGHTS_A, WEIGHTS_B, build_bundle, expected_probabilities
 
 from catsdogs.bundle import ModelBundle
-from catsdogs.serve.resolver import local_version
+from catsdogs.model_source import local_version
 
 
 def _point(link: Path, target: Path) -> None:

@@ -15,6 +15,7 @@ from catsdogs.preprocessing import (
     preprocess,
     preprocess_batch,
     softmax,
+    to_array,
 )
 
 
@@ -122,6 +123,22 @@ def test_preprocess_gives_normalized_chw(photo: Image.Image, policy: str) -> Non
     array = preprocess(photo, config)
     assert array.shape == (3, 32, 32) and array.dtype == np.float32
     assert array.min() >= -1.0 and array.max() <= 1.0  # mean=std=0.5 maps [0, 1] onto [-1, 1]
+
+
+def test_to_array_is_exactly_the_textbook_normalization(photo: Image.Image) -> None:
+    """The in-place CHW fill must not move a single bit: training and serving share it."""
+    config = PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = np.asarray(photo, dtype=np.float32) / 255.0
+    mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
+    expected = ((pixels - mean) / std).transpose(2, 0, 1)
+    array = to_array(photo, config)
+    assert array.flags["C_CONTIGUOUS"] and array.dtype == np.float32
+    np.testing.assert_array_equal(array, expected)
+
+
+def test_exif_rotation_leaves_an_upright_photo_untouched(photo: Image.Image) -> None:
+    decoded = decode_image(_encode(photo, "PNG"))
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(photo))
 
 
 def test_batch_of_none_has_the_right_shape() -> None:

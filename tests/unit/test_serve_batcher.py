@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 
 from catsdogs.serve.batcher import MicroBatcher
 
@@ -80,3 +81,15 @@ def test_a_failing_forward_pass_fails_only_its_batch() -> None:
     broken, fine = asyncio.run(scenario())
     assert all(isinstance(r, RuntimeError) for r in broken)
     assert float(fine[0]) == 2.0
+
+
+def test_default_batch_size_batches_int8_and_many_cores_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from catsdogs.serve import model_store
+    from catsdogs.settings import Settings
+
+    monkeypatch.setattr(model_store, "available_cores", lambda: 2)
+    assert model_store.batch_size(Settings(batch_max_size=None)) == 1
+    assert model_store.batch_size(Settings(batch_max_size=None, serve_int8=True)) == 8
+    assert model_store.batch_size(Settings(batch_max_size=1, serve_int8=True)) == 1
+    monkeypatch.setattr(model_store, "available_cores", lambda: 16)
+    assert model_store.batch_size(Settings(batch_max_size=None)) == 8

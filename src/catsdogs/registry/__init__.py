@@ -4,14 +4,15 @@
   registered version with the ``challenger`` alias.
 * :mod:`~catsdogs.registry.promotion` — :func:`promote` (the quality gate), :func:`rollback`,
   :func:`list_versions`.
-* :mod:`~catsdogs.registry.download` — :func:`download_bundle` for serving (mlflow-skinny only).
+* :func:`download_bundle`, :class:`ModelRef`, :func:`resolve_version`: re-exported from
+  :mod:`catsdogs.model_source`, the one model-URI resolver (shared with serving, mlflow-skinny only).
 * :mod:`~catsdogs.registry.pyfunc_model` — the logged pyfunc ("models from code", no pickle).
 
 Nothing here sets MLflow URIs at import time; every call builds its client from the settings.
 """
 
-from catsdogs.registry.client import CHALLENGER, CHAMPION, alias_log, bounded_http, champion_history
-from catsdogs.registry.download import ModelRef, download_bundle, resolve_version
+from catsdogs.model_source import ModelRef, bounded_http, download_bundle, resolve_version
+from catsdogs.registry.client import CHALLENGER, CHAMPION, alias_log, champion_history
 from catsdogs.registry.promotion import (
     GateCheck,
     PromotionDecision,

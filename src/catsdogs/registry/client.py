@@ -1,18 +1,15 @@
 """Shared MLflow plumbing: a client built from the settings, bounded HTTP, and who/when/why tags.
 
 Nothing here touches MLflow's global state: every function builds an explicit
-``MlflowClient(tracking_uri=..., registry_uri=...)`` from :class:`~catsdogs.settings.Settings`.
+``MlflowClient(tracking_uri=..., registry_uri=...)`` from :class:`~catsdogs.settings.Settings`
+(:func:`~catsdogs.model_source.make_client`, shared with serving).
 """
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
-import math
-import os
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,56 +35,6 @@ BUNDLE_ARTIFACT = "bundle"
 INPUT_COLUMN = "image"
 #: Run and model-version tag naming the test split a version was measured on.
 TEST_SPLIT_TAG = "test_split_sha256"
-
-
-def registry_uri(settings: Settings) -> str:
-    """The registry lives with the tracking store unless a separate one is configured."""
-    return settings.mlflow_registry_uri or settings.mlflow_tracking_uri
-
-
-def is_http_uri(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def make_client(settings: Settings) -> MlflowClient:
-    """An MLflow client for the configured tracking store and registry (no global state set)."""
-    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=registry_uri(settings))
-
-
-@contextlib.contextmanager
-def env_defaults(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables that are not already set, for the duration of the block.
-
-    An explicit setting by the operator always wins; previous state is restored afterwards.
-    """
-    unset = [key for key in values if key not in os.environ]
-    for key in unset:
-        os.environ[key] = values[key]
-    try:
-        yield
-    finally:
-        for key in unset:
-            os.environ.pop(key, None)
-
-
-def bounded_http(settings: Settings) -> contextlib.AbstractContextManager[None]:
-    """Make MLflow's HTTP client give up within about ``registry_timeout_s`` instead of minutes.
-
-    MLflow reads these variables on every request (its defaults: 7 retries with exponential backoff
-    and a 120 s timeout), so setting them for the duration of a call is enough. One retry is kept for
-    a dropped connection; the worst case is two timeouts.
-    """
-    timeout = max(1, math.ceil(settings.registry_timeout_s))
-    return env_defaults(
-        {
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-            # tqdm bars on stderr are noise in a server log.
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        }
-    )
 
 
 def actor(settings: Settings) -> str:

@@ -26,13 +26,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from catsdogs import CatsdogsError
+from catsdogs.model_source import bounded_http, download_bundle, make_client
 from catsdogs.registry.client import (
     CHALLENGER,
     CHAMPION,
     TEST_SPLIT_TAG,
-    bounded_http,
     champion_history,
-    make_client,
     move_alias,
     require_model,
     set_champion_history,
@@ -140,8 +139,6 @@ def _reevaluate_champion(
     client: MlflowClient,
 ) -> VersionMetrics:
     """Measure the champion on the challenger's test split, or refuse to compare."""
-    from catsdogs.registry.download import download_bundle
-
     split = champion.tags.get(TEST_SPLIT_TAG)
     if evaluate is None:
         raise CatsdogsError(

@@ -6,11 +6,12 @@ image bytes, headers, query strings, keys or tokens.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -49,6 +50,23 @@ class AccessLogMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Request ids: a random per-app prefix and a counter (32 hex digits, like a uuid4), unique
+        # across workers without an os.urandom system call per request.
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count()
+        # prometheus-client's labels() takes a lock and builds a key per call: keep the children.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def _request_metrics(self, route: str, method: str, status: str) -> tuple[Any, Any]:
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.metrics.http_requests.labels(route, method, status),
+                self.metrics.http_duration.labels(route, method),
+            )
+            self._children[key] = children
+        return children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +74,9 @@ class AccessLogMiddleware:
             return
         started = time.perf_counter()
         incoming = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = (
+            incoming if _REQUEST_ID.match(incoming) else f"{self._id_prefix}{next(self._id_counter):016x}"
+        )
         fields: dict[str, Any] = {}
         scope.setdefault("state", {})["log"] = fields
         status = 500
@@ -73,8 +93,9 @@ class AccessLogMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route, method = _route(scope), scope["method"]
-            self.metrics.http_requests.labels(route, method, str(status)).inc()
-            self.metrics.http_duration.labels(route, method).observe(elapsed)
+            requests, duration = self._request_metrics(route, method, str(status))
+            requests.inc()
+            duration.observe(elapsed)
             if access_logger.isEnabledFor(logging.INFO):
                 access_logger.info(
                     "request",

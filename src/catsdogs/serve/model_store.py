@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs.model_source import ResolvedBundle, current_version, resolve
 from catsdogs.preprocessing import PreprocessConfig, softmax
-from catsdogs.serve.resolver import ResolvedBundle, current_version, resolve
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,10 @@ def available_cores() -> int:
 
 
 def batch_size(settings: Settings) -> int:
-    """The micro-batch limit: configured, or chosen for the core count (see the setting)."""
+    """The micro-batch limit: configured, or chosen for the core count and graph (see the setting)."""
     if settings.batch_max_size is not None:
         return max(1, settings.batch_max_size)
-    return 1 if available_cores() <= 4 else 8
+    return 8 if available_cores() > 4 or settings.serve_int8 else 1
 
 
 def inference_workers(settings: Settings) -> int:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -71,6 +72,7 @@ class Predictor:
         self.signer = signer
         self.drift = drift
         self.in_flight = 0
+        self._label_metrics: dict[str, tuple[Any, Any]] = {}  # labels() children, looked up once
         max_batch = batch_size(settings)
         workers = inference_workers(settings)
         self.batching = max_batch > 1
@@ -147,7 +149,7 @@ class Predictor:
             draft_size=model.draft_size,
         )
         # Drift statistics need the upload itself (its size, sharpness), as a small copy.
-        stats_copy = small_copy(image) if self.drift.active else None
+        stats_copy = small_copy(image) if self.drift.wants_sample() else None
         resized = resize(image, model.config)
         del image  # a 48 MP upload is freed here, before the forward pass
         return to_array(resized, model.config), stats_copy
@@ -192,6 +194,13 @@ class Predictor:
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s}s") from None
         return self._answer(model, probs, stats_copy, started)
 
+    def _label_children(self, label: str) -> tuple[Any, Any]:
+        children = self._label_metrics.get(label)
+        if children is None:
+            children = (self.metrics.predictions.labels(label), self.metrics.confidence.labels(label))
+            self._label_metrics[label] = children
+        return children
+
     def _answer(
         self, model: LoadedModel, probs: np.ndarray, stats_copy: Image.Image | None, started: float
     ) -> Prediction:
@@ -199,8 +208,9 @@ class Predictor:
         label = model.class_names[index]
         confidence = float(probs[index])
         latency_ms = (time.perf_counter() - started) * 1000
-        self.metrics.predictions.labels(label).inc()
-        self.metrics.confidence.labels(label).observe(confidence)
+        counter, histogram = self._label_children(label)
+        counter.inc()
+        histogram.observe(confidence)
         self.stats.record(label, confidence, latency_ms)
         if stats_copy is not None:
             self.drift.offer(stats_copy, probs)

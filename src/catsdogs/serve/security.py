@@ -31,8 +31,12 @@ def _matches(candidate: str, secrets_: list[str]) -> bool:
     return found
 
 
-def require_api_key(request: Request) -> None:
-    """401 without a key, 403 with a wrong one; open when no keys are configured."""
+async def require_api_key(request: Request) -> None:
+    """401 without a key, 403 with a wrong one; open when no keys are configured.
+
+    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency on its thread pool,
+    one thread hop per request for a few string comparisons.
+    """
     keys: list[str] = request.app.state.service.api_keys
     if not keys:
         return
@@ -48,7 +52,7 @@ def require_api_key(request: Request) -> None:
         raise ApiError(403, "forbidden", "the API key is not valid")
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """401 without the admin token, 403 with a wrong one (the router is not mounted without a token)."""
     token: str | None = request.app.state.service.admin_token
     presented = presented_key(request, "x-admin-token")

@@ -41,7 +41,7 @@ def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | Non
         for feature, value in scores.items():
             metrics.drift_score.labels(feature).set(value)
 
-    drift = DriftFeed(publish)
+    drift = DriftFeed(publish, max_images_per_s=settings.drift_max_images_per_s, fill=settings.drift_window)
 
     def on_swap(model: LoadedModel) -> None:
         metrics.set_model(
@@ -74,7 +74,8 @@ def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | Non
     )
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: a plain def dependency would cost a thread-pool hop on every request.
     return request.app.state.service  # type: ignore[no-any-return]
 
 

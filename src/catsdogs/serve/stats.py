@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -10,6 +11,7 @@ import numpy as np
 
 # Log-spaced latency bins from 0.1 ms to 100 s: percentiles within ~2 % without keeping samples.
 _EDGES_MS = np.logspace(-1, 5, 601)
+_EDGES_LIST = _EDGES_MS.tolist()  # bisect on a list: ~50x cheaper than np.searchsorted on a scalar
 
 
 class RunningStats:
@@ -27,7 +29,7 @@ class RunningStats:
         with self._lock:
             self.counts[label] = self.counts.get(label, 0) + 1
             self.confidence_sum[label] = self.confidence_sum.get(label, 0.0) + confidence
-            self._bins[int(np.searchsorted(_EDGES_MS, latency_ms))] += 1
+            self._bins[bisect.bisect_left(_EDGES_LIST, latency_ms)] += 1
 
     def record_error(self) -> None:
         with self._lock:

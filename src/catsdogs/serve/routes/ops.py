@@ -77,6 +77,7 @@ async def stats(service: ServiceDep) -> StatsOut:
 
 @router.get("/metrics", summary="Prometheus text format", response_class=Response)
 async def metrics(service: ServiceDep) -> Response:
+    service.drift.publish_now()  # drift scores as of this scrape (the drift thread only updates)
     body, content_type = service.metrics.render()
     return Response(content=body, media_type=content_type)
 

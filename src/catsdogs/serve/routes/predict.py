@@ -89,7 +89,16 @@ async def predict(request: Request, service: ServiceDep) -> Response:
     request.state.log.update(
         label=result.label, confidence=round(result.confidence, 4), model_version=result.model_version
     )
-    return _json(PredictionOut(**asdict(result)))
+    return _json(
+        PredictionOut(
+            label=result.label,
+            confidence=result.confidence,
+            probabilities=result.probabilities,
+            prediction_id=result.prediction_id,
+            model_version=result.model_version,
+            latency_ms=result.latency_ms,
+        )
+    )
 
 
 async def _one(service: ServiceDep, index: int, part: Part, started: float) -> BatchItemOut:
