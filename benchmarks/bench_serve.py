@@ -1,4 +1,4 @@
-"""End-to-end serving benchmark on loopback: `catsdogs serve` + an aiohttp load generator.
+"""End-to-end serving benchmark on loopback: `catsdogs serve` + a wrk (or aiohttp) load generator.
 
 Measures, in one run and on one machine:
   * raw ONNX Runtime throughput of the very file the server serves (``model.int8.onnx`` with
@@ -11,10 +11,16 @@ Measures, in one run and on one machine:
     and with phone-size JPEGs (4032x3024, made by upscaling dataset images in a temp dir),
   * server RSS after ready, after N requests, and after a burst of bad/huge uploads.
 
-The load generator runs in its own process (aiohttp, prebuilt multipart bodies) so its CPU use
-is small and separate from the server's. Results: benchmarks/results/serve.json + a markdown table.
+The load generator runs in its own process and sends prebuilt multipart bodies, round-robin.
+It shares the cores with the server, so it should be light: ``--client wrk`` (the default when
+``wrk`` is on PATH; ``apt-get install wrk``) is a C program driven by ``wrk_multipart.lua``.
+``--client aiohttp`` (the fallback) is pure Python and costs several times more CPU per request.
+Each run reports ``loadgen_cpu_ms_per_request`` for either client; the top-level ``client`` key
+says which one ran. The bad-upload check always uses aiohttp, because it fails loudly when a
+connection drops. Results: benchmarks/results/serve.json + a markdown table.
 
-    python benchmarks/bench_serve.py --bundle /path/to/bundle [--quick] [--env CATSDOGS_BATCH_MAX_SIZE=8]
+    python benchmarks/bench_serve.py --bundle /path/to/bundle [--quick] [--client wrk|aiohttp]
+        [--env CATSDOGS_BATCH_MAX_SIZE=8]
 """
 
 from __future__ import annotations
