@@ -1,4 +1,4 @@
-"""End-to-end serving benchmark on loopback: `catsdogs serve` + an aiohttp load generator.
+"""End-to-end serving benchmark on loopback: `catsdogs serve` + a wrk (or aiohttp) load generator.
 
 Measures, in one run and on one machine:
   * raw ONNX Runtime throughput of the very file the server serves (``model.int8.onnx`` with
@@ -11,10 +11,16 @@ Measures, in one run and on one machine:
     and with phone-size JPEGs (4032x3024, made by upscaling dataset images in a temp dir),
   * server RSS after ready, after N requests, and after a burst of bad/huge uploads.
 
-The load generator runs in its own process (aiohttp, prebuilt multipart bodies) so its CPU use
-is small and separate from the server's. Results: benchmarks/results/serve.json + a markdown table.
+The load generator runs in its own process and sends prebuilt multipart bodies, round-robin.
+It shares the cores with the server, so it should be light: ``--client wrk`` (the default when
+``wrk`` is on PATH; ``apt-get install wrk``) is a C program driven by ``wrk_multipart.lua``.
+``--client aiohttp`` (the fallback) is pure Python and costs several times more CPU per request.
+Each run reports ``loadgen_cpu_ms_per_request`` for either client; the top-level ``client`` key
+says which one ran. The bad-upload check always uses aiohttp, because it fails loudly when a
+connection drops. Results: benchmarks/results/serve.json + a markdown table.
 
-    python benchmarks/bench_serve.py --bundle /path/to/bundle [--quick] [--env CATSDOGS_BATCH_MAX_SIZE=8]
+    python benchmarks/bench_serve.py --bundle /path/to/bundle [--quick] [--client wrk|aiohttp]
+        [--env CATSDOGS_BATCH_MAX_SIZE=8]
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import platform
+import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO.parent / "shared" / "datasets" / "dogs-vs-cats" / "train.zip"
 BOUNDARY = "catsdogsbenchboundary"
+WRK_SCRIPT = Path(__file__).resolve().with_name("wrk_multipart.lua")
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -354,8 +365,24 @@ def run_load(
     total: int | None = None,
     *,
     pid: int | None = None,
+    client: str = "aiohttp",
 ) -> dict:
     """One load run in its own process; with ``pid``, also the server's CPU-ms per request."""
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    if client == "wrk":
+        result = run_wrk(url, files, concurrency, seconds, tmp, total)
+    else:
+        result = run_aiohttp(url, files, concurrency, seconds, tmp, total)
+    if pid:
+        used = cpu_seconds(pid) - cpu_before
+        result["server_cpu_ms_per_request"] = round(used * 1000 / max(1, result["requests"]), 2)
+    return result
+
+
+def run_aiohttp(
+    url: str, files: list[Path], concurrency: int, seconds: float, tmp: Path, total: int | None
+) -> dict:
+    """The aiohttp load generator (this file with ``--loadgen``) in a child process."""
     spec = tmp / "spec.json"
     spec.write_text(
         json.dumps(
@@ -368,7 +395,6 @@ def run_load(
             }
         )
     )
-    cpu_before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         [sys.executable, __file__, "--loadgen", str(spec)],
         capture_output=True,
@@ -376,11 +402,102 @@ def run_load(
         check=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
-    result = json.loads(out.stdout)
-    if pid:
-        used = cpu_seconds(pid) - cpu_before
-        result["server_cpu_ms_per_request"] = round(used * 1000 / max(1, result["requests"]), 2)
-    return result
+    return json.loads(out.stdout)
+
+
+def wrk_bodies(files: list[Path], tmp: Path) -> Path:
+    """Multipart bodies for ``files`` (the same bytes the aiohttp path sends) and the list wrk reads."""
+    folder = tmp / "wrk-bodies"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, path in enumerate(files):
+        body = folder / f"{path.stem}_{i}.body"
+        if not body.exists():
+            body.write_bytes(multipart(path.read_bytes()))
+        paths.append(str(body))
+    listing = folder / "list.txt"  # runs are sequential: one list at a time
+    listing.write_text("\n".join(paths) + "\n")
+    return listing
+
+
+def _wrk_output(command: list[str], stops: int, *, tmp: Path) -> str:
+    """Run wrk and return its stdout; with ``stops``, end it by SIGINT once that many threads have
+    printed WRKDONE (wrk waits for its full ``-d`` otherwise, even with every thread stopped).
+
+    wrk's own ``-d`` bounds the run, so this cannot hang on a server that stops answering.
+    """
+    stderr_path = tmp / "wrk.stderr"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # wrk writes nothing else until it ends
+            lines.append(line)
+            if stops and line.strip() == "WRKDONE":
+                stops -= 1
+                if not stops:
+                    proc.send_signal(signal.SIGINT)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"wrk exited with {code}: {stderr_path.read_text()[-2000:]}")
+    return "".join(lines)
+
+
+def run_wrk(
+    url: str, files: list[Path], concurrency: int, seconds: float, tmp: Path, total: int | None
+) -> dict:
+    """wrk (C, one thread) with ``wrk_multipart.lua``: same bodies and output keys as the aiohttp path.
+
+    With ``total`` the script stops after that many responses; the duration is then only a bound.
+    The CPU time of wrk comes from ``RUSAGE_CHILDREN`` around the run (wrk is the only child
+    reaped in between), so it includes wrk's start-up and the reading of the bodies.
+    """
+    threads = 1  # One C thread sends thousands of req/s; a second would only take CPU from the server.
+    duration = max(60, total) if total else max(1, math.ceil(seconds))
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{max(concurrency, threads)}",
+        f"-d{duration}s",
+        "--latency",
+        "--timeout",
+        "60s",
+        "-s",
+        str(WRK_SCRIPT),
+        f"{url}/predict",
+        "--",
+        str(wrk_bodies(files, tmp)),
+        BOUNDARY,
+        str(total or 0),
+        str(threads),
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stdout = _wrk_output(command, threads if total else 0, tmp=tmp)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    lines = [line for line in stdout.splitlines() if line.startswith("WRKJSON ")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no result line:\n{stdout}")
+    raw = json.loads(lines[-1].removeprefix("WRKJSON "))
+    requests = int(raw["requests"])
+    elapsed = raw["duration_us"] / 1e6
+    statuses: dict[str, int] = dict(raw["statuses"])
+    errors = raw["errors"]
+    # Responses are counted per status code by the script; connection-level failures have no code.
+    socket_errors = errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]
+    if socket_errors:
+        statuses["socket_error"] = socket_errors
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "seconds": round(elapsed, 2),
+        "throughput_rps": round(requests / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(raw["p50_us"] / 1000, 1),
+        "p95_ms": round(raw["p95_us"] / 1000, 1),
+        "p99_ms": round(raw["p99_us"] / 1000, 1),
+        "statuses": statuses,
+        "loadgen_cpu_ms_per_request": round(cpu * 1000 / max(1, requests), 2),
+    }
 
 
 def bad_uploads(folder: Path, jpeg: bytes) -> list[Path]:
@@ -427,13 +544,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="concurrency 16 on dataset JPEGs only (tuning)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
     parser.add_argument("--label", default="default")
+    parser.add_argument(
+        "--client",
+        choices=("wrk", "aiohttp"),
+        default="wrk" if shutil.which("wrk") else "aiohttp",
+        help="load generator (default: wrk when installed, it costs the shared CPU far less per request)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))  # this checkout's code, not an installed copy
     if args.loadgen:
         loadgen_main(args.loadgen)
         return
+    if args.client == "wrk" and not shutil.which("wrk"):
+        parser.error("--client wrk: wrk is not installed (apt-get install wrk), or use --client aiohttp")
     env = dict(item.split("=", 1) for item in args.env)
+    client = args.client
     levels = [16] if args.quick else [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory(prefix="catsdogs-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -461,6 +587,7 @@ def main() -> None:
         try:
             result: dict[str, object] = {
                 "label": args.label,
+                "client": client,
                 "bundle": str(args.bundle),
                 "server_env": env,
                 "machine": {
@@ -473,13 +600,14 @@ def main() -> None:
                 "time_to_ready_s": round(ready_s, 2),
                 "rss_mb_ready": rss_mb(proc.pid),
             }
-            run_load(url, data_files, 4, 2.0, tmp)  # warm-up
+            run_load(url, data_files, 4, 2.0, tmp, client=client)  # warm-up
             result["dataset"] = [
-                run_load(url, data_files, c, args.seconds, tmp, pid=proc.pid) for c in levels
+                run_load(url, data_files, c, args.seconds, tmp, pid=proc.pid, client=client) for c in levels
             ]
             if phone_files:
                 result["phone_4032x3024"] = [
-                    run_load(url, phone_files, c, args.seconds, tmp, pid=proc.pid) for c in levels
+                    run_load(url, phone_files, c, args.seconds, tmp, pid=proc.pid, client=client)
+                    for c in levels
                 ]
             # Other jobs share the CPU and their load drifts by the minute: compare the service with
             # the bare model in alternating short rounds and report the median of the ratios.
@@ -488,7 +616,7 @@ def main() -> None:
             rounds = []
             for _ in range(3):
                 bare = raw_ort(args.bundle, jpegs, seconds=3.0, settings=settings, only=best)
-                load = run_load(url, data_files, 16, 4.0, tmp, pid=proc.pid)
+                load = run_load(url, data_files, 16, 4.0, tmp, pid=proc.pid, client=client)
                 bare_rate = float(bare["best_images_per_s"])  # type: ignore[arg-type]
                 bare_cpu = bare["configs"][best]["cpu_ms_per_image"]  # type: ignore[index]
                 rounds.append(
@@ -511,10 +639,12 @@ def main() -> None:
                 done = sum(r["requests"] for key in ("dataset", "phone_4032x3024") for r in result[key])  # type: ignore[union-attr]
                 remaining = max(0, args.rss_requests - done)
                 if remaining:
-                    run_load(url, data_files, 16, 0, tmp, total=remaining)
+                    run_load(url, data_files, 16, 0, tmp, total=remaining, client=client)
                 result["requests_before_rss"] = max(done, args.rss_requests)
                 result["rss_mb_after_requests"] = rss_mb(proc.pid)
-                bad = run_load(url, bad_uploads(tmp, jpegs[0]), 4, 0, tmp, total=200)
+                # A functional check, not a measurement: aiohttp fails loudly on a dropped connection
+                # where wrk would only count it.
+                bad = run_load(url, bad_uploads(tmp, jpegs[0]), 4, 0, tmp, total=200, client="aiohttp")
                 result["bad_uploads"] = {"requests": bad["requests"], "statuses": bad["statuses"]}
                 result["rss_mb_after_bad_uploads"] = rss_mb(proc.pid)
         finally:
@@ -536,7 +666,8 @@ def markdown(result: dict) -> str:
         f"raw ONNX Runtime on {raw['model_file']}: best {raw['best_images_per_s']} img/s "
         f"({raw['best_config']}), server layout {raw['server_images_per_s']} img/s; "
         f"ready in {result['time_to_ready_s']} s; c16/raw = {result['ratio_c16_to_raw']}, "
-        f"raw/server CPU per image = {result['cpu_ratio_raw_to_server']}",
+        f"raw/server CPU per image = {result['cpu_ratio_raw_to_server']}; "
+        f"load generator: {result.get('client', 'aiohttp')}",
         "",
         "| raw layout | intra-op threads | callers | batch | img/s | CPU-ms/img |",
         "|---|---|---|---|---|---|",
