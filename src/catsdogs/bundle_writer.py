@@ -124,7 +124,7 @@ def write_bundle(
     data_info = {
         "n_train": len(samples["train"]),
         "n_val": len(samples["val"]),
-        "flip_features": settings.flip_features and strategy == "head",
+        "views": _training_views(settings, strategy),
     }
     (staging / bundle_files.MODEL_CARD).write_text(
         model_card(metadata=metadata, metrics=metrics, data=data_info)
@@ -187,3 +187,12 @@ def _write_artifacts(
             for p in errors
         ],
     )
+
+
+def _training_views(settings: Settings, strategy: str) -> list[str]:
+    """Which fixed views of each training image the model saw (random augmentation for scratch)."""
+    if strategy == "finetune":
+        return list(settings.finetune_views)
+    if strategy == "head":
+        return ["orig", "flip"] if settings.flip_features else ["orig"]
+    return ["random augmentation"]

@@ -122,7 +122,7 @@ Created {m["created_at"]} by catsdogs {m["package_version"]} (commit {m["git_com
 ## Data
 - Dataset: Kaggle "Dogs vs. Cats" training images (`train.zip`), ingested by `catsdogs data ingest`.
 - Data version (manifest SHA-256): `{metadata["data_version"]}`
-- Images used: {data["n_train"]} train (plus mirror images: {data["flip_features"]}),
+- Images used: {data["n_train"]} train (training views: {", ".join(data["views"])}),
   {data["n_val"]} validation, {metrics["n_images"]} test.
 - Choices (backbone, head, epochs) were made on the validation split only.
 

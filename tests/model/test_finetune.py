@@ -94,6 +94,7 @@ def test_fine_tuning_learns_and_writes_a_bundle_whose_onnx_matches(finetune_run)
     assert result.test_metrics["accuracy"] >= 0.9
     bundle = ModelBundle.open(result.bundle_dir)
     assert bundle.metadata["strategy"] == "finetune" and bundle.metadata["onnx"]["passed"]
+    assert "training views: orig, crop_flip" in (result.bundle_dir / "model_card.md").read_text()
     model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
     pretrained = LiteFeatures("efficientnet_lite0", image_size=224)
     trained = model.backbone.net
