@@ -346,6 +346,10 @@ def export_command(
         Path | None,
         typer.Option("--out", help="Write the exported bundle here (a copy) instead of in place."),
     ] = None,
+    log: Annotated[
+        bool,
+        typer.Option("--log/--no-log", help="Record the INT8 export on the bundle's MLflow training run."),
+    ] = True,
 ) -> None:
     """Write the bundle's model.onnx (dynamic batch), checked against PyTorch on real images."""
     import json
@@ -356,6 +360,11 @@ def export_command(
     settings = _settings(data_dir=data_dir)
     bundle = resolve_model_uri(model_uri, settings=settings)
     report = export_bundle(bundle, settings=settings, int8=int8, out=out)
+    run_id = bundle.metadata.get("run_id")
+    if log and int8 and run_id:
+        from catsdogs.registry.tracking import log_export
+
+        log_export(settings, run_id, int8_path=report.int8_path, int8=report.int8)
     typer.echo(
         json.dumps(
             {"onnx": str(report.onnx_path), "parity": report.parity.to_dict(), "int8": report.int8}, indent=2

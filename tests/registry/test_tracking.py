@@ -315,3 +315,31 @@ def test_logged_pyfunc_input_accepts_data_urls() -> None:
         _as_bytes("not base64 !!")
     with pytest.raises(ValueError, match="bytes or a base64"):
         _as_bytes(12)
+
+
+def test_an_int8_export_is_recorded_on_its_training_run(logged: dict, tmp_path: Path) -> None:
+    from catsdogs.registry.tracking import log_export
+
+    settings = logged["settings"]
+    client = _client(settings)
+    run_id = client.create_run(client.get_run(logged["run_id"]).info.experiment_id).info.run_id
+    int8_file = tmp_path / "model.int8.onnx"
+    int8_file.write_bytes(b"quantized graph")
+    report = {
+        "accepted": True,
+        "val": {"int8_accuracy": 0.99, "drop": 0.001},
+        "test": {"int8_accuracy": 0.985, "drop": 0.002},
+    }
+    log_export(settings, run_id, int8_path=int8_file, int8=report)
+    run = client.get_run(run_id)
+    assert run.data.metrics["int8_val_accuracy"] == pytest.approx(0.99)
+    assert run.data.metrics["int8_test_drop"] == pytest.approx(0.002)
+    assert run.data.tags["export.int8"] == "accepted"
+    assert [a.path for a in client.list_artifacts(run_id, "export")] == ["export/model.int8.onnx"]
+
+
+def test_exporting_a_bundle_whose_run_is_elsewhere_says_which_store(logged: dict) -> None:
+    from catsdogs.registry.tracking import log_export
+
+    with pytest.raises(CatsdogsError, match="--no-log"):
+        log_export(logged["settings"], "0" * 32, int8_path=None, int8={"accepted": True})

@@ -288,3 +288,29 @@ class MlflowTracker:
         )
         _logger.info("registered %s version %d as %s", name, version, CHALLENGER)
         return version
+
+
+def log_export(
+    settings: Settings, run_id: str, *, int8_path: Path | None, int8: dict[str, Any] | None
+) -> None:
+    """Record a later ``catsdogs export`` on the training run that produced the bundle.
+
+    The INT8 graph is logged under ``export/`` and its accuracies as ``int8_<split>_accuracy`` and
+    ``int8_<split>_drop`` metrics, so the run shows what the exported variant is worth.
+    """
+    client = make_client(settings)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise CatsdogsError(
+            f"the bundle's MLflow run {run_id} is not in {settings.mlflow_tracking_uri}: "
+            "point CATSDOGS_MLFLOW_TRACKING_URI at the store it was trained with, or use --no-log"
+        ) from exc
+    if int8_path is not None:
+        client.log_artifact(run_id, str(int8_path), artifact_path="export")
+    for split in ("val", "test"):
+        if int8 and split in int8:
+            client.log_metric(run_id, f"int8_{split}_accuracy", float(int8[split]["int8_accuracy"]))
+            client.log_metric(run_id, f"int8_{split}_drop", float(int8[split]["drop"]))
+    if int8 is not None:
+        client.set_tag(run_id, "export.int8", "accepted" if int8.get("accepted") else "refused")
