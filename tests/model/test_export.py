@@ -71,17 +71,15 @@ def test_int8_export_is_refused_when_it_loses_too_much_accuracy(cnn_run, tmp_pat
     assert not (bundle / "model.int8.onnx").exists()
 
 
-def test_export_to_another_folder_leaves_the_source_bundle_untouched(
-    cnn_run, tmp_path: Path, monkeypatch
-) -> None:
+def _export_to_folder(cnn_run, tmp_path: Path, monkeypatch, *, max_drop: str, previous: str):
+    """Export a copy of the trained bundle with --int8 --out into a folder holding an older export."""
     bundle = _bundle_copy(cnn_run, tmp_path)
     _, settings = cnn_run
-    before = {path.name: path.read_bytes() for path in bundle.iterdir() if path.is_file()}
-    monkeypatch.setenv("CATSDOGS_INT8_MAX_ACCURACY_DROP", "1.0")
+    monkeypatch.setenv("CATSDOGS_INT8_MAX_ACCURACY_DROP", max_drop)
     monkeypatch.setenv("CATSDOGS_INT8_CALIBRATION_IMAGES", "32")
     out = tmp_path / "exported"
     out.mkdir()
-    (out / "stale.txt").write_text("from an older export")
+    (out / "previous.txt").write_text(previous)
     args = [
         "export",
         "--model-uri",
@@ -92,10 +90,17 @@ def test_export_to_another_folder_leaves_the_source_bundle_untouched(
         "--out",
         str(out),
     ]
-    run = CliRunner().invoke(app, args)
+    return bundle, out, CliRunner().invoke(app, args)
+
+
+def test_export_to_another_folder_leaves_the_source_bundle_untouched(
+    cnn_run, tmp_path: Path, monkeypatch
+) -> None:
+    bundle, out, run = _export_to_folder(cnn_run, tmp_path, monkeypatch, max_drop="1.0", previous="stale")
     assert run.exit_code == 0, run.output
-    assert {path.name: path.read_bytes() for path in bundle.iterdir() if path.is_file()} == before
-    assert (out / "model.int8.onnx").is_file() and not (out / "stale.txt").exists()
+    trained = {p.name: p.read_bytes() for p in cnn_run[0].bundle_dir.iterdir() if p.is_file()}
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == trained
+    assert (out / "model.int8.onnx").is_file() and not (out / "previous.txt").exists()
     assert json.loads((out / "metadata.json").read_text())["int8"]["accepted"]
     assert json.loads(run.output)["int8"]["accepted"] and not list(tmp_path.glob(".exported*"))
 
@@ -103,26 +108,12 @@ def test_export_to_another_folder_leaves_the_source_bundle_untouched(
 def test_a_refused_export_to_another_folder_keeps_the_previous_output(
     cnn_run, tmp_path: Path, monkeypatch
 ) -> None:
-    bundle = _bundle_copy(cnn_run, tmp_path)
-    _, settings = cnn_run
-    monkeypatch.setenv("CATSDOGS_INT8_MAX_ACCURACY_DROP", "-1.0")
-    monkeypatch.setenv("CATSDOGS_INT8_CALIBRATION_IMAGES", "32")
-    out = tmp_path / "exported"
-    out.mkdir()
-    (out / "previous.txt").write_text("the last good export")
-    args = [
-        "export",
-        "--model-uri",
-        str(bundle),
-        "--int8",
-        "--data-dir",
-        str(settings.data_dir),
-        "--out",
-        str(out),
-    ]
-    run = CliRunner().invoke(app, args)
+    # no model can gain 100 points, so the INT8 gate refuses
+    _, out, run = _export_to_folder(
+        cnn_run, tmp_path, monkeypatch, max_drop="-1.0", previous="last good export"
+    )
     assert isinstance(run.exception, CatsdogsError)
-    assert (out / "previous.txt").read_text() == "the last good export"
+    assert (out / "previous.txt").read_text() == "last good export"
     assert not list(tmp_path.glob(".exported*"))
 
 
