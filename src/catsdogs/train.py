@@ -167,7 +167,7 @@ def apply_profile(settings: Settings) -> Settings:
 
 def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
     """The model to build and the effective strategy; refuses combinations that are not implemented."""
-    from catsdogs.model import check_architecture, native_image_size
+    from catsdogs.model import check_architecture, default_image_size
 
     settings = apply_profile(settings)
     arch = check_architecture(settings.architecture)
@@ -182,7 +182,7 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
         raise CatsdogsError(f"{arch} is pretrained: use --strategy head (or --model simple_cnn for scratch)")
     spec = ModelSpec(
         architecture=arch,
-        image_size=settings.image_size or native_image_size(arch),
+        image_size=settings.image_size or default_image_size(arch),
         num_classes=len(settings.classes),
         head=settings.head,
         head_hidden=settings.head_hidden,

@@ -9,13 +9,13 @@ from catsdogs.settings import Settings
 from catsdogs.train import BEST_PROFILE, apply_profile, preprocess_config_for, resolve_spec
 
 
-def test_the_default_is_a_frozen_lite2_with_a_linear_head_at_its_native_size() -> None:
+def test_the_default_is_a_frozen_lite2_with_a_linear_head_above_its_native_size() -> None:
     spec, strategy = resolve_spec(Settings())
     assert (spec.architecture, strategy, spec.head, spec.image_size) == (
         "efficientnet_lite2",
         "head",
         "linear",
-        260,
+        300,
     )
 
 
@@ -52,5 +52,6 @@ def test_the_best_profile_refuses_the_from_scratch_baseline() -> None:
 
 def test_preprocessing_follows_the_architecture_and_the_size_override() -> None:
     assert preprocess_config_for(Settings(architecture="efficientnet_lite1")).image_size == 240
+    assert preprocess_config_for(Settings(image_size=260)).image_size == 260
     config = preprocess_config_for(Settings(architecture="efficientnet_lite0", image_size=192))
     assert config.image_size == 192 and config.mean == config.std == (0.5, 0.5, 0.5)
