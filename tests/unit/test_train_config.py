@@ -15,7 +15,7 @@ def test_the_default_is_a_frozen_lite2_with_a_linear_head_above_its_native_size(
         "efficientnet_lite2",
         "head",
         "linear",
-        300,
+        280,
     )
 
 
