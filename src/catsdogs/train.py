@@ -149,9 +149,11 @@ def _refuse_extract(batch: np.ndarray) -> np.ndarray:
 
 
 #: ``--profile best``: what it sets on top of the other settings (chosen on the validation split;
-#: README "Results").
+#: README "Results"). 300 px is Lite2's best input size on validation; it serves slower than the
+#: default's 280 px (README, "Per backbone and profile").
 BEST_PROFILE: dict[str, Any] = {
     "strategy": "finetune",
+    "image_size": 300,
     "finetune_blocks": 1,
     "finetune_views": ("orig", "flip", "crop", "crop_flip"),
     "epochs": 3,
