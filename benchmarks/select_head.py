@@ -59,9 +59,9 @@ def main() -> None:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
             _, history = fit(
-                    model, train_src, val_src, settings=settings, run_dir=Path(run_dir), fingerprint="select",
-                    dist=Dist(), device=torch.device("cpu"),
-                )  # fmt: skip
+                model, train_src, val_src, settings=settings, run_dir=Path(run_dir), fingerprint="select",
+                dist=Dist(), device=torch.device("cpu"),
+            )  # fmt: skip
         best = min(history, key=lambda row: row["val_loss"])
         correct = round(best["val_accuracy"] * len(val_src))
         key = f"{args.architecture}@{config.image_size}/{head}/{'orig+flip' if flip else 'orig'}"

