@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    worker_start_wait_s: float = 60.0
+    """With ``workers > 1``, how long a worker's startup waits for its first model before it
+    accepts connections anyway. The workers share one socket, so a probe answered by a ready worker
+    says nothing of the others: a worker that accepted while still loading would answer 503."""
     max_upload_bytes: int = 10 * 1024 * 1024
     max_batch_images: int = 32
     batch_max_size: int | None = None

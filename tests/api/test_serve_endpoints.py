@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,25 @@ def test_ready_is_503_and_predict_refused_while_no_model_can_load(
     assert refused.status_code == 503
     assert refused.json()["error"] == "model_not_ready"
     assert "Retry-After" in refused.headers
+
+
+def test_a_worker_of_several_starts_serving_only_with_its_model_loaded(
+    make_client: Callable[..., TestClient],
+) -> None:
+    # Several workers share one socket: one still loading must not take connections yet.
+    client = make_client(ready=False, workers=2)
+    assert client.get("/ready").status_code == 200  # at once: startup waited for the model
+
+
+def test_a_worker_without_a_model_still_starts_after_its_wait(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    client = make_client(
+        ready=False, workers=2, worker_start_wait_s=0.5, model_uri=str(tmp_path / "no-such-bundle")
+    )
+    assert time.monotonic() - started < 10
+    assert client.get("/ready").status_code == 503
 
 
 def test_predict_multipart_returns_the_models_answer(client: TestClient, cat_jpeg: bytes) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +18,8 @@ from catsdogs.serve.routes import admin, feedback, ops, predict, ui
 from catsdogs.serve.service import build_service
 from catsdogs.settings import Settings, get_settings
 
+logger = logging.getLogger(__name__)
+
 
 def create_app(
     settings: Settings | None = None, *, drift_factory: DriftWindowFactory | None = None
@@ -28,6 +32,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.predictor.start()
         service.store.start()
+        if settings.workers > 1:  # see Settings.worker_start_wait_s
+            wait = settings.worker_start_wait_s
+            if not await asyncio.to_thread(service.store.wait_loaded, wait):
+                logger.warning("no model after %.0f s; accepting requests anyway (503 until loaded)", wait)
         yield
         service.store.stop()
         await service.predictor.stop()  # in-flight work finishes first (uvicorn drains on SIGTERM)

@@ -145,6 +145,7 @@ class ModelStore:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loaded = threading.Event()
         self._on_swap = on_swap
         self._on_reload = on_reload
         self.last_error: str | None = None
@@ -157,6 +158,11 @@ class ModelStore:
         self._current = model  # one reference assignment: atomic for readers
         if self._on_swap:
             self._on_swap(model)
+        self._loaded.set()
+
+    def wait_loaded(self, timeout_s: float) -> bool:
+        """Block until a first model is served (True) or ``timeout_s`` passes (False)."""
+        return self._loaded.wait(timeout_s)
 
     def load_now(self, *, uri: str | None = None) -> LoadedModel:
         """Resolve, load and warm up, then swap in (raises on failure)."""
