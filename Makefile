@@ -40,7 +40,7 @@ train: ## Train with params.yaml and register the model.
 serve: ## Serve the champion model on 127.0.0.1:8000.
 	$(BIN)/catsdogs serve
 
-BUNDLE ?= runs/efficientnet_lite2-head/bundle
+BUNDLE ?= runs/efficientnet_lite2-finetune/bundle
 
 bench: ## Full-size benchmarks (minutes): ingest → train → evaluate from nothing, then serving BUNDLE.
 	$(PY) benchmarks/bench_pipeline.py --source $(SOURCE)

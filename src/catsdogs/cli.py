@@ -204,7 +204,7 @@ def train_command(
     strategy: Annotated[
         str | None,
         typer.Option(
-            help="head (frozen backbone, cached features) or finetune (last blocks on cached activations)."
+            help="finetune (default: last blocks on cached activations) or head (frozen backbone)."
         ),
     ] = None,
     profile: Annotated[
@@ -217,7 +217,9 @@ def train_command(
     image_size: Annotated[
         int | None, typer.Option(min=32, help="Input size (default: the backbone's; 280 for Lite2).")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Most epochs (default: 1 for finetune, 30 for head).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", min=0.0)] = None,
     max_train_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,

@@ -205,6 +205,8 @@ def fit(
 
     Returns the model with its best (lowest validation loss) weights, and the per-epoch history.
     """
+    if settings.epochs is None:
+        raise CatsdogsError("settings.epochs is unset: resolve it with catsdogs.train.apply_profile")
     model.to(device)
     wrapped = model
     if dist.world > 1:

@@ -1,14 +1,14 @@
 """Training: ``train(settings) -> TrainResult``, from manifest to a complete model bundle.
 
 Strategies:
+- ``finetune`` (the default): the last ``finetune_blocks`` backbone blocks, the head convolution
+  and the head are trained. The activations below them are extracted once through ONNX Runtime
+  for a few fixed views of each training image (``finetune_views``: the image, its mirror image,
+  a central crop and its mirror) and cached on disk, so an epoch costs only the top of the
+  network. Augmentation comes from those views, stochastic depth in the unfrozen blocks and
+  dropout; random crops, colour jitter and rotations cannot be cached and are not used here.
 - ``head``: frozen pretrained backbone. Features of every image (and its mirror image) are
   extracted once through ONNX Runtime and cached on disk; only the head is trained on them.
-- ``finetune``: the last ``finetune_blocks`` backbone blocks, the head convolution and the head
-  are trained. The activations below them are extracted once through ONNX Runtime for a few
-  fixed views of each training image (``finetune_views``: the image, its mirror image, a central
-  crop and its mirror) and cached on disk, so an epoch costs only the top of the network.
-  Augmentation comes from those views, stochastic depth in the unfrozen blocks and dropout;
-  random crops, colour jitter and rotations cannot be cached and are not used here.
 - ``scratch``: the ``simple_cnn`` baseline, trained on augmented images.
 
 Profiles: ``default`` uses the settings as given; ``best`` is :data:`BEST_PROFILE` on top of them.
@@ -161,10 +161,20 @@ BEST_PROFILE: dict[str, Any] = {
 }
 
 
+#: Epochs per strategy when ``epochs`` is not configured. Fine-tuning on fixed cached views
+#: overfits them after one epoch: validation loss was lowest after the first in every multi-epoch
+#: run (README, "Per backbone and profile"); heads and the from-scratch CNN stop early instead.
+DEFAULT_EPOCHS: dict[str, int] = {"head": 30, "finetune": 1, "scratch": 30}
+
+
 def apply_profile(settings: Settings) -> Settings:
-    """The settings a run actually uses: the ``best`` profile overrides its fields."""
+    """The settings a run actually uses: the ``best`` profile overrides its fields, and an unset
+    ``epochs`` becomes the strategy's default."""
     if settings.profile == "best":
-        return settings.model_copy(update=BEST_PROFILE)
+        settings = settings.model_copy(update=BEST_PROFILE)
+    if settings.epochs is None:
+        strategy = "scratch" if settings.architecture == "simple_cnn" else settings.strategy
+        settings = settings.model_copy(update={"epochs": DEFAULT_EPOCHS[strategy]})
     return settings
 
 

@@ -87,7 +87,7 @@ def test_training_registers_a_challenger_that_promotion_makes_champion(pipeline:
 
 
 def test_every_bundle_carries_onnx_metrics_samples_and_a_drift_reference(pipeline: dict[str, object]) -> None:
-    bundle = find_bundle(Path(pipeline["root"]) / "runs" / "efficientnet_lite0-head" / "bundle")
+    bundle = find_bundle(Path(pipeline["root"]) / "runs" / "efficientnet_lite0-finetune" / "bundle")
     assert bundle.onnx_path().is_file()
     assert bundle.metrics["n_images"] > 0 and len(bundle.metrics["accuracy_ci95"]) == 2
     assert {label for _, label in bundle.samples()} == {"cat", "dog"}
@@ -107,7 +107,7 @@ def test_http_predictions_of_the_champion_equal_catsdogs_evaluate(pipeline: dict
             time.sleep(0.1)
         info = client.get("/model-info").json()
         assert str(info["version"]) == "1"
-        bundle = find_bundle(Path(pipeline["root"]) / "runs" / "efficientnet_lite0-head" / "bundle")
+        bundle = find_bundle(Path(pipeline["root"]) / "runs" / "efficientnet_lite0-finetune" / "bundle")
         offline = evaluate_bundle(bundle, settings.manifest_path, split="test", progress=False)
         assert offline.predictions
         for row in offline.predictions:

@@ -95,6 +95,7 @@ def head_run(
 
     settings = Settings(
         architecture="efficientnet_lite0",
+        strategy="head",
         data_dir=small_data_dir,
         runs_dir=tmp_path_factory.mktemp("runs"),
         cache_dir=session_cache,

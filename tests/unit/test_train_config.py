@@ -6,17 +6,26 @@ import pytest
 
 from catsdogs import CatsdogsError
 from catsdogs.settings import Settings
-from catsdogs.train import BEST_PROFILE, apply_profile, preprocess_config_for, resolve_spec
+from catsdogs.train import BEST_PROFILE, DEFAULT_EPOCHS, apply_profile, preprocess_config_for, resolve_spec
 
 
-def test_the_default_is_a_frozen_lite2_with_a_linear_head_above_its_native_size() -> None:
-    spec, strategy = resolve_spec(Settings())
+def test_the_default_fine_tunes_lite2s_last_two_blocks_for_one_epoch_above_its_native_size() -> None:
+    settings = Settings()
+    spec, strategy = resolve_spec(settings)
     assert (spec.architecture, strategy, spec.head, spec.image_size) == (
         "efficientnet_lite2",
-        "head",
+        "finetune",
         "linear",
         280,
     )
+    resolved = apply_profile(settings)
+    assert (resolved.finetune_blocks, resolved.finetune_views, resolved.epochs) == (2, ("orig", "flip"), 1)
+
+
+def test_an_unset_epoch_count_becomes_the_strategys_own() -> None:
+    assert apply_profile(Settings(strategy="head")).epochs == DEFAULT_EPOCHS["head"] == 30
+    assert apply_profile(Settings(architecture="simple_cnn")).epochs == DEFAULT_EPOCHS["scratch"]
+    assert apply_profile(Settings(strategy="head", epochs=7)).epochs == 7
 
 
 def test_simple_cnn_always_trains_from_scratch() -> None:
@@ -41,7 +50,7 @@ def test_the_best_profile_fine_tunes_with_its_own_settings() -> None:
 
 
 def test_the_default_profile_leaves_the_settings_alone() -> None:
-    settings = Settings(strategy="finetune", finetune_blocks=3)
+    settings = Settings(strategy="finetune", finetune_blocks=3, epochs=4)
     assert apply_profile(settings) == settings
 
 
