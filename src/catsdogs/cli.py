@@ -203,9 +203,7 @@ def train_command(
     ] = None,
     strategy: Annotated[
         str | None,
-        typer.Option(
-            help="finetune (default: last blocks on cached activations) or head (frozen backbone)."
-        ),
+        typer.Option(help="finetune (default: last blocks on cached activations) or head (frozen backbone)."),
     ] = None,
     profile: Annotated[
         str | None, typer.Option(help="default, or best (fine-tunes more blocks on more views; slower).")
