@@ -167,14 +167,18 @@ BEST_PROFILE: dict[str, Any] = {
 DEFAULT_EPOCHS: dict[str, int] = {"head": 30, "finetune": 1, "scratch": 30}
 
 
+def _effective_strategy(settings: Settings) -> str:
+    """``simple_cnn`` has no pretrained weights, so it always trains from scratch."""
+    return "scratch" if settings.architecture == "simple_cnn" else settings.strategy
+
+
 def apply_profile(settings: Settings) -> Settings:
     """The settings a run actually uses: the ``best`` profile overrides its fields, and an unset
     ``epochs`` becomes the strategy's default."""
     if settings.profile == "best":
         settings = settings.model_copy(update=BEST_PROFILE)
     if settings.epochs is None:
-        strategy = "scratch" if settings.architecture == "simple_cnn" else settings.strategy
-        settings = settings.model_copy(update={"epochs": DEFAULT_EPOCHS[strategy]})
+        settings = settings.model_copy(update={"epochs": DEFAULT_EPOCHS[_effective_strategy(settings)]})
     return settings
 
 
@@ -184,13 +188,12 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
 
     settings = apply_profile(settings)
     arch = check_architecture(settings.architecture)
-    strategy = settings.strategy
+    strategy = _effective_strategy(settings)
     if arch == "simple_cnn":
         if settings.profile == "best":
             raise CatsdogsError(
                 "--profile best fine-tunes a pretrained backbone: choose an efficientnet_lite model"
             )
-        strategy = "scratch"
     elif strategy == "scratch":
         raise CatsdogsError(f"{arch} is pretrained: use --strategy head (or --model simple_cnn for scratch)")
     spec = ModelSpec(
