@@ -70,8 +70,12 @@ def write_bundle(
     settings: Settings,
     history: list[dict[str, float]],
     samples: dict[str, list[Sample]],
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    """Write the complete bundle to ``bundle_dir`` (replacing an older one) and return test metrics."""
+    """Write the complete bundle to ``bundle_dir`` (replacing an older one) and return test metrics.
+
+    ``temperature``: the calibration already folded into ``model``'s last layer, if any (recorded).
+    """
     staging = bundle_dir.with_name(f".{bundle_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / bundle_files.SAMPLES).mkdir(parents=True)
@@ -116,6 +120,7 @@ def write_bundle(
         "epochs_trained": len(history),
         "best_epoch": min(history, key=lambda row: row["val_loss"])["epoch"] if history else None,
         "val_metrics": min(history, key=lambda row: row["val_loss"]) if history else {},
+        "temperature": temperature,
         "weights_licence": BACKBONES[spec.architecture].licence
         if spec.architecture in BACKBONES
         else SIMPLE_CNN_LICENCE,
@@ -191,7 +196,7 @@ def _write_artifacts(
 
 def _training_views(settings: Settings, strategy: str) -> list[str]:
     """Which fixed views of each training image the model saw (random augmentation for scratch)."""
-    if strategy == "finetune":
+    if strategy == "finetune" and not settings.finetune_augment:
         return list(settings.finetune_views)
     if strategy == "head":
         return ["orig", "flip"] if settings.flip_features else ["orig"]

@@ -206,7 +206,10 @@ def train_command(
         typer.Option(help="finetune (default: last blocks on cached activations) or head (frozen backbone)."),
     ] = None,
     profile: Annotated[
-        str | None, typer.Option(help="default, or best (fine-tunes more blocks on more views; slower).")
+        str | None,
+        typer.Option(
+            help="default, or best (fine-tunes 14 blocks on random augmentations, 4 epochs; slower)."
+        ),
     ] = None,
     finetune_blocks: Annotated[
         int | None, typer.Option(min=0, help="finetune: how many of the last backbone blocks to train.")

@@ -82,6 +82,12 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def steps_per_epoch(n: int, batch_size: int, dist: Dist) -> int:
+    """How many batches :func:`_batch_indices` yields (a last batch smaller than the world is dropped)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= max(dist.world, 1) else 0)
+
+
 def _batch_indices(
     n: int, batch_size: int, rng: np.random.Generator | None, dist: Dist
 ) -> Iterator[np.ndarray]:
@@ -141,10 +147,16 @@ def _metrics(prefix: str, loss: float, labels: list[np.ndarray], probs: list[np.
     return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": float(m[k]) for k in keys}}
 
 
-def train_one_epoch(model, source, optimizer, *, batch_size, rng, dist, device, class_names) -> dict:
-    """One pass over the training data; returns train loss and metrics."""
+def train_one_epoch(
+    model, source, optimizer, *, batch_size, rng, dist, device, class_names,
+    label_smoothing: float = 0.0, batch_scheduler=None,
+) -> dict:  # fmt: skip
+    """One pass over the training data; returns train loss and metrics.
+
+    ``batch_scheduler`` (a learning-rate schedule stepped per batch) is stepped after every update.
+    """
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     total, count, labels, probs = 0.0, 0, [], []
     bar = tqdm(total=len(source) // dist.world, desc="train", unit="ex", leave=False, disable=not dist.main)
     for x, y in source.batches(batch_size, rng=rng, dist=dist):
@@ -154,6 +166,8 @@ def train_one_epoch(model, source, optimizer, *, batch_size, rng, dist, device, 
         loss = loss_fn(logits, y)
         loss.backward()
         optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
         total += float(loss.detach()) * len(y)
         count += len(y)
         labels.append(y.cpu().numpy())
@@ -177,6 +191,29 @@ def validate(model, source, *, batch_size, device, class_names) -> dict:
     return _metrics("val", total / max(len(source), 1), labels, probs, class_names)
 
 
+@torch.inference_mode()
+def fit_temperature(model, source, *, batch_size, device) -> float:
+    """The temperature T minimising the cross-entropy of ``logits / T`` on ``source`` (validation).
+
+    One parameter, so it cannot change a prediction; it only undoes systematic over- or
+    under-confidence (Guo et al., 2017). Searched on a log grid, then refined around the best point.
+    """
+    model.eval()
+    logits, labels = [], []
+    for x, y in source.batches(batch_size, rng=None, dist=Dist()):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    z, y = torch.cat(logits), torch.cat(labels)
+
+    def loss(t: float) -> float:
+        return float(nn.functional.cross_entropy(z / t, y))
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    best = float(min(grid, key=loss))
+    fine = np.exp(np.linspace(np.log(best) - 0.06, np.log(best) + 0.06, 61))
+    return float(min(fine, key=loss))
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -198,7 +235,8 @@ def fit(
     resume: bool = False,
     param_groups: list[dict[str, Any]] | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train with AdamW, cosine LR, early stopping on validation loss; checkpoint every epoch.
+    """Train with AdamW, a cosine or one-cycle LR schedule (``settings.lr_schedule``), early
+    stopping on validation loss; checkpoint every epoch.
 
     ``param_groups`` (AdamW's, e.g. a lower learning rate for pretrained blocks) default to every
     parameter that requires a gradient.
@@ -215,7 +253,17 @@ def fit(
         )
     groups = param_groups or [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    per_batch = settings.lr_schedule == "one_cycle"
+    if per_batch:
+        steps = steps_per_epoch(len(train_source), settings.batch_size, dist)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=max(1, settings.epochs * steps),
+            pct_start=0.1,
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     history: list[dict[str, float]] = []
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     best_loss, bad_epochs, start = float("inf"), 0, 1
@@ -249,11 +297,14 @@ def fit(
             dist=dist,
             device=device,
             class_names=names,
+            label_smoothing=settings.label_smoothing,
+            batch_scheduler=scheduler if per_batch else None,
         )
         row |= validate(
             model, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names
         )
-        scheduler.step()
+        if not per_batch:
+            scheduler.step()
         if row["val_loss"] < best_loss - 1e-6:
             best_loss, bad_epochs = row["val_loss"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -205,19 +205,20 @@ class TransferClassifier(nn.Module):
 
 class FinetuneTop(nn.Module):
     """The trainable part of a fine-tuned :class:`TransferClassifier`: its last ``blocks`` backbone
-    blocks, the head convolution and the classifier, fed with cached trunk activations.
+    blocks, the head convolution and the classifier, fed with cached trunk activations (or, with
+    ``from_images``, with images that it passes through the frozen trunk itself).
 
     It shares its parameters with ``model``, so training it trains the full model in place. The
-    trunk is frozen; batch-norm layers keep their ImageNet statistics (only their affine
-    parameters learn), which is stable with CPU-sized batches.
+    trunk is frozen and always in eval mode; batch-norm layers keep their ImageNet statistics (only
+    their affine parameters learn), which is stable with CPU-sized batches.
     """
 
-    def __init__(self, model: TransferClassifier, *, blocks: int) -> None:
+    def __init__(self, model: TransferClassifier, *, blocks: int, from_images: bool = False) -> None:
         super().__init__()
         backbone = model.backbone
         if not 0 <= blocks <= backbone.num_blocks:
             raise CatsdogsError(f"finetune_blocks must be between 0 and {backbone.num_blocks}, not {blocks}")
-        self.model, self.start = model, backbone.num_blocks - blocks
+        self.model, self.start, self.from_images = model, backbone.num_blocks - blocks, from_images
         trainable = {id(p) for p in self.top_parameters()} | {id(p) for p in model.head.parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in trainable)
@@ -240,10 +241,30 @@ class FinetuneTop(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.eval()
+        net = self.model.backbone.net
+        for frozen in net._blocks[: self.start]:
+            frozen.eval()  # no stochastic depth below the trained blocks
         return self
 
-    def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.backbone.top(activations, start=self.start))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.from_images:
+            with torch.no_grad():
+                x = self.model.backbone.trunk(x, stop=self.start)
+        return self.model.head(self.model.backbone.top(x, start=self.start))
+
+
+def divide_logits(model: nn.Module, temperature: float) -> None:
+    """Fold a temperature into the model's last linear layer (logits / T), so the exported graph
+    serves calibrated probabilities at no cost. Predictions are unchanged for ``T > 0``."""
+    if not temperature > 0:
+        raise CatsdogsError(f"temperature must be positive, not {temperature}")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CatsdogsError("the model has no linear layer to fold a temperature into")
+    with torch.no_grad():
+        linears[-1].weight.div_(temperature)
+        if linears[-1].bias is not None:
+            linears[-1].bias.div_(temperature)
 
 
 class SimpleCNN(nn.Module):

@@ -112,6 +112,25 @@ class Settings(BaseSettings):
     finetune_backbone_lr_scale: float = 0.1
     """``finetune``: the unfrozen blocks learn at this fraction of ``learning_rate`` (the head at all of
     it), so the pretrained weights move gently while the new head settles."""
+    finetune_augment: bool = False
+    """``finetune``: train on random augmentations (crop, mirror, colour jitter, rotation:
+    :mod:`catsdogs.augment`) of every image, decoded each epoch and passed through the frozen trunk,
+    instead of on cached fixed views. Each epoch costs a pass through the trunk, but sees new views,
+    so it can train for several epochs (and deeper) without overfitting the views."""
+    train_image_size: int | None = Field(default=None, ge=32)
+    """Input size of the training images when they are decoded on the fly (``finetune_augment``,
+    ``scratch``); ``None`` means ``image_size``. A smaller size trains faster, and a model trained on
+    random-resized crops is more accurate served somewhat larger than it trained (Touvron et al.,
+    2019, "FixRes"). Cached strategies refuse it."""
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the training loss (validation loss stays plain cross-entropy)."""
+    lr_schedule: Literal["cosine", "one_cycle"] = "cosine"
+    """``cosine``: stepped once per epoch; ``one_cycle``: stepped every batch, warm-up over the first
+    10% of the steps to ``learning_rate``, then cosine annealing (for runs of a few epochs)."""
+    calibrate_temperature: bool = False
+    """Fit one temperature on the validation split after training and fold it into the classifier's
+    last layer, so the served probabilities are calibrated (label smoothing leaves them timid).
+    Predictions do not change; probabilities and log-loss do."""
     run_name: str | None = None
     """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
     bundle_samples_per_class: int = 4

@@ -61,6 +61,21 @@ def test_training_steps_leave_batch_norm_statistics_and_the_trunk_untouched() ->
     assert [g["lr"] for g in groups] == [1e-2, 1e-3]
 
 
+def test_from_images_the_frozen_trunk_runs_in_eval_mode_and_gets_no_gradient() -> None:
+    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    top = FinetuneTop(model, blocks=3, from_images=True).train()
+    net = model.backbone.net
+    assert not any(block.training for block in net._blocks[: top.start])
+    assert all(block.training for block in net._blocks[top.start :])  # stochastic depth stays on
+    images = torch.randn(2, 3, 192, 192)
+    top(images).sum().backward()
+    assert net._blocks[top.start]._project_conv.weight.grad is not None
+    assert all(p.grad is None for p in net._blocks[top.start - 1].parameters())
+    top.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(top(images), model(images))
+
+
 def test_more_blocks_than_the_backbone_has_are_refused() -> None:
     from catsdogs import CatsdogsError
 
@@ -68,22 +83,26 @@ def test_more_blocks_than_the_backbone_has_are_refused() -> None:
         FinetuneTop(build_model(ModelSpec("efficientnet_lite0", 224)), blocks=17)
 
 
-@pytest.fixture(scope="module")
-def finetune_run(isolated_env, small_data_dir, session_cache, tmp_path_factory):
+def _train_lite0(data_dir, cache_dir, tmp_path_factory, **settings):
+    """The real ``train()``: Lite0 fine-tuned for two epochs on the small real dataset."""
     from catsdogs.train import train
 
-    settings = Settings(
-        architecture="efficientnet_lite0",
-        strategy="finetune",
+    resolved = Settings(
+        architecture="efficientnet_lite0", strategy="finetune", data_dir=data_dir, cache_dir=cache_dir,
+        runs_dir=tmp_path_factory.mktemp("runs"), epochs=2, batch_size=32, **settings,
+    )  # fmt: skip
+    return train(resolved), resolved
+
+
+@pytest.fixture(scope="module")
+def finetune_run(isolated_env, small_data_dir, session_cache, tmp_path_factory):
+    return _train_lite0(
+        small_data_dir,
+        session_cache,
+        tmp_path_factory,
         finetune_blocks=1,
         finetune_views=("orig", "crop_flip"),
-        data_dir=small_data_dir,
-        runs_dir=tmp_path_factory.mktemp("runs"),
-        cache_dir=session_cache,
-        epochs=2,
-        batch_size=32,
     )
-    return train(settings), settings
 
 
 def test_fine_tuning_learns_and_writes_a_bundle_whose_onnx_matches(finetune_run) -> None:
@@ -129,3 +148,56 @@ def test_a_second_run_reads_the_trunk_activations_from_the_cache(finetune_run, m
     x, _ = next(train_src.batches(4, rng=None, dist=train_module.Dist()))
     assert len(train_src) == 2 * 160 and len(val_src) == 40
     assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (192, 7, 7)  # block 15's input
+
+
+@pytest.fixture(scope="module")
+def augmented_run(isolated_env, small_data_dir, session_cache, tmp_path_factory):
+    """Random augmentations through the frozen trunk, trained smaller than served, calibrated."""
+    return _train_lite0(
+        small_data_dir, session_cache, tmp_path_factory, finetune_augment=True, finetune_blocks=3,
+        image_size=224, train_image_size=176, label_smoothing=0.1, lr_schedule="one_cycle",
+        calibrate_temperature=True,
+    )  # fmt: skip
+
+
+def test_fine_tuning_on_random_augmentations_learns_and_serves_at_its_own_size(augmented_run) -> None:
+    result, _ = augmented_run
+    assert result.params["finetune_augment"] and result.params["train_image_size"] == 176
+    assert result.history[-1]["val_accuracy"] >= 0.9 and result.test_metrics["accuracy"] >= 0.9
+    bundle = ModelBundle.open(result.bundle_dir)
+    assert bundle.preprocessing.image_size == 224 and bundle.metadata["onnx"]["passed"]
+    assert "training views: random augmentation" in (result.bundle_dir / "model_card.md").read_text()
+    model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    pretrained = LiteFeatures("efficientnet_lite0", image_size=224).net
+    assert torch.equal(
+        model.backbone.net._blocks[12]._project_conv.weight, pretrained._blocks[12]._project_conv.weight
+    )
+    assert not torch.equal(
+        model.backbone.net._blocks[13]._project_conv.weight, pretrained._blocks[13]._project_conv.weight
+    )
+
+
+def test_the_calibrated_temperature_is_folded_into_the_served_model(augmented_run) -> None:
+    from catsdogs.features import read_manifest, split_samples
+    from catsdogs.loop import fit_temperature
+    from catsdogs.train import image_sources, preprocess_config_for
+
+    result, settings = augmented_run
+    bundle = ModelBundle.open(result.bundle_dir)
+    temperature = bundle.metadata["temperature"]
+    assert temperature == result.params["temperature"] and 0.05 < temperature < 20
+    samples = read_manifest(settings.data_dir)
+    _, val = image_sources(
+        settings,
+        preprocess_config_for(settings),
+        split_samples(samples, "train"),
+        split_samples(samples, "val"),
+    )
+    served = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    cpu = torch.device("cpu")
+    # The served model needs no further temperature on validation ...
+    assert fit_temperature(served, val, batch_size=64, device=cpu) == pytest.approx(1.0, rel=0.05)
+    # ... and undoing the folded one gives back the model the temperature was fitted to.
+    served.head[-1].weight.data.mul_(temperature)
+    served.head[-1].bias.data.mul_(temperature)
+    assert fit_temperature(served, val, batch_size=64, device=cpu) == pytest.approx(temperature, rel=0.05)

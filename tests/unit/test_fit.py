@@ -12,7 +12,8 @@ from torch import nn
 
 from catsdogs import CatsdogsError
 from catsdogs import loop as train_module
-from catsdogs.loop import CHECKPOINT, Dist, TensorSource, fit
+from catsdogs.loop import CHECKPOINT, Dist, TensorSource, fit, fit_temperature, steps_per_epoch
+from catsdogs.model import divide_logits
 from catsdogs.settings import Settings
 
 
@@ -55,6 +56,70 @@ def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_p
     assert resumed_history == straight_history
     for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_one_cycle_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+    kw = {"lr_schedule": "one_cycle", "label_smoothing": 0.1}
+    straight_model, straight_history = _fit(tmp_path / "straight", **kw)
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_3(*args, **kwargs):  # mid-schedule: the per-batch LR state must resume too
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "resumed", **kw)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    resumed_model, resumed_history = _fit(tmp_path / "resumed", resume=True, **kw)
+    assert resumed_history == straight_history
+    for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_one_cycle_schedule_warms_up_then_anneals_batch_by_batch(tmp_path) -> None:
+    _, history = _fit(tmp_path, epochs=10, lr_schedule="one_cycle")
+    lrs = [row["lr"] for row in history]  # the rate at the start of each epoch
+    peak = int(np.argmax(lrs))
+    assert lrs[0] < 0.05 / 10 and 0 < peak < 3  # warm-up over the first 10% of the steps
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
+    assert lrs[-1] < 0.05 / 10
+
+
+def test_steps_per_epoch_counts_the_batches_that_every_rank_gets() -> None:
+    assert steps_per_epoch(128, 16, Dist()) == 8
+    assert steps_per_epoch(130, 16, Dist()) == 9
+    assert steps_per_epoch(129, 16, Dist(rank=0, world=2)) == 8  # a batch of one cannot be split
+
+
+def test_the_fitted_temperature_undoes_overconfidence_without_changing_a_prediction() -> None:
+    torch.manual_seed(0)
+    n = 4000
+    true_logit = torch.randn(n) * 2
+    y = torch.bernoulli(torch.sigmoid(true_logit)).long()
+    x = torch.stack([torch.zeros(n), true_logit], 1)  # calibrated logits for class 1
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2) * 3.0)  # three times overconfident
+        model.bias.zero_()
+    source = TensorSource(x.numpy(), y.numpy())
+    before = model(x).argmax(1)
+    temperature = fit_temperature(model, source, batch_size=512, device=torch.device("cpu"))
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    divide_logits(model, temperature)
+    with torch.inference_mode():
+        assert torch.equal(model(x).argmax(1), before)
+        assert fit_temperature(model, source, batch_size=512, device=torch.device("cpu")) == pytest.approx(
+            1.0, rel=0.05
+        )
+
+
+def test_a_temperature_must_be_positive() -> None:
+    with pytest.raises(CatsdogsError, match="positive"):
+        divide_logits(nn.Linear(2, 2), 0.0)
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path) -> None:

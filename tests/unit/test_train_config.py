@@ -49,6 +49,23 @@ def test_the_best_profile_fine_tunes_with_its_own_settings() -> None:
     assert resolve_spec(Settings(profile="best"))[1] == "finetune"
 
 
+def test_the_best_profile_trains_smaller_than_it_serves_on_random_augmentations() -> None:
+    settings = apply_profile(Settings(profile="best"))
+    assert (
+        settings.finetune_augment and settings.train_image_size < preprocess_config_for(settings).image_size
+    )
+    assert settings.calibrate_temperature and settings.lr_schedule == "one_cycle"
+
+
+def test_a_training_size_is_refused_where_features_are_cached() -> None:
+    with pytest.raises(CatsdogsError, match="train_image_size"):
+        resolve_spec(Settings(strategy="head", train_image_size=224))
+    with pytest.raises(CatsdogsError, match="train_image_size"):
+        resolve_spec(Settings(strategy="finetune", train_image_size=224))
+    assert resolve_spec(Settings(finetune_augment=True, train_image_size=224))[1] == "finetune"
+    assert resolve_spec(Settings(architecture="simple_cnn", train_image_size=96))[1] == "scratch"
+
+
 def test_the_default_profile_leaves_the_settings_alone() -> None:
     settings = Settings(strategy="finetune", finetune_blocks=3, epochs=4)
     assert apply_profile(settings) == settings
