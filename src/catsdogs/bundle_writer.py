@@ -24,6 +24,7 @@ from catsdogs.data.download import file_sha256
 from catsdogs.evaluate import LabeledImage, evaluate_session, write_predictions_csv
 from catsdogs.export import export_verified
 from catsdogs.features import Sample, image_batches, ort_session
+from catsdogs.loop import selection_loss
 from catsdogs.model import BACKBONES, ModelSpec
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
@@ -118,8 +119,8 @@ def write_bundle(
         "run_id": None,
         "onnx": parity.to_dict(),
         "epochs_trained": len(history),
-        "best_epoch": min(history, key=lambda row: row["val_loss"])["epoch"] if history else None,
-        "val_metrics": min(history, key=lambda row: row["val_loss"]) if history else {},
+        "best_epoch": min(history, key=selection_loss)["epoch"] if history else None,
+        "val_metrics": min(history, key=selection_loss) if history else {},
         "temperature": temperature,
         "weights_licence": BACKBONES[spec.architecture].licence
         if spec.architecture in BACKBONES

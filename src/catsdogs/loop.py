@@ -178,40 +178,57 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def validate(model, source, *, batch_size, device, class_names) -> dict:
-    """Loss and metrics on the validation data (every rank sees all of it)."""
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total, labels, probs = 0.0, [], []
-    for x, y in source.batches(batch_size, rng=None, dist=Dist()):
-        logits = model(x.to(device))
-        total += float(loss_fn(logits, y.to(device)))
-        labels.append(y.numpy())
-        probs.append(torch.softmax(logits, 1).cpu().numpy())
-    return _metrics("val", total / max(len(source), 1), labels, probs, class_names)
-
-
-@torch.inference_mode()
-def fit_temperature(model, source, *, batch_size, device) -> float:
-    """The temperature T minimising the cross-entropy of ``logits / T`` on ``source`` (validation).
-
-    One parameter, so it cannot change a prediction; it only undoes systematic over- or
-    under-confidence (Guo et al., 2017). Searched on a log grid, then refined around the best point.
-    """
+def _logits(model, source, *, batch_size, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the labels over a whole source, in order (eval mode)."""
     model.eval()
     logits, labels = [], []
     for x, y in source.batches(batch_size, rng=None, dist=Dist()):
         logits.append(model(x.to(device)).float().cpu())
         labels.append(y)
-    z, y = torch.cat(logits), torch.cat(labels)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def best_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the cross-entropy of ``logits / T``.
+
+    One parameter, so it cannot change a prediction; it only undoes systematic over- or
+    under-confidence (Guo et al., 2017). Searched on a log grid, then refined around the best point.
+    """
 
     def loss(t: float) -> float:
-        return float(nn.functional.cross_entropy(z / t, y))
+        return float(nn.functional.cross_entropy(logits / t, labels))
 
     grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
     best = float(min(grid, key=loss))
     fine = np.exp(np.linspace(np.log(best) - 0.06, np.log(best) + 0.06, 61))
     return float(min(fine, key=loss))
+
+
+def fit_temperature(model, source, *, batch_size, device) -> float:
+    """:func:`best_temperature` of the model on ``source`` (the validation split)."""
+    return best_temperature(*_logits(model, source, batch_size=batch_size, device=device))
+
+
+def validate(model, source, *, batch_size, device, class_names, calibrated: bool = False) -> dict:
+    """Loss and metrics on the validation data (every rank sees all of it).
+
+    ``calibrated`` adds ``val_loss_calibrated``: the loss after the best temperature, which is what
+    a temperature-calibrated model serves, and what :func:`selection_loss` then compares.
+    """
+    logits, labels = _logits(model, source, batch_size=batch_size, device=device)
+    loss = float(nn.functional.cross_entropy(logits, labels))
+    row = _metrics("val", loss, [labels.numpy()], [torch.softmax(logits, 1).numpy()], class_names)
+    if calibrated:
+        temperature = best_temperature(logits, labels)
+        row["val_temperature"] = temperature
+        row["val_loss_calibrated"] = float(nn.functional.cross_entropy(logits / temperature, labels))
+    return row
+
+
+def selection_loss(row: dict[str, float]) -> float:
+    """What early stopping and the choice of the best epoch minimise: the validation loss, after
+    calibration when the run calibrates (label smoothing makes the raw loss reward timidity)."""
+    return row.get("val_loss_calibrated", row["val_loss"])
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -236,7 +253,7 @@ def fit(
     param_groups: list[dict[str, Any]] | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train with AdamW, a cosine or one-cycle LR schedule (``settings.lr_schedule``), early
-    stopping on validation loss; checkpoint every epoch.
+    stopping on validation loss (:func:`selection_loss`); checkpoint every epoch.
 
     ``param_groups`` (AdamW's, e.g. a lower learning rate for pretrained blocks) default to every
     parameter that requires a gradient.
@@ -255,12 +272,13 @@ def fit(
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     per_batch = settings.lr_schedule == "one_cycle"
     if per_batch:
-        steps = steps_per_epoch(len(train_source), settings.batch_size, dist)
+        # At least 4 steps and a warm-up of 2, which OneCycleLR needs (tiny runs never finish it).
+        steps = max(4, settings.epochs * steps_per_epoch(len(train_source), settings.batch_size, dist))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
-            total_steps=max(1, settings.epochs * steps),
-            pct_start=0.1,
+            total_steps=steps,
+            pct_start=max(0.1, 2 / steps),
         )
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
@@ -301,12 +319,13 @@ def fit(
             batch_scheduler=scheduler if per_batch else None,
         )
         row |= validate(
-            model, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names
-        )
+            model, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names,
+            calibrated=settings.calibrate_temperature,
+        )  # fmt: skip
         if not per_batch:
             scheduler.step()
-        if row["val_loss"] < best_loss - 1e-6:
-            best_loss, bad_epochs = row["val_loss"], 0
+        if selection_loss(row) < best_loss - 1e-6:
+            best_loss, bad_epochs = selection_loss(row), 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1

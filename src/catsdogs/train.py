@@ -190,7 +190,7 @@ BEST_PROFILE: dict[str, Any] = {
     "label_smoothing": 0.1,
     "lr_schedule": "one_cycle",
     "calibrate_temperature": True,
-    "epochs": 4,
+    "epochs": 5,
 }
 
 
@@ -309,6 +309,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
         augmented = settings.finetune_augment
         trainable = FinetuneTop(full, blocks=settings.finetune_blocks, from_images=augmented)
         if augmented:
+            full.to(memory_format=torch.channels_last)  # matches the inputs FinetuneTop makes
             train_src, val_src = image_sources(settings, config, train_s, val_s)
         else:
             train_src, val_src = cached_sources(
@@ -334,7 +335,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
             write_json_atomic(run_dir / "params.json", params)
             if tracker is not None:
                 tracker.log_params({"temperature": temperature})
-    full = full.cpu().eval()
+    full = full.cpu().to(memory_format=torch.contiguous_format).eval()
     train_seconds = time.perf_counter() - started
     bundle_dir = run_dir / "bundle"
     artifacts_dir = run_dir / "artifacts"
