@@ -208,7 +208,7 @@ def train_command(
     profile: Annotated[
         str | None,
         typer.Option(
-            help="default, or best (fine-tunes 14 blocks on random augmentations, 4 epochs; slower)."
+            help="default, or best (fine-tunes 14 blocks on random augmentations, 5 epochs; slower)."
         ),
     ] = None,
     finetune_blocks: Annotated[
