@@ -204,16 +204,12 @@ def best_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(min(fine, key=loss))
 
 
-def fit_temperature(model, source, *, batch_size, device) -> float:
-    """:func:`best_temperature` of the model on ``source`` (the validation split)."""
-    return best_temperature(*_logits(model, source, batch_size=batch_size, device=device))
-
-
 def validate(model, source, *, batch_size, device, class_names, calibrated: bool = False) -> dict:
     """Loss and metrics on the validation data (every rank sees all of it).
 
-    ``calibrated`` adds ``val_loss_calibrated``: the loss after the best temperature, which is what
-    a temperature-calibrated model serves, and what :func:`selection_loss` then compares.
+    ``calibrated`` adds ``val_temperature`` (:func:`best_temperature`) and ``val_loss_calibrated``:
+    the loss after it, which is what a temperature-calibrated model serves, and what
+    :func:`selection_loss` then compares.
     """
     logits, labels = _logits(model, source, batch_size=batch_size, device=device)
     loss = float(nn.functional.cross_entropy(logits, labels))

@@ -43,8 +43,8 @@ from catsdogs.loop import (
     TensorSource,
     Tracker,
     fit,
-    fit_temperature,
     init_distributed,
+    selection_loss,
 )
 from catsdogs.model import (
     BACKBONES,
@@ -309,7 +309,6 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
         augmented = settings.finetune_augment
         trainable = FinetuneTop(full, blocks=settings.finetune_blocks, from_images=augmented)
         if augmented:
-            full.to(memory_format=torch.channels_last)  # matches the inputs FinetuneTop makes
             train_src, val_src = image_sources(settings, config, train_s, val_s)
         else:
             train_src, val_src = cached_sources(
@@ -327,7 +326,8 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     )  # fmt: skip
     temperature = None
     if settings.calibrate_temperature:
-        temperature = fit_temperature(trainable, val_src, batch_size=settings.eval_batch_size, device=device)
+        # fit() restored the best epoch's weights, whose validation already fitted the temperature.
+        temperature = min(history, key=selection_loss)["val_temperature"]
         divide_logits(full, temperature)
         params["temperature"] = temperature
         logger.info("calibrated temperature on validation: %.3f", temperature)

@@ -179,7 +179,7 @@ def test_fine_tuning_on_random_augmentations_learns_and_serves_at_its_own_size(a
 
 def test_the_calibrated_temperature_is_folded_into_the_served_model(augmented_run) -> None:
     from catsdogs.features import read_manifest, split_samples
-    from catsdogs.loop import fit_temperature
+    from catsdogs.loop import validate
     from catsdogs.train import image_sources, preprocess_config_for
 
     result, settings = augmented_run
@@ -194,10 +194,21 @@ def test_the_calibrated_temperature_is_folded_into_the_served_model(augmented_ru
         split_samples(samples, "val"),
     )
     served = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
-    cpu = torch.device("cpu")
+
+    def fitted_temperature(model) -> float:
+        row = validate(
+            model,
+            val,
+            batch_size=64,
+            device=torch.device("cpu"),
+            class_names=settings.classes,
+            calibrated=True,
+        )
+        return row["val_temperature"]
+
     # The served model needs no further temperature on validation ...
-    assert fit_temperature(served, val, batch_size=64, device=cpu) == pytest.approx(1.0, rel=0.05)
+    assert fitted_temperature(served) == pytest.approx(1.0, rel=0.05)
     # ... and undoing the folded one gives back the model the temperature was fitted to.
     served.head[-1].weight.data.mul_(temperature)
     served.head[-1].bias.data.mul_(temperature)
-    assert fit_temperature(served, val, batch_size=64, device=cpu) == pytest.approx(temperature, rel=0.05)
+    assert fitted_temperature(served) == pytest.approx(temperature, rel=0.05)

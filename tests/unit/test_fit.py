@@ -12,7 +12,7 @@ from torch import nn
 
 from catsdogs import CatsdogsError
 from catsdogs import loop as train_module
-from catsdogs.loop import CHECKPOINT, Dist, TensorSource, fit, fit_temperature, steps_per_epoch
+from catsdogs.loop import CHECKPOINT, Dist, TensorSource, fit, steps_per_epoch, validate
 from catsdogs.model import divide_logits
 from catsdogs.settings import Settings
 
@@ -95,6 +95,14 @@ def test_steps_per_epoch_counts_the_batches_that_every_rank_gets() -> None:
     assert steps_per_epoch(129, 16, Dist(rank=0, world=2)) == 8  # a batch of one cannot be split
 
 
+def _temperature(model, source) -> float:
+    """The temperature that a calibrating validation fits."""
+    row = validate(
+        model, source, batch_size=512, device=torch.device("cpu"), class_names=("a", "b"), calibrated=True
+    )
+    return row["val_temperature"]
+
+
 def test_the_fitted_temperature_undoes_overconfidence_without_changing_a_prediction() -> None:
     torch.manual_seed(0)
     n = 4000
@@ -107,14 +115,12 @@ def test_the_fitted_temperature_undoes_overconfidence_without_changing_a_predict
         model.bias.zero_()
     source = TensorSource(x.numpy(), y.numpy())
     before = model(x).argmax(1)
-    temperature = fit_temperature(model, source, batch_size=512, device=torch.device("cpu"))
+    temperature = _temperature(model, source)
     assert temperature == pytest.approx(3.0, rel=0.1)
     divide_logits(model, temperature)
     with torch.inference_mode():
         assert torch.equal(model(x).argmax(1), before)
-        assert fit_temperature(model, source, batch_size=512, device=torch.device("cpu")) == pytest.approx(
-            1.0, rel=0.05
-        )
+        assert _temperature(model, source) == pytest.approx(1.0, rel=0.05)
 
 
 def test_a_temperature_must_be_positive() -> None:
