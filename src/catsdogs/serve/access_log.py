@@ -31,6 +31,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,  # which worker, when several share the socket
             "message": record.getMessage(),
         }
         payload.update(getattr(record, "fields", {}))
