@@ -2,8 +2,8 @@
 
 Resuming is exact: each epoch seeds its own shuffling, augmentation and dropout from
 ``(seed, epoch)``, and the checkpoint written after every epoch holds the model, optimizer,
-scheduler and early-stopping state. Under ``torchrun`` each global batch is split across ranks
-(gloo on CPU, NCCL on GPU) and only rank 0 writes checkpoints or logs.
+scheduler, weight-average and early-stopping state. Under ``torchrun`` each global batch is split
+across ranks (gloo on CPU, NCCL on GPU) and only rank 0 writes checkpoints or logs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from catsdogs import CatsdogsError
@@ -149,11 +150,11 @@ def _metrics(prefix: str, loss: float, labels: list[np.ndarray], probs: list[np.
 
 def train_one_epoch(
     model, source, optimizer, *, batch_size, rng, dist, device, class_names,
-    label_smoothing: float = 0.0, batch_scheduler=None,
+    label_smoothing: float = 0.0, after_step: Callable[[], None] | None = None,
 ) -> dict:  # fmt: skip
     """One pass over the training data; returns train loss and metrics.
 
-    ``batch_scheduler`` (a learning-rate schedule stepped per batch) is stepped after every update.
+    ``after_step`` runs after every update (a per-batch LR schedule, the weight average).
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -166,8 +167,8 @@ def train_one_epoch(
         loss = loss_fn(logits, y)
         loss.backward()
         optimizer.step()
-        if batch_scheduler is not None:
-            batch_scheduler.step()
+        if after_step is not None:
+            after_step()
         total += float(loss.detach()) * len(y)
         count += len(y)
         labels.append(y.cpu().numpy())
@@ -227,6 +228,15 @@ def selection_loss(row: dict[str, float]) -> float:
     return row.get("val_loss_calibrated", row["val_loss"])
 
 
+def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics
+    included), or ``None`` without a decay. Averaging the last few hundred steps smooths out the
+    noise of the final updates, at the cost of one extra copy of the model."""
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -278,8 +288,17 @@ def fit(
         )
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    ema = weight_average(model, settings.ema_decay)
+    evaluated = model if ema is None else ema.module  # what is validated, kept and returned
+
+    def after_step() -> None:
+        if per_batch:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+
     history: list[dict[str, float]] = []
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
     best_loss, bad_epochs, start = float("inf"), 0, 1
     checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.is_file():
@@ -291,6 +310,8 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         best_state, best_loss, bad_epochs = state["best_model"], state["best_val_loss"], state["bad_epochs"]
         history, start = state["history"], state["epoch"] + 1
         logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
@@ -312,17 +333,17 @@ def fit(
             device=device,
             class_names=names,
             label_smoothing=settings.label_smoothing,
-            batch_scheduler=scheduler if per_batch else None,
+            after_step=after_step,
         )
         row |= validate(
-            model, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names,
+            evaluated, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names,
             calibrated=settings.calibrate_temperature,
         )  # fmt: skip
         if not per_batch:
             scheduler.step()
         if selection_loss(row) < best_loss - 1e-6:
             best_loss, bad_epochs = selection_loss(row), 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
         else:
             bad_epochs += 1
         history.append(row)
@@ -338,6 +359,7 @@ def fit(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    **({} if ema is None else {"ema": ema.state_dict()}),
                     "best_model": best_state,
                     "best_val_loss": best_loss,
                     "bad_epochs": bad_epochs,

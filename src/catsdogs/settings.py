@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     """Fit one temperature on the validation split after training and fold it into the classifier's
     last layer, so the served probabilities are calibrated (label smoothing leaves them timid).
     Predictions do not change; probabilities and log-loss do."""
+    ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Keep an exponential moving average of the weights, updated after every optimizer step with
+    this decay; the average is what is validated, kept and served (the raw weights only train).
+    ``None``: no average."""
     run_name: str | None = None
     """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
     bundle_samples_per_class: int = 4

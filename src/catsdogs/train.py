@@ -259,7 +259,7 @@ def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str
     keys = (
         "profile", "batch_size", "epochs", "learning_rate", "weight_decay", "early_stopping_patience",
         "seed", "max_train_images", "max_eval_images", "flip_features", "train_image_size",
-        "label_smoothing", "lr_schedule", "calibrate_temperature",
+        "label_smoothing", "lr_schedule", "calibrate_temperature", "ema_decay",
     )  # fmt: skip
     if strategy == "finetune":
         keys += ("finetune_blocks", "finetune_views", "finetune_backbone_lr_scale", "finetune_augment")

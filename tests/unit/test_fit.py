@@ -80,6 +80,58 @@ def test_a_one_cycle_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path
         torch.testing.assert_close(a, b)
 
 
+def test_a_weight_averaged_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+    kw = {"lr_schedule": "one_cycle", "ema_decay": 0.9}
+    straight_model, straight_history = _fit(tmp_path / "straight", **kw)
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_3(*args, **kwargs):  # the average's state must resume too
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "resumed", **kw)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    resumed_model, resumed_history = _fit(tmp_path / "resumed", resume=True, **kw)
+    assert resumed_history == straight_history
+    for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_weight_average_is_what_is_validated_and_kept(tmp_path) -> None:
+    raw_model, raw_history = _fit(tmp_path / "raw")
+    # A decay of ~0 follows the raw weights step by step: the same run.
+    follow_model, follow_history = _fit(tmp_path / "follow", ema_decay=1e-9)
+    assert [row["val_loss"] for row in follow_history] == pytest.approx(
+        [row["val_loss"] for row in raw_history]
+    )
+    torch.testing.assert_close(follow_model[1].weight, raw_model[1].weight)
+    # A decay of ~1 barely leaves the first step's weights: validation sees the average, not the
+    # raw weights that trained, and the average is what comes back.
+    still_model, still_history = _fit(tmp_path / "still", ema_decay=1 - 1e-9)
+    assert len({round(row["val_loss"], 6) for row in still_history}) == 1
+    assert still_history[-1]["val_loss"] > raw_history[-1]["val_loss"]
+    assert not torch.allclose(still_model[1].weight, raw_model[1].weight, atol=1e-3)
+
+
+def test_the_average_includes_batchnorm_statistics(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    settings = Settings(epochs=1, batch_size=16, learning_rate=0.05, ema_decay=0.5)
+    fitted, _ = fit(
+        model, _data(0, 128), _data(1, 64), settings=settings, run_dir=tmp_path, fingerprint="a",
+        dist=Dist(), device=torch.device("cpu"),
+    )  # fmt: skip
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    torch.testing.assert_close(fitted[1].running_mean, state["ema"]["module.1.running_mean"])
+    raw = state["model"]["1.running_mean"]  # the statistics of the weights that trained
+    assert not torch.allclose(fitted[1].running_mean, raw) and not torch.allclose(raw, torch.zeros(4))
+
+
 def test_the_one_cycle_schedule_warms_up_then_anneals_batch_by_batch(tmp_path) -> None:
     _, history = _fit(tmp_path, epochs=10, lr_schedule="one_cycle")
     lrs = [row["lr"] for row in history]  # the rate at the start of each epoch
