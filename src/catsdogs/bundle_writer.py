@@ -122,6 +122,7 @@ def write_bundle(
         "best_epoch": min(history, key=selection_loss)["epoch"] if history else None,
         "val_metrics": min(history, key=selection_loss) if history else {},
         "temperature": temperature,
+        "ema_decay": settings.ema_decay,  # the weights are this moving average of the trained ones
         "weights_licence": BACKBONES[spec.architecture].licence
         if spec.architecture in BACKBONES
         else SIMPLE_CNN_LICENCE,

@@ -152,11 +152,12 @@ def test_a_second_run_reads_the_trunk_activations_from_the_cache(finetune_run, m
 
 @pytest.fixture(scope="module")
 def augmented_run(isolated_env, small_data_dir, session_cache, tmp_path_factory):
-    """Random augmentations through the frozen trunk, trained smaller than served, calibrated."""
+    """Random augmentations through the frozen trunk, trained smaller than served, calibrated,
+    served as a moving average of the weights (a short one: the run takes 10 steps)."""
     return _train_lite0(
         small_data_dir, session_cache, tmp_path_factory, finetune_augment=True, finetune_blocks=3,
         image_size=224, train_image_size=176, label_smoothing=0.1, lr_schedule="one_cycle",
-        calibrate_temperature=True,
+        calibrate_temperature=True, ema_decay=0.5,
     )  # fmt: skip
 
 
@@ -166,6 +167,7 @@ def test_fine_tuning_on_random_augmentations_learns_and_serves_at_its_own_size(a
     assert result.history[-1]["val_accuracy"] >= 0.9 and result.test_metrics["accuracy"] >= 0.9
     bundle = ModelBundle.open(result.bundle_dir)
     assert bundle.preprocessing.image_size == 224 and bundle.metadata["onnx"]["passed"]
+    assert bundle.metadata["ema_decay"] == 0.5 == result.params["ema_decay"]
     assert "training views: random augmentation" in (result.bundle_dir / "model_card.md").read_text()
     model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
     pretrained = LiteFeatures("efficientnet_lite0", image_size=224).net

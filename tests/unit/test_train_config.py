@@ -55,6 +55,7 @@ def test_the_best_profile_trains_smaller_than_it_serves_on_random_augmentations(
         settings.finetune_augment and settings.train_image_size < preprocess_config_for(settings).image_size
     )
     assert settings.calibrate_temperature and settings.lr_schedule == "one_cycle"
+    assert settings.ema_decay is not None  # it serves the moving average of its weights
 
 
 def test_a_training_size_is_refused_where_features_are_cached() -> None:
