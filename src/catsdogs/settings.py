@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     early_stopping_patience: int = 5
     num_workers: int = 0
     device: str = "auto"
+    keep_freed_memory: bool = True
+    """While training, glibc's malloc keeps freed memory for reuse
+    (:func:`catsdogs.loop.freed_memory_kept`): faster on CPU, at a higher peak memory (README,
+    "Training"); false for a tight memory limit."""
     max_train_images: int | None = None
     """Cap on training images (for quick runs and tests); ``None`` uses the whole train split."""
     max_eval_images: int | None = None

@@ -21,6 +21,7 @@ The loop itself (checkpoints, exact resume, early stopping, DDP) is in :mod:`cat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from catsdogs.loop import (
     TensorSource,
     Tracker,
     fit,
+    freed_memory_kept,
     init_distributed,
     selection_loss,
 )
@@ -322,10 +324,11 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     else:
         train_src, val_src = image_sources(settings, config, train_s, val_s)
         full = trainable = build_model(spec, pretrained=False)
-    trainable, history = fit(
-        trainable, train_src, val_src, settings=settings, run_dir=run_dir, fingerprint=fingerprint,
-        dist=dist, device=device, tracker=tracker, resume=resume, param_groups=groups,
-    )  # fmt: skip
+    with freed_memory_kept() if settings.keep_freed_memory else contextlib.nullcontext():
+        trainable, history = fit(
+            trainable, train_src, val_src, settings=settings, run_dir=run_dir, fingerprint=fingerprint,
+            dist=dist, device=device, tracker=tracker, resume=resume, param_groups=groups,
+        )  # fmt: skip
     temperature = None
     if settings.calibrate_temperature:
         # fit() restored the best epoch's weights, whose validation already fitted the temperature.

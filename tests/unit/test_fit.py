@@ -3,6 +3,8 @@ stopping on validation loss and the best weights restored."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +203,28 @@ def test_early_stopping_stops_after_patience_epochs_without_progress_and_keeps_t
     with torch.inference_mode():
         loss = nn.functional.cross_entropy(model(_data(1, 64).x), _data(1, 64).y).item()
     assert loss == pytest.approx(losses[best], rel=1e-5)
+
+
+def test_training_keeps_freed_memory_so_large_tensors_stop_page_faulting_in_again() -> None:
+    code = """
+import resource, torch
+from catsdogs.loop import freed_memory_kept
+
+def faults() -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 * 2**20).sum()  # 64 MB, allocated, touched and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+plain = faults()
+with freed_memory_kept() as kept:
+    assert kept
+    faults()  # the first allocation still faults its pages in once
+    inside = faults()
+after = faults()  # the defaults are back: freed memory goes back to the kernel again
+print(plain, inside, after)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plain, inside, after = map(int, out.stdout.split())
+    assert plain > 5 * 1000 and inside < plain / 20 and after > plain / 2
