@@ -36,69 +36,36 @@ def _fit(tmp_path: Path, *, epochs: int = 4, resume: bool = False, fingerprint: 
     )  # fmt: skip
 
 
-def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
-    straight_model, straight_history = _fit(tmp_path / "straight")
+@pytest.mark.parametrize(
+    ("dies_in_epoch", "kw"),
+    [
+        (2, {}),
+        (3, {"lr_schedule": "one_cycle", "label_smoothing": 0.1}),  # the per-batch LR state resumes too
+        (3, {"lr_schedule": "one_cycle", "ema_decay": 0.9}),  # and the weight average's
+    ],
+    ids=["cosine", "one_cycle", "weight_average"],
+)
+def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(
+    tmp_path, monkeypatch, dies_in_epoch, kw
+) -> None:
+    straight_model, straight_history = _fit(tmp_path / "straight", **kw)
 
     real_epoch = train_module.train_one_epoch
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # the process dies during epoch 2
+        if calls["n"] == dies_in_epoch:
+            raise KeyboardInterrupt  # the process dies during this epoch
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
-    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["epoch"] == 1
-    resumed_model, resumed_history = _fit(tmp_path / "resumed", resume=True)
-
-    assert resumed_history == straight_history
-    for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_a_one_cycle_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
-    kw = {"lr_schedule": "one_cycle", "label_smoothing": 0.1}
-    straight_model, straight_history = _fit(tmp_path / "straight", **kw)
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def dies_in_epoch_3(*args, **kwargs):  # mid-schedule: the per-batch LR state must resume too
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
         _fit(tmp_path / "resumed", **kw)
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["epoch"] == dies_in_epoch - 1
     resumed_model, resumed_history = _fit(tmp_path / "resumed", resume=True, **kw)
-    assert resumed_history == straight_history
-    for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b)
 
-
-def test_a_weight_averaged_run_resumed_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
-    kw = {"lr_schedule": "one_cycle", "ema_decay": 0.9}
-    straight_model, straight_history = _fit(tmp_path / "straight", **kw)
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def dies_in_epoch_3(*args, **kwargs):  # the average's state must resume too
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "resumed", **kw)
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
-    resumed_model, resumed_history = _fit(tmp_path / "resumed", resume=True, **kw)
     assert resumed_history == straight_history
     for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
