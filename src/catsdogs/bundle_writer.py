@@ -106,6 +106,7 @@ def write_bundle(
     bundle_files.write_json_atomic(staging / bundle_files.METRICS, metrics)
 
     manifest = settings.manifest_path
+    best = min(history, key=selection_loss) if history else {}
     metadata = {
         **spec.to_dict(),
         "strategy": strategy,
@@ -119,8 +120,8 @@ def write_bundle(
         "run_id": None,
         "onnx": parity.to_dict(),
         "epochs_trained": len(history),
-        "best_epoch": min(history, key=selection_loss)["epoch"] if history else None,
-        "val_metrics": min(history, key=selection_loss) if history else {},
+        "best_epoch": best.get("epoch"),
+        "val_metrics": best,
         "temperature": temperature,
         "ema_decay": settings.ema_decay,  # the weights are this moving average of the trained ones
         "weights_licence": BACKBONES[spec.architecture].licence

@@ -82,43 +82,6 @@ def init_distributed(device: torch.device) -> Dist:
 # --- batches -----------------------------------------------------------------------------------
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-
-
-def _glibc() -> Any | None:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else ``None``."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if libc.mallopt and libc.malloc_trim else None
-    except (OSError, AttributeError):
-        return None
-
-
-@contextmanager
-def freed_memory_kept() -> Iterator[bool]:
-    """While open, glibc's malloc keeps freed memory for reuse instead of handing it back.
-
-    By default a large tensor is mmap-ed and unmapped when freed, so every forward and backward
-    pass page-faults its activations in again: on this 2-core machine that kernel time made a Lite2
-    forward pass 3.8× slower (README, "Training"). On exit the defaults come back and the kept
-    memory is returned, so what runs next (export, evaluation) does not add its peak to training's.
-    Yields False, changing nothing, where the C library is not glibc.
-    """
-    libc = _glibc()
-    largest = ctypes.c_int(2**31 - 1)
-    kept = libc is not None and all(libc.mallopt(p, largest) for p in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
-    try:
-        yield kept
-    finally:
-        if libc is not None:
-            for parameter in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD):
-                libc.mallopt(parameter, ctypes.c_int(_GLIBC_DEFAULT_THRESHOLD))
-            libc.malloc_trim(0)
-
-
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
@@ -177,6 +140,46 @@ class ImageSource:
                     image = augment(image, rng)
                 arrays.append(preprocess(image, self.config))
             yield torch.from_numpy(np.stack(arrays)), torch.from_numpy(self.labels[index])
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+
+
+def _glibc() -> Any | None:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """While open, glibc's malloc keeps freed memory for reuse instead of handing it back.
+
+    By default a large tensor is mmap-ed and unmapped when freed, so every forward and backward
+    pass page-faults its activations in again: on this 2-core machine that kernel time made a Lite2
+    forward pass 3.8× slower (README, "Training"). On exit the defaults come back and the kept
+    memory is returned, so what runs next (export, evaluation) does not add its peak to training's.
+    Yields False, changing nothing, where the C library is not glibc.
+    """
+    libc = _glibc()
+    largest = ctypes.c_int(2**31 - 1)
+    kept = libc is not None and all(libc.mallopt(p, largest) for p in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+    try:
+        yield kept
+    finally:
+        if libc is not None:
+            for parameter in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD):
+                libc.mallopt(parameter, ctypes.c_int(_GLIBC_DEFAULT_THRESHOLD))
+            libc.malloc_trim(0)
 
 
 # --- loop --------------------------------------------------------------------------------------
