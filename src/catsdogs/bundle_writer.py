@@ -71,11 +71,14 @@ def write_bundle(
     settings: Settings,
     history: list[dict[str, float]],
     samples: dict[str, list[Sample]],
-    temperature: float | None = None,
+    temperature: float | list[float] | None = None,
+    val_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the complete bundle to ``bundle_dir`` (replacing an older one) and return test metrics.
 
-    ``temperature``: the calibration already folded into ``model``'s last layer, if any (recorded).
+    ``temperature``: the calibration already folded into ``model``'s last layer (each member's, for
+    an ensemble), if any (recorded). ``val_metrics``: what the model was chosen on; by default the
+    history's best epoch.
     """
     staging = bundle_dir.with_name(f".{bundle_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -106,7 +109,7 @@ def write_bundle(
     bundle_files.write_json_atomic(staging / bundle_files.METRICS, metrics)
 
     manifest = settings.manifest_path
-    best = min(history, key=selection_loss) if history else {}
+    best = val_metrics if val_metrics is not None else min(history, key=selection_loss) if history else {}
     metadata = {
         **spec.to_dict(),
         "strategy": strategy,

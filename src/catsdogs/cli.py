@@ -215,6 +215,10 @@ def train_command(
         int | None, typer.Option(min=0, help="finetune: how many of the last backbone blocks to train.")
     ] = None,
     head: Annotated[str | None, typer.Option(help="Head on the features: linear or mlp.")] = None,
+    members: Annotated[
+        int | None,
+        typer.Option(min=1, max=8, help="Train an ensemble of this many models (seeds seed, seed+1, ...)."),
+    ] = None,
     image_size: Annotated[
         int | None, typer.Option(min=32, help="Input size (default: the backbone's; 280 for Lite2).")
     ] = None,
@@ -243,7 +247,7 @@ def train_command(
 
     settings = _settings(
         architecture=model, strategy=strategy, profile=profile, head=head, epochs=epochs,
-        finetune_blocks=finetune_blocks, image_size=image_size,
+        finetune_blocks=finetune_blocks, image_size=image_size, ensemble_members=members,
         batch_size=batch_size, learning_rate=learning_rate, max_train_images=max_train_images,
         max_eval_images=max_eval_images, run_name=run_name, data_dir=data_dir, runs_dir=runs_dir,
         cache_dir=cache_dir, device=device,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -258,6 +260,21 @@ class FinetuneTop(nn.Module):
         return self.model.head(self.model.backbone.top(x, start=self.start))
 
 
+class Ensemble(nn.Module):
+    """Several classifiers as one: the output is ``log(mean_i softmax(member_i(x)))``, so the softmax
+    that evaluation and serving apply gives the members' mean probabilities, from one ONNX graph."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise CatsdogsError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([torch.log_softmax(member(x), dim=1) for member in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+
+
 def divide_logits(model: nn.Module, temperature: float) -> None:
     """Fold a temperature into the model's last linear layer (logits / T), so the exported graph
     serves calibrated probabilities at no cost. Predictions are unchanged for ``T > 0``."""
@@ -306,6 +323,8 @@ class ModelSpec:
     head: HeadKind = "linear"
     head_hidden: int = 256
     dropout: float = 0.2
+    members: int = 1
+    """More than one: an :class:`Ensemble` of that many copies of the model."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -315,6 +334,7 @@ class ModelSpec:
             "head": self.head,
             "head_hidden": self.head_hidden,
             "dropout": self.dropout,
+            "members": self.members,
         }
 
     @classmethod
@@ -325,6 +345,11 @@ class ModelSpec:
 def build_model(spec: ModelSpec, *, pretrained: bool = True) -> nn.Module:
     """Build the classifier; ``pretrained=False`` when weights will come from a bundle anyway."""
     check_architecture(spec.architecture)
+    if spec.members < 1:
+        raise CatsdogsError(f"an ensemble needs at least one member, not {spec.members}")
+    if spec.members > 1:
+        single = replace(spec, members=1)
+        return Ensemble([build_model(single, pretrained=pretrained) for _ in range(spec.members)])
     if spec.architecture == "simple_cnn":
         return SimpleCNN(num_classes=spec.num_classes, dropout=spec.dropout)
     backbone = LiteFeatures(spec.architecture, image_size=spec.image_size, pretrained=pretrained)

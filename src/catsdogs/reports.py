@@ -68,8 +68,9 @@ def plot_roc_pr(roc_path: Path, pr_path: Path, y_true: np.ndarray, score: np.nda
 
 
 def plot_training_curves(path: Path, history: Sequence[dict[str, float]]) -> Path:
+    """Loss and accuracy per epoch (an ensemble's members one after another, on their ``step``)."""
     plt = _figure()
-    epochs = [row["epoch"] for row in history]
+    epochs = [row.get("step", row["epoch"]) for row in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key in ("train_loss", "val_loss"):
         left.plot(epochs, [row[key] for row in history], marker="o", label=key)

@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     """Keep an exponential moving average of the weights, updated after every optimizer step with
     this decay; the average is what is validated, kept and served (the raw weights only train).
     ``None``: no average."""
+    ensemble_members: int = Field(default=1, ge=1, le=8)
+    """Train this many models, each with its own seed (``seed``, ``seed + 1``, ...), and serve them
+    as one graph that averages their probabilities. Averaging removes part of each model's own
+    errors, at the price of training and serving time multiplied by the number of members."""
     run_name: str | None = None
     """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
     bundle_samples_per_class: int = 4

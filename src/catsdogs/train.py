@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,11 @@ from catsdogs.loop import (
     freed_memory_kept,
     init_distributed,
     selection_loss,
+    validate,
 )
 from catsdogs.model import (
     BACKBONES,
+    Ensemble,
     FinetuneTop,
     LiteFeatures,
     LiteTrunk,
@@ -194,7 +196,8 @@ BEST_PROFILE: dict[str, Any] = {
     "lr_schedule": "one_cycle",
     "calibrate_temperature": True,
     "ema_decay": 0.998,
-    "epochs": 5,
+    "epochs": 4,
+    "ensemble_members": 2,
 }
 
 
@@ -246,6 +249,7 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
         head=settings.head,
         head_hidden=settings.head_hidden,
         dropout=settings.head_dropout,
+        members=settings.ensemble_members,
     )
     return spec, strategy
 
@@ -263,7 +267,7 @@ def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str
     keys = (
         "profile", "batch_size", "epochs", "learning_rate", "weight_decay", "early_stopping_patience",
         "seed", "max_train_images", "max_eval_images", "flip_features", "train_image_size",
-        "label_smoothing", "lr_schedule", "calibrate_temperature", "ema_decay",
+        "label_smoothing", "lr_schedule", "calibrate_temperature", "ema_decay", "ensemble_members",
     )  # fmt: skip
     if strategy == "finetune":
         keys += ("finetune_blocks", "finetune_views", "finetune_backbone_lr_scale", "finetune_augment")
@@ -282,15 +286,12 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     dist = init_distributed(device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.manual_seed(settings.seed)
     config = preprocess_config_for(settings)
     params = {**train_params(settings, spec, strategy), "world_size": dist.world}
     fingerprint = json.dumps(params, sort_keys=True, default=str)
     run_dir = settings.runs_dir / (settings.run_name or f"{spec.architecture}-{strategy}")
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (run_dir / CHECKPOINT).unlink(missing_ok=True)
         write_json_atomic(run_dir / "params.json", params)
         if tracker is not None:
             tracker.log_params(params)
@@ -303,6 +304,85 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     if not train_s or not val_s or not test_s:
         raise CatsdogsError("the manifest needs train, val and test images: re-run `catsdogs data ingest`")
 
+    members, histories, temperatures = [], [], []
+    for index in range(spec.members):
+        member_dir = run_dir if spec.members == 1 else run_dir / f"member{index}"
+        member, history, temperature = _train_member(
+            settings.model_copy(update={"seed": settings.seed + index}),
+            replace(spec, members=1), strategy, config, train_s, val_s, run_dir=member_dir,
+            fingerprint=f"{fingerprint}|member {index}" if spec.members > 1 else fingerprint,
+            dist=dist, device=device, resume=resume,
+            tracker=tracker if spec.members == 1 or tracker is None
+            else _MemberTracker(tracker, member=index, first_step=index * settings.epochs),
+        )  # fmt: skip
+        members.append(member)
+        histories.append(history)
+        temperatures.append(temperature)
+    if spec.members == 1:
+        full, history, temperature = members[0], histories[0], temperatures[0]
+        val_metrics = min(history, key=selection_loss) if history else {}
+    else:
+        full = Ensemble(members)
+        history = [
+            {**row, "member": index, "step": index * settings.epochs + row["epoch"]}
+            for index, rows in enumerate(histories)
+            for row in rows
+        ]
+        val_metrics = _ensemble_validation(full, settings, config, val_s, histories, device)
+        temperature = temperatures if settings.calibrate_temperature else None
+        if dist.main and tracker is not None:
+            tracker.log_epoch(
+                spec.members * settings.epochs,
+                {f"ensemble_{k}": v for k, v in val_metrics.items() if k.startswith("val_")},
+            )
+    if temperature is not None:
+        params["temperature"] = temperature
+        if dist.main:
+            write_json_atomic(run_dir / "params.json", params)
+            if tracker is not None:
+                tracker.log_params({"temperature": temperature})
+    full = full.cpu().to(memory_format=torch.contiguous_format).eval()
+    train_seconds = time.perf_counter() - started
+    bundle_dir = run_dir / "bundle"
+    artifacts_dir = run_dir / "artifacts"
+    test_metrics: dict[str, Any] = {}
+    if dist.main:
+        test_metrics = write_bundle(
+            full, bundle_dir, artifacts_dir=artifacts_dir, spec=spec, strategy=strategy, config=config,
+            settings=settings, history=history, samples={"train": train_s, "val": val_s, "test": test_s},
+            temperature=temperature, val_metrics=val_metrics,
+        )  # fmt: skip
+    dist.barrier()
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    elapsed = time.perf_counter() - started
+    logger.info("trained in %.0f s (%.0f s before export and test)", elapsed, train_seconds)
+    return TrainResult(bundle_dir, history, test_metrics, params, artifacts_dir, elapsed, run_dir)
+
+
+def _train_member(
+    settings: Settings,
+    spec: ModelSpec,
+    strategy: str,
+    config: PreprocessConfig,
+    train_s: Sequence[Sample],
+    val_s: Sequence[Sample],
+    *,
+    run_dir: Path,
+    fingerprint: str,
+    dist: Dist,
+    device: torch.device,
+    tracker: Tracker | None,
+    resume: bool,
+) -> tuple[torch.nn.Module, list[dict[str, float]], float | None]:
+    """Train one model (in ``run_dir``, with ``settings.seed``): its best weights with the calibrated
+    temperature folded in, its per-epoch history and that temperature."""
+    torch.manual_seed(settings.seed)
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    dist.barrier()
     groups = None
     if strategy == "head":
         train_src, val_src = head_sources(settings, config, train_s, val_s, dist)
@@ -334,26 +414,43 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
         # fit() restored the best epoch's weights, whose validation already fitted the temperature.
         temperature = min(history, key=selection_loss)["val_temperature"]
         divide_logits(full, temperature)
-        params["temperature"] = temperature
         logger.info("calibrated temperature on validation: %.3f", temperature)
-        if dist.main:
-            write_json_atomic(run_dir / "params.json", params)
-            if tracker is not None:
-                tracker.log_params({"temperature": temperature})
-    full = full.cpu().to(memory_format=torch.contiguous_format).eval()
-    train_seconds = time.perf_counter() - started
-    bundle_dir = run_dir / "bundle"
-    artifacts_dir = run_dir / "artifacts"
-    test_metrics: dict[str, Any] = {}
-    if dist.main:
-        test_metrics = write_bundle(
-            full, bundle_dir, artifacts_dir=artifacts_dir, spec=spec, strategy=strategy, config=config,
-            settings=settings, history=history, samples={"train": train_s, "val": val_s, "test": test_s},
-            temperature=temperature,
-        )  # fmt: skip
-    dist.barrier()
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
-    elapsed = time.perf_counter() - started
-    logger.info("trained in %.0f s (%.0f s before export and test)", elapsed, train_seconds)
-    return TrainResult(bundle_dir, history, test_metrics, params, artifacts_dir, elapsed, run_dir)
+    return full.cpu().to(memory_format=torch.contiguous_format).eval(), history, temperature
+
+
+def _ensemble_validation(
+    ensemble: Ensemble,
+    settings: Settings,
+    config: PreprocessConfig,
+    val_s: Sequence[Sample],
+    histories: list[list[dict[str, float]]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The ensemble's own validation figures (what it was chosen on), with each member's best epoch."""
+    _, val_src = image_sources(settings, config, [], val_s)
+    row: dict[str, Any] = validate(
+        ensemble.to(device), val_src, batch_size=settings.eval_batch_size, device=device,
+        class_names=settings.classes,
+    )  # fmt: skip
+    row["member_best_epochs"] = [min(rows, key=selection_loss)["epoch"] for rows in histories]
+    logger.info("ensemble of %d on validation: %s", len(histories), row)
+    return row
+
+
+@dataclass
+class _MemberTracker:
+    """Reports one ensemble member's epochs to the run's tracker: the members' epochs follow each
+    other on one step axis, and a ``member`` metric says whose they are."""
+
+    tracker: Tracker
+    member: int
+    first_step: int
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker.log_params(params)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.tracker.log_epoch(self.first_step + epoch, {**metrics, "member": float(self.member)})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(path, artifact_path)
