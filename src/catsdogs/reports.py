@@ -116,10 +116,17 @@ def model_card(*, metadata: dict[str, Any], metrics: dict[str, Any], data: dict[
         for name, m in metrics["per_class"].items()
     )
     m = metadata
+    members = int(m.get("members", 1))
+    ensemble = (
+        f"\nAn ensemble of {members} {m['architecture']} models trained with consecutive seeds: it "
+        f"serves the mean of their probabilities and costs {members} models' time per image.\n"
+        if members > 1
+        else ""
+    )
     return f"""# Model card: {m["architecture"]} ({m["strategy"]}, profile {m["profile"]})
 
 Created {m["created_at"]} by catsdogs {m["package_version"]} (commit {m["git_commit"]}).
-
+{ensemble}
 ## Data
 - Dataset: Kaggle "Dogs vs. Cats" training images (`train.zip`), ingested by `catsdogs data ingest`.
 - Data version (manifest SHA-256): `{metadata["data_version"]}`

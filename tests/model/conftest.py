@@ -107,6 +107,20 @@ def head_run(
     return train(settings, tracker=tracker), tracker, settings
 
 
+@pytest.fixture(scope="session")
+def ensemble_run(isolated_env, small_data_dir, session_cache, tmp_path_factory):
+    """The real ``train()``: two linear heads on frozen Lite0 features, two epochs each."""
+    from catsdogs.train import train
+
+    settings = Settings(
+        architecture="efficientnet_lite0", strategy="head", data_dir=small_data_dir,
+        runs_dir=tmp_path_factory.mktemp("runs"), cache_dir=session_cache, epochs=2, batch_size=32,
+        ensemble_members=2, seed=7,
+    )  # fmt: skip
+    tracker = RecordingTracker()
+    return train(settings, tracker=tracker), tracker, settings
+
+
 @pytest.fixture
 def make_dataset(dataset_zip: Path):
     """Factory: ``make_dataset(data_dir, per_class={...}, offset=0)`` builds a small real dataset."""

@@ -1,0 +1,80 @@
+"""Ensembles: each member trains with its own seed in its own folder, the bundle serves them as one
+graph whose probabilities are the members' mean, and the run records every member."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from catsdogs.bundle import ModelBundle
+from catsdogs.features import ort_session
+from catsdogs.loop import CHECKPOINT
+from catsdogs.model import Ensemble, ModelSpec, build_model, load_model
+
+
+def test_the_ensemble_outputs_logits_whose_softmax_is_the_mean_of_its_members() -> None:
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(12, 2)) for _ in range(3)]
+    x = torch.randn(5, 3, 2, 2)
+    expected = torch.stack([torch.softmax(member(x), dim=1) for member in members]).mean(dim=0)
+    torch.testing.assert_close(torch.softmax(Ensemble(members)(x), dim=1), expected)
+
+
+def test_a_spec_with_several_members_builds_an_ensemble_and_survives_its_round_trip() -> None:
+    spec = ModelSpec("efficientnet_lite0", image_size=224, members=2)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    model = build_model(spec, pretrained=False)
+    assert isinstance(model, Ensemble) and len(model.members) == 2
+    # Bundles written before ensembles existed hold one model.
+    assert ModelSpec.from_dict({"architecture": "simple_cnn", "image_size": 128}).members == 1
+
+
+@pytest.mark.slow
+def test_members_train_with_their_own_seeds_and_the_bundle_serves_their_mean(ensemble_run) -> None:
+    result, _, _ = ensemble_run
+    assert result.params["ensemble_members"] == 2 and result.test_metrics["accuracy"] >= 0.9
+    assert all((result.run_dir / f"member{i}" / CHECKPOINT).is_file() for i in (0, 1))
+    bundle = ModelBundle.open(result.bundle_dir)
+    assert bundle.metadata["members"] == 2 and bundle.metadata["onnx"]["passed"]
+    assert bundle.metadata["val_metrics"]["member_best_epochs"] == [2, 2]
+    assert "An ensemble of 2 efficientnet_lite0 models" in (result.bundle_dir / "model_card.md").read_text()
+    model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    first, second = (member.head[-1].weight for member in model.members)
+    assert not torch.equal(first, second)  # seeds 7 and 8
+
+    x = np.random.default_rng(0).normal(size=(4, 3, 224, 224)).astype(np.float32)
+    with torch.inference_mode():
+        mean = torch.stack([torch.softmax(m(torch.from_numpy(x)), 1) for m in model.members]).mean(0)
+    served = torch.softmax(torch.from_numpy(ort_session(bundle.onnx_path()).run(None, {"input": x})[0]), 1)
+    np.testing.assert_allclose(served.numpy(), mean.numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_tracker_sees_each_members_epochs_in_turn_then_the_ensembles_validation(ensemble_run) -> None:
+    result, tracker, _ = ensemble_run
+    members = [(step, metrics["member"]) for step, metrics in tracker.epochs if "member" in metrics]
+    assert members == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)]
+    final_step, final = tracker.epochs[-1]
+    assert final_step == 4 and 0 < final["ensemble_val_loss"] < 0.7
+    assert final["ensemble_val_accuracy"] >= 0.9
+    assert [row["step"] for row in result.history] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_ensemble_trains_nothing_and_gives_the_same_model(
+    ensemble_run, monkeypatch
+) -> None:
+    from catsdogs import loop
+    from catsdogs.train import train
+
+    result, _, settings = ensemble_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("every member had finished: nothing should train again")
+
+    monkeypatch.setattr(loop, "train_one_epoch", refuse)
+    resumed = train(settings, resume=True)
+    assert resumed.test_metrics["accuracy"] == result.test_metrics["accuracy"]
+    assert resumed.test_metrics["log_loss"] == pytest.approx(result.test_metrics["log_loss"], abs=1e-6)
