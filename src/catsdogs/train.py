@@ -196,8 +196,7 @@ BEST_PROFILE: dict[str, Any] = {
     "lr_schedule": "one_cycle",
     "calibrate_temperature": True,
     "ema_decay": 0.998,
-    "epochs": 4,
-    "ensemble_members": 2,
+    "epochs": 5,
 }
 
 

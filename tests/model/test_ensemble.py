@@ -40,7 +40,7 @@ def test_members_train_with_their_own_seeds_and_the_bundle_serves_their_mean(ens
     assert bundle.metadata["members"] == 2 and bundle.metadata["onnx"]["passed"]
     assert bundle.metadata["val_metrics"]["member_best_epochs"] == [2, 2]
     assert "An ensemble of 2 efficientnet_lite0 models" in (result.bundle_dir / "model_card.md").read_text()
-    model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    model = _load(result.bundle_dir)
     first, second = (member.head[-1].weight for member in model.members)
     assert not torch.equal(first, second)  # seeds 7 and 8
 
@@ -78,3 +78,20 @@ def test_resuming_a_finished_ensemble_trains_nothing_and_gives_the_same_model(
     resumed = train(settings, resume=True)
     assert resumed.test_metrics["accuracy"] == result.test_metrics["accuracy"]
     assert resumed.test_metrics["log_loss"] == pytest.approx(result.test_metrics["log_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_each_member_is_the_model_a_single_run_with_its_seed_trains(ensemble_run, tmp_path) -> None:
+    from catsdogs.train import train
+
+    result, _, settings = ensemble_run
+    alone = train(settings.model_copy(update={"ensemble_members": 1, "seed": 8, "runs_dir": tmp_path}))
+    member = _load(result.bundle_dir).members[1].state_dict()
+    single = _load(alone.bundle_dir).state_dict()
+    assert member.keys() == single.keys()
+    assert all(torch.equal(member[key], single[key]) for key in member)
+
+
+def _load(bundle_dir):
+    bundle = ModelBundle.open(bundle_dir)
+    return load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
