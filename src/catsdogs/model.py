@@ -345,9 +345,7 @@ class ModelSpec:
 def build_model(spec: ModelSpec, *, pretrained: bool = True) -> nn.Module:
     """Build the classifier; ``pretrained=False`` when weights will come from a bundle anyway."""
     check_architecture(spec.architecture)
-    if spec.members < 1:
-        raise CatsdogsError(f"an ensemble needs at least one member, not {spec.members}")
-    if spec.members > 1:
+    if spec.members != 1:  # Ensemble refuses fewer than one member
         single = replace(spec, members=1)
         return Ensemble([build_model(single, pretrained=pretrained) for _ in range(spec.members)])
     if spec.architecture == "simple_cnn":

@@ -320,7 +320,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
         temperatures.append(temperature)
     if spec.members == 1:
         full, history, temperature = members[0], histories[0], temperatures[0]
-        val_metrics = min(history, key=selection_loss) if history else {}
+        val_metrics: dict[str, Any] | None = None  # write_bundle takes the best epoch
     else:
         full = Ensemble(members)
         history = [
