@@ -199,7 +199,12 @@ def models_list() -> None:
 @app.command("train")
 def train_command(
     model: Annotated[
-        str | None, typer.Option("--model", help="efficientnet_lite0|1|2 (pretrained) or simple_cnn.")
+        str | None,
+        typer.Option(
+            "--model",
+            help="efficientnet_lite0|1|2 (pretrained) or simple_cnn; several, comma-separated, "
+            "train an ensemble of one model each.",
+        ),
     ] = None,
     strategy: Annotated[
         str | None,
@@ -245,8 +250,11 @@ def train_command(
     register it as the new `challenger`."""
     from catsdogs.train import train
 
+    archs = [name.strip() for name in model.split(",")] if model else []
     settings = _settings(
-        architecture=model, strategy=strategy, profile=profile, head=head, epochs=epochs,
+        architecture=archs[0] if archs else None,
+        ensemble_architectures=archs if len(archs) > 1 else None,
+        strategy=strategy, profile=profile, head=head, epochs=epochs,
         finetune_blocks=finetune_blocks, image_size=image_size, ensemble_members=members,
         batch_size=batch_size, learning_rate=learning_rate, max_train_images=max_train_images,
         max_eval_images=max_eval_images, run_name=run_name, data_dir=data_dir, runs_dir=runs_dir,

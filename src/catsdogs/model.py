@@ -324,7 +324,25 @@ class ModelSpec:
     head_hidden: int = 256
     dropout: float = 0.2
     members: int = 1
-    """More than one: an :class:`Ensemble` of that many copies of the model."""
+    """More than one: an :class:`Ensemble` of that many models."""
+    member_architectures: tuple[str, ...] = ()
+    """Each member's architecture when they differ (the first is ``architecture``); empty: every
+    member is an ``architecture``."""
+
+    def __post_init__(self) -> None:
+        archs = self.member_architectures
+        if archs and (len(archs) != self.members or archs[0] != self.architecture):
+            raise CatsdogsError(
+                f"member architectures {list(archs)} do not fit an ensemble of {self.members} "
+                f"whose first member is {self.architecture}"
+            )
+
+    def member(self, index: int) -> ModelSpec:
+        """The spec of one member of the ensemble (the model itself when it has one member)."""
+        if not 0 <= index < self.members:
+            raise CatsdogsError(f"member {index} of an ensemble of {self.members}")
+        arch = self.member_architectures[index] if self.member_architectures else self.architecture
+        return replace(self, architecture=arch, members=1, member_architectures=())
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -335,19 +353,22 @@ class ModelSpec:
             "head_hidden": self.head_hidden,
             "dropout": self.dropout,
             "members": self.members,
+            "member_architectures": list(self.member_architectures),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelSpec:
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})  # type: ignore[arg-type]
+        fields = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        fields["member_architectures"] = tuple(fields.get("member_architectures") or ())  # type: ignore[arg-type]
+        return cls(**fields)  # type: ignore[arg-type]
 
 
 def build_model(spec: ModelSpec, *, pretrained: bool = True) -> nn.Module:
     """Build the classifier; ``pretrained=False`` when weights will come from a bundle anyway."""
     check_architecture(spec.architecture)
     if spec.members != 1:  # Ensemble refuses fewer than one member
-        single = replace(spec, members=1)
-        return Ensemble([build_model(single, pretrained=pretrained) for _ in range(spec.members)])
+        members = range(spec.members)
+        return Ensemble([build_model(spec.member(i), pretrained=pretrained) for i in members])
     if spec.architecture == "simple_cnn":
         return SimpleCNN(num_classes=spec.num_classes, dropout=spec.dropout)
     backbone = LiteFeatures(spec.architecture, image_size=spec.image_size, pretrained=pretrained)

@@ -117,9 +117,10 @@ def model_card(*, metadata: dict[str, Any], metrics: dict[str, Any], data: dict[
     )
     m = metadata
     members = int(m.get("members", 1))
+    kinds = ", ".join(m.get("member_architectures") or []) or f"{members} {m['architecture']}"
     ensemble = (
-        f"\nAn ensemble of {members} {m['architecture']} models trained with consecutive seeds: it "
-        f"serves the mean of their probabilities and costs {members} models' time per image.\n"
+        f"\nAn ensemble of {kinds} models trained with consecutive seeds: it serves the mean of "
+        f"their probabilities and costs the time of all {members} per image.\n"
         if members > 1
         else ""
     )

@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     """Train this many models, each with its own seed (``seed``, ``seed + 1``, ...), and serve them
     as one graph that averages their probabilities. Averaging removes part of each model's own
     errors, at the price of training and serving time multiplied by the number of members."""
+    ensemble_architectures: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """One architecture per ensemble member (``efficientnet_lite2,efficientnet_lite1``), in place of
+    ``ensemble_members`` models of ``architecture``: members of different backbones share fewer
+    errors than seeds of one. They train with the same strategy and serve at the same input size."""
     run_name: str | None = None
     """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
     bundle_samples_per_class: int = 4
@@ -255,7 +259,7 @@ class Settings(BaseSettings):
         yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=_params_file())
         return (init_settings, env_settings, yaml_source, file_secret_settings)
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "ensemble_architectures", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # Accept "a,b" in an environment variable as well as a YAML/JSON list.

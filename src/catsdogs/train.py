@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,19 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
     from catsdogs.model import check_architecture, default_image_size
 
     settings = apply_profile(settings)
+    archs = tuple(settings.ensemble_architectures)
+    if archs and settings.ensemble_members not in (1, len(archs)):
+        raise CatsdogsError(
+            f"{settings.ensemble_members} ensemble members but {len(archs)} member architectures"
+        )
+    if len(set(archs)) > 1 and "simple_cnn" in archs:
+        raise CatsdogsError(
+            "simple_cnn trains from scratch: it cannot share an ensemble with a pretrained model"
+        )
+    if archs:
+        settings = settings.model_copy(update={"architecture": archs[0]})
+    for member_arch in archs:
+        check_architecture(member_arch)
     arch = check_architecture(settings.architecture)
     strategy = _effective_strategy(settings)
     if arch == "simple_cnn":
@@ -249,7 +262,8 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
         head=settings.head,
         head_hidden=settings.head_hidden,
         dropout=settings.head_dropout,
-        members=settings.ensemble_members,
+        members=len(archs) or settings.ensemble_members,
+        member_architectures=archs if len(set(archs)) > 1 else (),
     )
     return spec, strategy
 
@@ -307,9 +321,12 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     members, histories, temperatures = [], [], []
     for index in range(spec.members):
         member_dir = run_dir if spec.members == 1 else run_dir / f"member{index}"
+        member_spec = spec.member(index)
         member, history, temperature = _train_member(
-            settings.model_copy(update={"seed": settings.seed + index}),
-            replace(spec, members=1), strategy, config, train_s, val_s, run_dir=member_dir,
+            settings.model_copy(
+                update={"seed": settings.seed + index, "architecture": member_spec.architecture}
+            ),
+            member_spec, strategy, config, train_s, val_s, run_dir=member_dir,
             fingerprint=f"{fingerprint}|member {index}" if spec.members > 1 else fingerprint,
             dist=dist, device=device, resume=resume,
             tracker=tracker if spec.members == 1 or tracker is None

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from catsdogs import CatsdogsError
 from catsdogs.bundle import ModelBundle
 from catsdogs.features import ort_session
 from catsdogs.loop import CHECKPOINT
 from catsdogs.model import Ensemble, ModelSpec, build_model, load_model
+from catsdogs.settings import Settings
 
 
 def test_the_ensemble_outputs_logits_whose_softmax_is_the_mean_of_its_members() -> None:
@@ -29,6 +31,35 @@ def test_a_spec_with_several_members_builds_an_ensemble_and_survives_its_round_t
     assert isinstance(model, Ensemble) and len(model.members) == 2
     # Bundles written before ensembles existed hold one model.
     assert ModelSpec.from_dict({"architecture": "simple_cnn", "image_size": 128}).members == 1
+
+
+def test_members_of_different_backbones_are_built_each_as_its_own_model() -> None:
+    archs = ("efficientnet_lite0", "efficientnet_lite1")
+    spec = ModelSpec("efficientnet_lite0", image_size=224, members=2, member_architectures=archs)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert [spec.member(i).architecture for i in (0, 1)] == list(archs)
+    model = build_model(spec, pretrained=False)
+    for member, arch in zip(model.members, archs, strict=True):
+        alone = build_model(ModelSpec(arch, image_size=224), pretrained=False)
+        assert member.state_dict().keys() == alone.state_dict().keys()
+        assert all(v.shape == alone.state_dict()[k].shape for k, v in member.state_dict().items())
+    with pytest.raises(CatsdogsError, match="do not fit"):
+        ModelSpec("efficientnet_lite0", image_size=224, members=3, member_architectures=archs)
+
+
+def test_member_architectures_set_the_ensemble_and_refuse_a_contradicting_member_count() -> None:
+    from catsdogs.train import resolve_spec
+
+    archs = ["efficientnet_lite2", "efficientnet_lite1"]
+    spec, strategy = resolve_spec(Settings(ensemble_architectures=archs, image_size=256))
+    assert (spec.architecture, spec.members, spec.member_architectures) == (archs[0], 2, tuple(archs))
+    assert strategy == "finetune" and spec.member(1).image_size == 256  # one input for all members
+    same, _ = resolve_spec(Settings(ensemble_architectures=["efficientnet_lite0"] * 2))
+    assert (same.members, same.member_architectures) == (2, ())  # plain seeds of one model
+    with pytest.raises(CatsdogsError, match="3 ensemble members but 2"):
+        resolve_spec(Settings(ensemble_architectures=archs, ensemble_members=3))
+    with pytest.raises(CatsdogsError, match="from scratch"):
+        resolve_spec(Settings(ensemble_architectures=["simple_cnn", "efficientnet_lite0"]))
 
 
 @pytest.mark.slow
@@ -95,3 +126,24 @@ def test_each_member_is_the_model_a_single_run_with_its_seed_trains(ensemble_run
 def _load(bundle_dir):
     bundle = ModelBundle.open(bundle_dir)
     return load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_two_backbones_trains_each_on_its_own_features(ensemble_run, tmp_path) -> None:
+    from catsdogs.train import train
+
+    _, _, settings = ensemble_run
+    archs = ["efficientnet_lite0", "efficientnet_lite1"]
+    result = train(
+        settings.model_copy(update={"ensemble_architectures": archs, "epochs": 1, "runs_dir": tmp_path})
+    )
+    bundle = ModelBundle.open(result.bundle_dir)
+    assert bundle.metadata["member_architectures"] == archs and bundle.metadata["onnx"]["passed"]
+    assert (
+        "An ensemble of efficientnet_lite0, efficientnet_lite1 models"
+        in (result.bundle_dir / "model_card.md").read_text()
+    )
+    assert result.test_metrics["accuracy"] >= 0.9
+    lite1 = _load(result.bundle_dir).members[1].backbone.state_dict()
+    pretrained = build_model(ModelSpec("efficientnet_lite1", image_size=224)).backbone.state_dict()
+    assert all(torch.equal(lite1[key], pretrained[key]) for key in pretrained)  # frozen Lite1
