@@ -3,6 +3,8 @@ graph whose probabilities are the members' mean, and the run records every membe
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,26 @@ def test_member_architectures_set_the_ensemble_and_refuse_a_contradicting_member
         resolve_spec(Settings(ensemble_architectures=archs, ensemble_members=3))
     with pytest.raises(CatsdogsError, match="from scratch"):
         resolve_spec(Settings(ensemble_architectures=["simple_cnn", "efficientnet_lite0"]))
+
+
+def test_the_cli_trains_one_member_per_comma_separated_model(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from catsdogs import train as train_module
+    from catsdogs.cli import app
+
+    seen: list[Settings] = []
+
+    def fake_train(settings: Settings, **_: object) -> SimpleNamespace:
+        seen.append(settings)
+        return SimpleNamespace(test_metrics={})
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    args = ["train", "--model", "efficientnet_lite2, efficientnet_lite1", "--no-track"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    spec, _ = train_module.resolve_spec(seen[0])
+    assert spec.member_architectures == ("efficientnet_lite2", "efficientnet_lite1")
 
 
 @pytest.mark.slow
