@@ -317,12 +317,15 @@ def fit(
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    horizon = settings.lr_schedule_epochs or settings.epochs
+    if horizon < settings.epochs:
+        raise CatsdogsError(f"lr_schedule_epochs ({horizon}) must be at least epochs ({settings.epochs})")
     groups = param_groups or [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     per_batch = settings.lr_schedule == "one_cycle"
     if per_batch:
         # At least 4 steps and a warm-up of 2, which OneCycleLR needs (tiny runs never finish it).
-        steps = max(4, settings.epochs * steps_per_epoch(len(train_source), settings.batch_size, dist))
+        steps = max(4, horizon * steps_per_epoch(len(train_source), settings.batch_size, dist))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
@@ -330,7 +333,7 @@ def fit(
             pct_start=max(0.1, 2 / steps),
         )
     else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=horizon)
     ema = weight_average(model, settings.ema_decay)
     evaluated = model if ema is None else ema.module  # what is validated, kept and returned
 

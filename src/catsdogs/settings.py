@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     lr_schedule: Literal["cosine", "one_cycle"] = "cosine"
     """``cosine``: stepped once per epoch; ``one_cycle``: stepped every batch, warm-up over the first
     10% of the steps to ``learning_rate``, then cosine annealing (for runs of a few epochs)."""
+    lr_schedule_epochs: int | None = Field(default=None, ge=1)
+    """Epochs the learning-rate schedule spans; ``None`` means ``epochs``. Longer than ``epochs``,
+    training ends while the rate is still falling, skipping the schedule's tail: with a weight
+    average, the model kept was never from that tail (README, "Per backbone and profile")."""
     calibrate_temperature: bool = False
     """Fit one temperature on the validation split after training and fold it into the classifier's
     last layer, so the served probabilities are calibrated (label smoothing leaves them timid).

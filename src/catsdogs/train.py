@@ -281,7 +281,8 @@ def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str
     keys = (
         "profile", "batch_size", "epochs", "learning_rate", "weight_decay", "early_stopping_patience",
         "seed", "max_train_images", "max_eval_images", "flip_features", "train_image_size",
-        "label_smoothing", "lr_schedule", "calibrate_temperature", "ema_decay", "ensemble_members",
+        "label_smoothing", "lr_schedule", "lr_schedule_epochs", "calibrate_temperature", "ema_decay",
+        "ensemble_members",
     )  # fmt: skip
     if strategy == "finetune":
         keys += ("finetune_blocks", "finetune_views", "finetune_backbone_lr_scale", "finetune_augment")

@@ -110,6 +110,16 @@ def test_the_one_cycle_schedule_warms_up_then_anneals_batch_by_batch(tmp_path) -
     assert lrs[-1] < 0.05 / 10
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
+def test_a_run_stopped_before_its_schedule_ends_is_the_start_of_the_full_run(tmp_path, schedule) -> None:
+    _, full = _fit(tmp_path / "full", epochs=4, lr_schedule=schedule, ema_decay=0.9)
+    _, short = _fit(tmp_path / "short", epochs=2, lr_schedule_epochs=4, lr_schedule=schedule, ema_decay=0.9)
+    assert short == full[:2]
+    assert short[-1]["lr"] > full[-1]["lr"]  # stopped while the rate was still up
+    with pytest.raises(CatsdogsError, match="at least epochs"):
+        _fit(tmp_path / "refused", epochs=3, lr_schedule_epochs=2)
+
+
 def test_steps_per_epoch_counts_the_batches_that_every_rank_gets() -> None:
     assert steps_per_epoch(128, 16, Dist()) == 8
     assert steps_per_epoch(130, 16, Dist()) == 9
