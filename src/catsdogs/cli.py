@@ -213,7 +213,7 @@ def train_command(
     profile: Annotated[
         str | None,
         typer.Option(
-            help="default, or best (fine-tunes 14 blocks on random augmentations, 5 epochs; slower)."
+            help="default, or best (two models, 14 blocks fine-tuned on random augmentations; ~1 h)."
         ),
     ] = None,
     finetune_blocks: Annotated[
