@@ -231,7 +231,7 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
     from catsdogs.model import check_architecture, default_image_size
 
     settings = apply_profile(settings)
-    archs = tuple(settings.ensemble_architectures)
+    archs = tuple(check_architecture(name) for name in settings.ensemble_architectures)
     if archs and settings.ensemble_members not in (1, len(archs)):
         raise CatsdogsError(
             f"{settings.ensemble_members} ensemble members but {len(archs)} member architectures"
@@ -242,8 +242,6 @@ def resolve_spec(settings: Settings) -> tuple[ModelSpec, str]:
         )
     if archs:
         settings = settings.model_copy(update={"architecture": archs[0]})
-    for member_arch in archs:
-        check_architecture(member_arch)
     arch = check_architecture(settings.architecture)
     strategy = _effective_strategy(settings)
     if arch == "simple_cnn":
