@@ -1,7 +1,9 @@
 """The one settings object.
 
 Precedence, lowest to highest: field defaults < ``params.yaml`` < environment variables
-(``CATSDOGS_*``) < keyword overrides (what the CLI passes from its flags).
+(``CATSDOGS_*``) < keyword overrides (what the CLI passes from its flags). A training profile
+(``--profile best``) sits between the last two: it replaces what the files and the environment
+say, not what was given explicitly (:attr:`Settings.explicit`).
 
 Nothing happens at import time: call :func:`get_settings` (or build :class:`Settings`) when needed.
 """
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -42,6 +44,7 @@ class Settings(BaseSettings):
         validate_default=True,
         protected_namespaces=(),
     )
+    _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     # --- paths -------------------------------------------------------------------------------
     data_dir: Path = Path("data")
@@ -281,6 +284,12 @@ class Settings(BaseSettings):
             raise ValueError("classes must name at least two distinct classes")
         return self
 
+    @property
+    def explicit(self) -> frozenset[str]:
+        """The fields given as keyword overrides to :func:`get_settings` (the CLI's flags): a
+        profile leaves them alone, so ``--profile best --members 3`` trains three models."""
+        return self._explicit
+
     # --- derived paths (pure, nothing is created here) -----------------------------------------
     @property
     def raw_dir(self) -> Path:
@@ -301,4 +310,7 @@ class Settings(BaseSettings):
 
 def get_settings(**overrides: Any) -> Settings:
     """Build the settings; ``None`` overrides are dropped so unset CLI flags keep lower layers."""
-    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    settings = Settings(**given)
+    settings._explicit = frozenset(given)
+    return settings

@@ -217,10 +217,11 @@ def _effective_strategy(settings: Settings) -> str:
 
 
 def apply_profile(settings: Settings) -> Settings:
-    """The settings a run actually uses: the ``best`` profile overrides its fields, and an unset
-    ``epochs`` becomes the strategy's default."""
+    """The settings a run actually uses: the ``best`` profile sets its fields (except those given
+    explicitly, :attr:`Settings.explicit`), and an unset ``epochs`` becomes the strategy's default."""
     if settings.profile == "best":
-        settings = settings.model_copy(update=BEST_PROFILE)
+        profile = {key: value for key, value in BEST_PROFILE.items() if key not in settings.explicit}
+        settings = settings.model_copy(update=profile)
     if settings.epochs is None:
         settings = settings.model_copy(update={"epochs": DEFAULT_EPOCHS[_effective_strategy(settings)]})
     return settings

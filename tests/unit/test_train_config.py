@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from catsdogs import CatsdogsError
-from catsdogs.settings import Settings
+from catsdogs.settings import Settings, get_settings
 from catsdogs.train import BEST_PROFILE, DEFAULT_EPOCHS, apply_profile, preprocess_config_for, resolve_spec
 
 
@@ -47,6 +47,17 @@ def test_the_best_profile_fine_tunes_with_its_own_settings() -> None:
     settings = apply_profile(Settings(profile="best", strategy="head", finetune_blocks=0))
     assert {key: getattr(settings, key) for key in BEST_PROFILE} == BEST_PROFILE
     assert resolve_spec(Settings(profile="best"))[1] == "finetune"
+
+
+def test_flags_given_explicitly_win_over_the_profile_and_the_profile_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CATSDOGS_EPOCHS", "9")
+    settings = apply_profile(get_settings(profile="best", ensemble_members=3, seed=7, batch_size=None))
+    assert (settings.ensemble_members, settings.seed) == (3, 7)
+    assert settings.epochs == BEST_PROFILE["epochs"]  # the environment is a layer below the profile
+    assert settings.batch_size == BEST_PROFILE["batch_size"]  # an unset flag is not explicit
+    assert settings.finetune_blocks == BEST_PROFILE["finetune_blocks"]
 
 
 def test_the_best_profile_trains_smaller_than_it_serves_on_random_augmentations() -> None:
