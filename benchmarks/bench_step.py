@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from catsdogs.bundle import write_json_atomic
 from catsdogs.loop import freed_memory_kept
 from catsdogs.model import FinetuneTop, ModelSpec, build_model
 
@@ -66,7 +67,7 @@ def main() -> None:
             print(f"{size} px: median {statistics.median(times):.3f} s/step", flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.name] = result
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(RESULTS, results)  # an interrupted write must not lose earlier probes
 
 
 if __name__ == "__main__":
