@@ -117,6 +117,24 @@ def _lite_network(architecture: str, *, image_size: int, pretrained: bool) -> nn
     if pretrained:
         state = torch.load(spec.weights_path(), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
+    return fold_symmetric_padding(net)
+
+
+def fold_symmetric_padding(net: nn.Module) -> nn.Module:
+    """Move each symmetric static "same" padding into its convolution's own ``padding``.
+
+    The library pads with a separate ``ZeroPad2d`` before every convolution, which copies the whole
+    activation (and again in the backward pass): 12% of a fine-tuning step on this CPU. Zero padding
+    inside the convolution is the same arithmetic without the copy, and the padding layers have no
+    parameters, so state dicts are unchanged. Asymmetric paddings (some stride-2 layers) stay.
+    """
+    for module in net.modules():
+        pad = getattr(module, "static_padding", None)
+        if isinstance(module, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom and module.padding == (0, 0):
+                module.padding = (top, left)
+                module.static_padding = nn.Identity()
     return net
 
 

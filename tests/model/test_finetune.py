@@ -3,12 +3,21 @@ only the top learns, and the result is an ordinary bundle whose ONNX graph match
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from catsdogs.bundle import ModelBundle
-from catsdogs.model import FinetuneTop, LiteFeatures, ModelSpec, build_model, load_model
+from catsdogs.model import (
+    FinetuneTop,
+    LiteFeatures,
+    ModelSpec,
+    build_model,
+    fold_symmetric_padding,
+    load_model,
+)
 from catsdogs.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -26,6 +35,23 @@ def test_top_of_trunk_equals_the_whole_backbone(lite0: LiteFeatures, stop: int) 
         np.testing.assert_allclose(
             lite0.top(lite0.trunk(x, stop=stop), start=stop).numpy(), lite0(x).numpy(), atol=1e-5
         )
+
+
+@pytest.mark.parametrize("size", [224, 280])
+def test_padding_moved_into_the_convolutions_computes_exactly_what_the_library_computes(size: int) -> None:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    library = EfficientNet.from_name("efficientnet-lite2", image_size=280).eval()
+    folded = fold_symmetric_padding(copy.deepcopy(library))
+
+    def pads(net):
+        return sum(isinstance(getattr(m, "static_padding", None), torch.nn.ZeroPad2d) for m in net.modules())
+
+    assert pads(library) == 22 and pads(folded) == 4  # only asymmetric stride-2 paddings are left
+    x = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        assert torch.equal(folded(x), library(x))  # the same arithmetic, not merely close
+    assert folded.state_dict().keys() == library.state_dict().keys()
 
 
 def test_only_the_last_blocks_the_head_conv_and_the_head_require_gradients() -> None:
