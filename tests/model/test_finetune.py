@@ -102,6 +102,24 @@ def test_from_images_the_frozen_trunk_runs_in_eval_mode_and_gets_no_gradient() -
         torch.testing.assert_close(top(images), model(images))
 
 
+def test_from_images_the_trunk_runs_with_batch_norm_folded_in_yet_computes_the_same() -> None:
+    model = build_model(ModelSpec("efficientnet_lite0", 224)).eval()
+    top = FinetuneTop(model, blocks=4, from_images=True)
+    (fused,) = top._fused_trunk
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert top.state_dict().keys() == {f"model.{k}" for k in model.state_dict()}  # the copy is not saved
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            fused.trunk(images, stop=top.start),
+            model.backbone.trunk(images, stop=top.start),
+            atol=1e-4,
+            rtol=1e-4,
+        )
+    top.double()
+    assert next(fused.parameters()).dtype == torch.float64  # moved with the module
+
+
 def test_more_blocks_than_the_backbone_has_are_refused() -> None:
     from catsdogs import CatsdogsError
 
