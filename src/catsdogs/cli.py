@@ -231,6 +231,12 @@ def train_command(
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Most epochs (default: 1 for finetune, 30 for head).")
     ] = None,
+    lr_schedule_epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Epochs the LR schedule spans (default: --epochs); more stops before its tail."
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", min=0.0)] = None,
     max_train_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
@@ -256,7 +262,8 @@ def train_command(
         architecture=archs[0] if archs else None,
         ensemble_architectures=archs if len(archs) > 1 else None,
         strategy=strategy, profile=profile, head=head, epochs=epochs,
-        finetune_blocks=finetune_blocks, image_size=image_size, ensemble_members=members,
+        lr_schedule_epochs=lr_schedule_epochs, finetune_blocks=finetune_blocks, image_size=image_size,
+        ensemble_members=members,
         batch_size=batch_size, learning_rate=learning_rate, max_train_images=max_train_images,
         max_eval_images=max_eval_images, run_name=run_name, data_dir=data_dir, runs_dir=runs_dir,
         cache_dir=cache_dir, device=device,

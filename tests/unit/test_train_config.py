@@ -93,3 +93,23 @@ def test_preprocessing_follows_the_architecture_and_the_size_override() -> None:
     assert preprocess_config_for(Settings(image_size=260)).image_size == 260
     config = preprocess_config_for(Settings(architecture="efficientnet_lite0", image_size=192))
     assert config.image_size == 192 and config.mean == config.std == (0.5, 0.5, 0.5)
+
+
+def test_the_cli_passes_its_schedule_flags_past_the_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from catsdogs import train as train_module
+    from catsdogs.cli import app
+
+    seen: list[Settings] = []
+    monkeypatch.setattr(
+        train_module, "train", lambda s, **_: seen.append(s) or SimpleNamespace(test_metrics={})
+    )
+    args = ["train", "--profile", "best", "--epochs", "2", "--lr-schedule-epochs", "3", "--members", "3"]
+    result = CliRunner().invoke(app, [*args, "--no-track"])
+    assert result.exit_code == 0, result.output
+    settings = apply_profile(seen[0])
+    assert (settings.epochs, settings.lr_schedule_epochs, settings.ensemble_members) == (2, 3, 3)
+    assert settings.finetune_blocks == BEST_PROFILE["finetune_blocks"]
