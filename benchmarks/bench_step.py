@@ -3,12 +3,16 @@ training wall times, which move with the CPU a session gets (the same run took 3
 morning and ran 1.2-1.45x slower that afternoon).
 
 Usage:
-    python benchmarks/bench_step.py [--sizes 224,192] [--steps 5] [--name NAME]
+    python benchmarks/bench_step.py [--sizes 224,192] [--steps 5] [--name NAME] [--against-library]
 
 Lite2 (random weights: the cost does not depend on them) with its last 14 blocks trained, as the
 profile does: batch 32 of random images through the frozen trunk and the trained blocks, cross
 entropy, backward, AdamW, channels-last input, freed memory kept. Two warm-up steps, then the median
 of ``--steps`` timed ones per size; appended to benchmarks/results/step.json under ``--name``.
+
+``--against-library`` also times the network as the library computes it (its separate padding
+layers, the trunk's batch norms unfolded), step for step interleaved with ours so both see the same
+machine, and records the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import json
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -30,23 +36,35 @@ from catsdogs.model import FinetuneTop, ModelSpec, build_model
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 
 
-def step_seconds(size: int, steps: int, batch: int = 32) -> list[float]:
-    """Seconds per training step of the best profile's trained part at ``size`` px."""
+def _top(*, library: bool) -> FinetuneTop:
+    """The profile's trained part; ``library``: without :func:`catsdogs.model.fold_symmetric_padding`
+    and with the trunk's own batch norms instead of :func:`catsdogs.model.frozen_trunk`."""
     torch.manual_seed(0)
-    top = FinetuneTop(
-        build_model(ModelSpec("efficientnet_lite2", image_size=280)), blocks=14, from_images=True
-    )
-    top.train()
-    optimizer = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
+    with mock.patch("catsdogs.model.fold_symmetric_padding", lambda net: net) if library else nullcontext():
+        model = build_model(ModelSpec("efficientnet_lite2", image_size=280))
+    top = FinetuneTop(model, blocks=14, from_images=True)
+    if library:
+        top._fused_trunk = (model.backbone,)
+    return top.train()
+
+
+def step_seconds(size: int, steps: int, *, variants: list[str], batch: int = 32) -> dict[str, list[float]]:
+    """Seconds per training step at ``size`` px of each variant (``ours``, ``library``), interleaved."""
+    tops = {name: _top(library=name == "library") for name in variants}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
+        for name, top in tops.items()
+    }
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(steps + 2):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(top(x), y).backward()
-        optimizer.step()
-        if i >= 2:  # warm-up: oneDNN picks its kernels on the first calls
-            times.append(time.perf_counter() - start)
+        for name in variants if i % 2 else variants[::-1]:  # neither always runs first
+            start = time.perf_counter()
+            optimizers[name].zero_grad()
+            torch.nn.functional.cross_entropy(tops[name](x), y).backward()
+            optimizers[name].step()
+            if i >= 2:  # warm-up: oneDNN picks its kernels on the first calls
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -55,16 +73,24 @@ def main() -> None:
     parser.add_argument("--sizes", default="224,192")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--name", default=datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"))
+    parser.add_argument("--against-library", action="store_true")
     args = parser.parse_args()
+    variants = ["ours", "library"] if args.against_library else ["ours"]
     result: dict[str, object] = {
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()}
     }
     with freed_memory_kept():
         for size in (int(s) for s in args.sizes.split(",")):
-            times = step_seconds(size, args.steps)
-            result[f"{size}px_s_per_step"] = round(statistics.median(times), 3)
-            result[f"{size}px_all"] = [round(t, 3) for t in times]
-            print(f"{size} px: median {statistics.median(times):.3f} s/step", flush=True)
+            times = step_seconds(size, args.steps, variants=variants)
+            for name, values in times.items():
+                prefix = f"{size}px" if name == "ours" else f"{size}px_{name}"
+                result[f"{prefix}_s_per_step"] = round(statistics.median(values), 3)
+                result[f"{prefix}_all"] = [round(t, 3) for t in values]
+                print(f"{size} px, {name}: median {statistics.median(values):.3f} s/step", flush=True)
+            if args.against_library:
+                ratio = statistics.median(times["library"]) / statistics.median(times["ours"])
+                result[f"{size}px_speedup_over_library"] = round(ratio, 3)
+                print(f"{size} px: {ratio:.3f}x faster than the library's layers", flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.name] = result
     write_json_atomic(RESULTS, results)  # an interrupted write must not lose earlier probes
