@@ -13,11 +13,13 @@ import datetime
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from catsdogs.settings import Settings
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+T = TypeVar("T")
 
 
 class Tracker(Protocol):
@@ -121,17 +124,30 @@ class TensorSource:
 
 
 class ImageSource:
-    """Images decoded on the fly; augmented when ``train`` (random draws from the epoch's rng)."""
+    """Images decoded on the fly; augmented when ``train`` (random draws from the epoch's rng).
+
+    ``prefetch`` batches are decoded ahead in a background thread (see :func:`prefetched`).
+    """
 
     def __init__(
-        self, samples: Sequence[Sample], labels: np.ndarray, config: PreprocessConfig, *, train: bool
+        self,
+        samples: Sequence[Sample],
+        labels: np.ndarray,
+        config: PreprocessConfig,
+        *,
+        train: bool,
+        prefetch: int = 0,
     ):
         self.samples, self.labels, self.config, self.train = list(samples), labels, config, train
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
+        return prefetched(self._decoded(batch_size, rng=rng, dist=dist), self.prefetch)
+
+    def _decoded(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
         for index in _batch_indices(len(self), batch_size, rng, dist):
             arrays = []
             for i in index:
@@ -140,6 +156,27 @@ class ImageSource:
                     image = augment(image, rng)
                 arrays.append(preprocess(image, self.config))
             yield torch.from_numpy(np.stack(arrays)), torch.from_numpy(self.labels[index])
+
+
+_END = object()
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items`` in order, the next ``depth`` of them produced ahead in one background thread.
+
+    Decoding JPEGs (Pillow releases the GIL) then overlaps the model's step: one thread, so the
+    items and any random draws they make come in the same order as inline; an exception raised
+    while producing an item is raised here, where that item would have been. ``depth`` 0 produces
+    them inline.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = deque(pool.submit(next, items, _END) for _ in range(depth))
+        while (item := pending.popleft().result()) is not _END:
+            pending.append(pool.submit(next, items, _END))
+            yield item
 
 
 # --- memory --------------------------------------------------------------------------------------

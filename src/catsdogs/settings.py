@@ -87,14 +87,20 @@ class Settings(BaseSettings):
     (better on validation than its native 260; 300 is better still but misses the serving p99
     target: README, "Per backbone and profile")."""
     batch_size: int = 64
-    eval_batch_size: int = 128
+    eval_batch_size: int = 16
+    """Images per forward pass when validating. Small batches keep a Lite network's activations in
+    the CPU's cache: Lite2 at 280 px validates at 61 images/s in batches of 16, 36 in batches of 128
+    (README, "Training")."""
     epochs: int | None = None
     """Most epochs to train (early stopping may end sooner); ``None`` means the strategy's own
     default (:data:`catsdogs.train.DEFAULT_EPOCHS`)."""
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     early_stopping_patience: int = 5
-    num_workers: int = 0
+    prefetch_batches: int = Field(default=2, ge=0)
+    """Batches of images decoded ahead in a background thread while the model trains on the current
+    one (0: decode inline): 7% faster fine-tuning steps from images on this 2-core machine (README,
+    "Training")."""
     device: str = "auto"
     keep_freed_memory: bool = True
     """While training, glibc's malloc keeps freed memory for reuse

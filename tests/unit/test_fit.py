@@ -1,21 +1,35 @@
 """The training loop on in-memory tensors: exact resume, refusal of a foreign checkpoint, early
-stopping on validation loss and the best weights restored."""
+stopping on validation loss and the best weights restored; images decoded ahead in a thread."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from catsdogs import CatsdogsError
 from catsdogs import loop as train_module
-from catsdogs.loop import CHECKPOINT, Dist, TensorSource, fit, steps_per_epoch, validate
+from catsdogs.features import Sample
+from catsdogs.loop import (
+    CHECKPOINT,
+    Dist,
+    ImageSource,
+    TensorSource,
+    fit,
+    prefetched,
+    steps_per_epoch,
+    validate,
+)  # fmt: skip
 from catsdogs.model import divide_logits
+from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.settings import Settings
 
 
@@ -205,3 +219,58 @@ print(plain, inside, after)
     assert out.returncode == 0, out.stderr
     plain, inside, after = map(int, out.stdout.split())
     assert plain > 5 * 1000 and inside < plain / 20 and after > plain / 2
+
+
+def _image_source(tmp_path: Path, *, prefetch: int) -> ImageSource:
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(10):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (60 + i, 80, 3), dtype=np.uint8)).save(path)
+        samples.append(Sample(path, "cat" if i % 2 else "dog", f"{i:064x}", "train"))
+    labels = np.arange(10) % 2
+    return ImageSource(samples, labels, PreprocessConfig(image_size=32), train=True, prefetch=prefetch)
+
+
+def test_prefetched_batches_are_the_inline_ones_with_the_same_random_draws(tmp_path) -> None:
+    inline, ahead = _image_source(tmp_path, prefetch=0), _image_source(tmp_path, prefetch=2)
+    a = list(inline.batches(3, rng=np.random.default_rng(5), dist=Dist()))
+    b = list(ahead.batches(3, rng=np.random.default_rng(5), dist=Dist()))
+    assert len(a) == len(b) == 4
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_prefetching_produces_ahead_of_the_consumer_in_another_thread() -> None:
+    producers: list[str] = []
+
+    def items():
+        for i in range(5):
+            producers.append(threading.current_thread().name)
+            yield i
+
+    consumed = prefetched(items(), depth=2)
+    assert next(consumed) == 0
+    time.sleep(0.2)
+    assert len(producers) == 3  # the one handed over and two ahead, no more
+    assert list(consumed) == [1, 2, 3, 4]
+    assert threading.current_thread().name not in producers
+
+
+def test_an_error_while_prefetching_is_raised_where_its_item_would_have_been() -> None:
+    def items():
+        yield 1
+        raise CatsdogsError("broken image")
+
+    consumed = prefetched(items(), depth=2)
+    assert next(consumed) == 1
+    with pytest.raises(CatsdogsError, match="broken image"):
+        next(consumed)
+
+
+def test_a_consumer_may_stop_early_without_leaving_a_thread_behind() -> None:
+    before = threading.active_count()
+    consumed = prefetched(iter(range(100)), depth=3)
+    assert next(consumed) == 0
+    consumed.close()
+    assert threading.active_count() == before
