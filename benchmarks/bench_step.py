@@ -4,6 +4,7 @@ morning and ran 1.2-1.45x slower that afternoon).
 
 Usage:
     python benchmarks/bench_step.py [--sizes 224,192] [--steps 5] [--name NAME] [--against-library]
+                                    [--data-dir data [--images 960] [--eval-batches 16,128]]
 
 Lite2 (random weights: the cost does not depend on them) with its last 14 blocks trained, as the
 profile does: batch 32 of random images through the frozen trunk and the trained blocks, cross
@@ -13,6 +14,12 @@ of ``--steps`` timed ones per size; appended to benchmarks/results/step.json und
 ``--against-library`` also times the network as the library computes it (its separate padding
 layers, the trunk's batch norms unfolded), step for step interleaved with ours so both see the same
 machine, and records the ratio of the medians.
+
+``--data-dir`` (an ingested dataset) times what random tensors leave out, on real photos: whole
+training passes over ``--images`` training images, decoded and augmented inline against decoded
+ahead in a background thread (``prefetch_batches``), interleaved, median seconds per step of three
+passes each; and the validation throughput (images/s, decoding included) of the same network at
+280 px for each of ``--eval-batches``.
 """
 
 from __future__ import annotations
@@ -27,11 +34,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import torch
 
 from catsdogs.bundle import write_json_atomic
-from catsdogs.loop import freed_memory_kept
+from catsdogs.features import read_manifest, split_samples
+from catsdogs.loop import Dist, freed_memory_kept, train_one_epoch, validate
 from catsdogs.model import FinetuneTop, ModelSpec, build_model
+from catsdogs.settings import Settings
+from catsdogs.train import apply_profile, image_sources, preprocess_config_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 
@@ -68,19 +79,63 @@ def step_seconds(size: int, steps: int, *, variants: list[str], batch: int = 32)
     return times
 
 
+def real_image_figures(data_dir: Path, images: int, eval_batches: list[int]) -> dict[str, object]:
+    """Seconds per step with and without prefetching, and validation images/s per eval batch size."""
+    settings = apply_profile(Settings(data_dir=data_dir, profile="best"))
+    samples = read_manifest(data_dir)
+    train_s, val_s = split_samples(samples, "train")[:images], split_samples(samples, "val")[:images]
+    top = _top(library=False)
+    optimizer = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-5)
+    steps = -(-len(train_s) // settings.batch_size)
+    times: dict[str, list[float]] = {"inline": [], "prefetched": []}
+    for i in range(4):
+        for name in ["inline", "prefetched"] if i % 2 else ["prefetched", "inline"]:
+            prefetch = settings.prefetch_batches if name == "prefetched" else 0
+            source, _ = image_sources(
+                settings.model_copy(update={"prefetch_batches": prefetch}), preprocess_config_for(settings),
+                train_s, [],
+            )  # fmt: skip
+            start = time.perf_counter()
+            train_one_epoch(
+                top, source, optimizer, batch_size=settings.batch_size, rng=np.random.default_rng(i),
+                dist=Dist(), device=torch.device("cpu"), class_names=settings.classes,
+            )  # fmt: skip
+            if i:  # warm-up pass
+                times[name].append((time.perf_counter() - start) / steps)
+    inline, ahead = statistics.median(times["inline"]), statistics.median(times["prefetched"])
+    print(f"real images: {inline:.3f} s/step inline, {ahead:.3f} prefetched ({inline / ahead:.3f}x)")
+    result: dict[str, object] = {
+        "real_images": len(train_s),
+        "real_s_per_step_inline": round(inline, 3),
+        "real_s_per_step_prefetched": round(ahead, 3),
+        "prefetch_speedup": round(inline / ahead, 3),
+    }
+    _, val_source = image_sources(settings, preprocess_config_for(settings), [], val_s)
+    for batch in eval_batches:
+        start = time.perf_counter()
+        validate(top, val_source, batch_size=batch, device=torch.device("cpu"), class_names=settings.classes)
+        rate = len(val_s) / (time.perf_counter() - start)
+        result[f"validation_images_per_s_batch{batch}"] = round(rate, 1)
+        print(f"validation at 280 px, batches of {batch}: {rate:.1f} images/s")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="224,192")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--name", default=datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"))
     parser.add_argument("--against-library", action="store_true")
+    parser.add_argument("--data-dir", type=Path, help="An ingested dataset: also time real photos.")
+    parser.add_argument("--images", type=int, default=960)
+    parser.add_argument("--eval-batches", default="16,128")
     args = parser.parse_args()
     variants = ["ours", "library"] if args.against_library else ["ours"]
     result: dict[str, object] = {
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()}
     }
     with freed_memory_kept():
-        for size in (int(s) for s in args.sizes.split(",")):
+        for size in (int(s) for s in args.sizes.split(",") if s):
             times = step_seconds(size, args.steps, variants=variants)
             for name, values in times.items():
                 prefix = f"{size}px" if name == "ours" else f"{size}px_{name}"
@@ -91,6 +146,9 @@ def main() -> None:
                 ratio = statistics.median(times["library"]) / statistics.median(times["ours"])
                 result[f"{size}px_speedup_over_library"] = round(ratio, 3)
                 print(f"{size} px: {ratio:.3f}x faster than the library's layers", flush=True)
+        if args.data_dir is not None:
+            batches = [int(b) for b in args.eval_batches.split(",") if b]
+            result |= real_image_figures(args.data_dir, args.images, batches)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.name] = result
     write_json_atomic(RESULTS, results)  # an interrupted write must not lose earlier probes

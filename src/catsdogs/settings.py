@@ -97,10 +97,10 @@ class Settings(BaseSettings):
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     early_stopping_patience: int = 5
-    prefetch_batches: int = Field(default=2, ge=0)
-    """Batches of images decoded ahead in a background thread while the model trains on the current
-    one (0: decode inline): 7% faster fine-tuning steps from images on this 2-core machine (README,
-    "Training")."""
+    prefetch_batches: int = Field(default=0, ge=0)
+    """Batches of images decoded ahead in a background thread while the model steps (0: decode
+    inline). Off by default: on this 2-core machine the thread competes with PyTorch's two and a
+    step got slower, 0.96-0.98x (README, "Training"); for machines with a core to spare."""
     device: str = "auto"
     keep_freed_memory: bool = True
     """While training, glibc's malloc keeps freed memory for reuse
