@@ -16,10 +16,10 @@ layers, the trunk's batch norms unfolded), step for step interleaved with ours s
 machine, and records the ratio of the medians.
 
 ``--data-dir`` (an ingested dataset) times what random tensors leave out, on real photos: whole
-training passes over ``--images`` training images, decoded and augmented inline against decoded
-ahead in a background thread (``prefetch_batches``), interleaved, median seconds per step of three
-passes each; and the validation throughput (images/s, decoding included) of the same network at
-280 px for each of ``--eval-batches``.
+training passes over ``--images`` training images, decoded and augmented inline against decoded 2
+batches ahead in a background thread (``prefetch_batches``), interleaved, median seconds per step of
+three passes each; and the validation throughput (images/s, decoding included) of the same network
+at 280 px for each of ``--eval-batches``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from catsdogs.settings import Settings
 from catsdogs.train import apply_profile, image_sources, preprocess_config_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
+PREFETCH = 2  # batches decoded ahead in the "prefetched" passes (the setting is off by default)
 
 
 def _top(*, library: bool) -> FinetuneTop:
@@ -90,7 +91,7 @@ def real_image_figures(data_dir: Path, images: int, eval_batches: list[int]) -> 
     times: dict[str, list[float]] = {"inline": [], "prefetched": []}
     for i in range(4):
         for name in ["inline", "prefetched"] if i % 2 else ["prefetched", "inline"]:
-            prefetch = settings.prefetch_batches if name == "prefetched" else 0
+            prefetch = PREFETCH if name == "prefetched" else 0
             source, _ = image_sources(
                 settings.model_copy(update={"prefetch_batches": prefetch}), preprocess_config_for(settings),
                 train_s, [],

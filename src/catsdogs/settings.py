@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     batch_size: int = 64
     eval_batch_size: int = 16
     """Images per forward pass when validating. Small batches keep a Lite network's activations in
-    the CPU's cache: Lite2 at 280 px validates at 61 images/s in batches of 16, 36 in batches of 128
-    (README, "Training")."""
+    the CPU's cache: Lite2 at 280 px validates real photos at 60.0 images/s in batches of 16, 29.8
+    in batches of 128 (``benchmarks/bench_step.py --data-dir``; README, "Training")."""
     epochs: int | None = None
     """Most epochs to train (early stopping may end sooner); ``None`` means the strategy's own
     default (:data:`catsdogs.train.DEFAULT_EPOCHS`)."""
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     step got slower, 0.96-0.98x (README, "Training"); for machines with a core to spare."""
     device: str = "auto"
     keep_freed_memory: bool = True
-    """While training, glibc's malloc keeps freed memory for reuse
+    """While training and validating, glibc's malloc keeps freed memory for reuse
     (:func:`catsdogs.loop.freed_memory_kept`): faster on CPU, at a higher peak memory (README,
     "Training"); false for a tight memory limit."""
     max_train_images: int | None = None

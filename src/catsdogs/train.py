@@ -167,17 +167,10 @@ def image_sources(
     """Images decoded on the fly: training ones augmented at random (at ``train_image_size`` when
     set), validation ones exactly as served."""
     train_config = config.model_copy(update={"image_size": settings.train_image_size or config.image_size})
+    ahead = settings.prefetch_batches
     return (
-        ImageSource(
-            train_s,
-            _labels(train_s, settings.classes),
-            train_config,
-            train=True,
-            prefetch=settings.prefetch_batches,
-        ),
-        ImageSource(
-            val_s, _labels(val_s, settings.classes), config, train=False, prefetch=settings.prefetch_batches
-        ),
+        ImageSource(train_s, _labels(train_s, settings.classes), train_config, train=True, prefetch=ahead),
+        ImageSource(val_s, _labels(val_s, settings.classes), config, train=False, prefetch=ahead),
     )
 
 
