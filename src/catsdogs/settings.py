@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     ``scratch``); ``None`` means ``image_size``. A smaller size trains faster, and a model trained on
     random-resized crops is more accurate served somewhat larger than it trained (Touvron et al.,
     2019, "FixRes"). Cached strategies refuse it."""
+    train_bf16: bool = False
+    """``finetune``: while training, run the frozen trunk and the trained blocks' 1x1 convolutions in
+    bfloat16 (weights, gradients and optimizer stay float32; validation, export and serving float32).
+    Faster where the CPU multiplies bfloat16 in hardware (AMX: README, "Training"), slower elsewhere."""
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Label smoothing of the training loss (validation loss stays plain cross-entropy)."""
     lr_schedule: Literal["cosine", "one_cycle"] = "cosine"

@@ -290,7 +290,8 @@ def train_params(settings: Settings, spec: ModelSpec, strategy: str) -> dict[str
         "ensemble_members",
     )  # fmt: skip
     if strategy == "finetune":
-        keys += ("finetune_blocks", "finetune_views", "finetune_backbone_lr_scale", "finetune_augment")
+        keys += ("finetune_blocks", "finetune_views", "finetune_backbone_lr_scale", "finetune_augment",
+                 "train_bf16")  # fmt: skip
     params = {**spec.to_dict(), "strategy": strategy, **{k: getattr(settings, k) for k in keys}}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
 
@@ -414,7 +415,9 @@ def _train_member(
     elif strategy == "finetune":
         full = build_model(spec)
         augmented = settings.finetune_augment
-        trainable = FinetuneTop(full, blocks=settings.finetune_blocks, from_images=augmented)
+        trainable = FinetuneTop(
+            full, blocks=settings.finetune_blocks, from_images=augmented, bf16=settings.train_bf16
+        )
         if augmented:
             train_src, val_src = image_sources(settings, config, train_s, val_s)
         else:

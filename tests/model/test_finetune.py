@@ -120,6 +120,32 @@ def test_from_images_the_trunk_runs_with_batch_norm_folded_in_yet_computes_the_s
     assert next(fused.parameters()).dtype == torch.float64  # moved with the module
 
 
+def test_bf16_trains_the_float32_weights_and_evaluates_exactly_in_float32() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    reference = copy.deepcopy(model).eval()
+    top = FinetuneTop(model, blocks=3, from_images=True, bf16=True).train()
+    assert len(top._fused_trunk) == 2 and next(top._fused_trunk[1].parameters()).dtype == torch.bfloat16
+    assert top.state_dict().keys() == {f"model.{k}" for k in model.state_dict()}
+    images = torch.randn(4, 3, 160, 160)
+    float32 = FinetuneTop(copy.deepcopy(reference), blocks=3, from_images=True).train()
+    torch.manual_seed(1)  # the same dropout and stochastic depth draws for both
+    out = top(images)
+    assert out.dtype == torch.float32
+    torch.manual_seed(1)
+    with torch.no_grad():  # rounded, not different: the same model up to bfloat16's precision
+        torch.testing.assert_close(out, float32(images), atol=0.05, rtol=0.05)
+    out.sum().backward()
+    project = model.backbone.net._blocks[top.start]._project_conv
+    assert project.weight.dtype == project.weight.grad.dtype == torch.float32
+    average = copy.deepcopy(model).eval()  # what the moving average of the weights holds
+    assert average.backbone.net._blocks[top.start]._project_conv.forward.__self__ is not project
+    top.eval(), float32.eval()
+    with torch.inference_mode():  # validation and export: float32 only
+        assert torch.equal(top(images), float32(images))
+        assert torch.equal(average(images), float32.model(images))
+
+
 def test_more_blocks_than_the_backbone_has_are_refused() -> None:
     from catsdogs import CatsdogsError
 
