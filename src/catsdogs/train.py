@@ -188,6 +188,8 @@ def _refuse_extract(batch: np.ndarray) -> np.ndarray:
 #: schedule: on validation the pair does as well as after 4 (val loss 0.0109 against 0.0107,
 #: within the 0.0014 two seeds differ by), and without the 4th epoch it fits the hour (55 min
 #: measured; the 4-epoch pair took 78). An ensemble of two full 4-epoch schedules did worse.
+#: The trunk and the 1x1 convolutions train in bfloat16 (``train_bf16``): on the same machine 39.8
+#: instead of 52.2 min, and val loss 0.0115 against 0.0126 (within what rounding moves it).
 BEST_PROFILE: dict[str, Any] = {
     "strategy": "finetune",
     "image_size": 280,
@@ -204,6 +206,7 @@ BEST_PROFILE: dict[str, Any] = {
     "ensemble_members": 2,
     "epochs": 3,
     "lr_schedule_epochs": 5,
+    "train_bf16": True,
 }
 
 
@@ -307,6 +310,8 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     dist = init_distributed(device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if settings.train_bf16 and device.type == "cpu" and not _has_amx():
+        logger.warning("train_bf16 on a CPU without AMX: bfloat16 products are emulated, training is slower")
     config = preprocess_config_for(settings)
     params = {**train_params(settings, spec, strategy), "world_size": dist.world}
     fingerprint = json.dumps(params, sort_keys=True, default=str)
@@ -466,6 +471,12 @@ def _ensemble_validation(
     row["member_best_epochs"] = [min(rows, key=selection_loss)["epoch"] for rows in histories]
     logger.info("ensemble of %d on validation: %s", len(histories), row)
     return row
+
+
+def _has_amx() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (what makes ``train_bf16`` pay)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up defensively
+    return bool(probe and probe())
 
 
 def _memory_policy(settings: Settings) -> contextlib.AbstractContextManager:

@@ -222,18 +222,19 @@ def test_a_second_run_reads_the_trunk_activations_from_the_cache(finetune_run, m
 
 @pytest.fixture(scope="module")
 def augmented_run(isolated_env, small_data_dir, session_cache, tmp_path_factory):
-    """Random augmentations through the frozen trunk, trained smaller than served, calibrated,
-    served as a moving average of the weights (a short one: the run takes 10 steps)."""
+    """Random augmentations through the frozen trunk, trained smaller than served and partly in
+    bfloat16, calibrated, served as a moving average of the weights (a short one: 10 steps)."""
     return _train_lite0(
         small_data_dir, session_cache, tmp_path_factory, finetune_augment=True, finetune_blocks=3,
         image_size=224, train_image_size=176, label_smoothing=0.1, lr_schedule="one_cycle",
-        calibrate_temperature=True, ema_decay=0.5,
+        calibrate_temperature=True, ema_decay=0.5, train_bf16=True,
     )  # fmt: skip
 
 
 def test_fine_tuning_on_random_augmentations_learns_and_serves_at_its_own_size(augmented_run) -> None:
     result, _ = augmented_run
     assert result.params["finetune_augment"] and result.params["train_image_size"] == 176
+    assert result.params["train_bf16"]  # and its ONNX graph, float32, matches PyTorch (below)
     assert result.history[-1]["val_accuracy"] >= 0.9 and result.test_metrics["accuracy"] >= 0.9
     bundle = ModelBundle.open(result.bundle_dir)
     assert bundle.preprocessing.image_size == 224 and bundle.metadata["onnx"]["passed"]
