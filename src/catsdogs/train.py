@@ -310,7 +310,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
     dist = init_distributed(device)
     if dist.world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if settings.train_bf16 and device.type == "cpu" and not _has_amx():
+    if settings.train_bf16 and strategy == "finetune" and device.type == "cpu" and not _has_amx():
         logger.warning("train_bf16 on a CPU without AMX: bfloat16 products are emulated, training is slower")
     config = preprocess_config_for(settings)
     params = {**train_params(settings, spec, strategy), "world_size": dist.world}
