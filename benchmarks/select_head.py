@@ -58,7 +58,7 @@ def main() -> None:
         )  # fmt: skip
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
-            _, history = fit(
+            _, history, _ = fit(
                 model, train_src, val_src, settings=settings, run_dir=Path(run_dir), fingerprint="select",
                 dist=Dist(), device=torch.device("cpu"),
             )  # fmt: skip

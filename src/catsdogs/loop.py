@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -293,6 +293,13 @@ def validate(model, source, *, batch_size, device, class_names, calibrated: bool
     :func:`selection_loss` then compares.
     """
     logits, labels = _logits(model, source, batch_size=batch_size, device=device)
+    return validation_metrics(logits, labels, class_names, calibrated=calibrated)
+
+
+def validation_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, class_names, *, calibrated: bool = False
+) -> dict:
+    """:func:`validate`'s figures from logits already computed (an ensemble's, from its members')."""
     loss = float(nn.functional.cross_entropy(logits, labels))
     row = _metrics("val", loss, [labels.numpy()], [torch.softmax(logits, 1).numpy()], class_names)
     if calibrated:
@@ -324,6 +331,17 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+class FitResult(NamedTuple):
+    """What :func:`fit` returns: the model with its best weights, the per-epoch history, and the
+    best epoch's validation logits (validation order), so that an ensemble of fitted models can be
+    scored on validation without running its members again (``None`` when resumed from an older
+    checkpoint that did not keep them)."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    val_logits: torch.Tensor | None
+
+
 def fit(
     model: nn.Module,
     train_source,
@@ -337,14 +355,15 @@ def fit(
     tracker: Tracker | None = None,
     resume: bool = False,
     param_groups: list[dict[str, Any]] | None = None,
-) -> tuple[nn.Module, list[dict[str, float]]]:
+) -> FitResult:
     """Train with AdamW, a cosine or one-cycle LR schedule (``settings.lr_schedule``), early
     stopping on validation loss (:func:`selection_loss`); checkpoint every epoch.
 
     ``param_groups`` (AdamW's, e.g. a lower learning rate for pretrained blocks) default to every
     parameter that requires a gradient.
 
-    Returns the model with its best (lowest validation loss) weights, and the per-epoch history.
+    Returns the model with its best (lowest validation loss) weights, the per-epoch history and
+    that epoch's validation logits.
     """
     if settings.epochs is None:
         raise CatsdogsError("settings.epochs is unset: resolve it with catsdogs.train.apply_profile")
@@ -383,6 +402,7 @@ def fit(
     history: list[dict[str, float]] = []
     best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
     best_loss, bad_epochs, start = float("inf"), 0, 1
+    best_logits: torch.Tensor | None = None
     checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -396,6 +416,7 @@ def fit(
         if ema is not None:
             ema.load_state_dict(state["ema"])
         best_state, best_loss, bad_epochs = state["best_model"], state["best_val_loss"], state["bad_epochs"]
+        best_logits = state.get("best_val_logits")
         history, start = state["history"], state["epoch"] + 1
         logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
     names = settings.classes
@@ -418,14 +439,12 @@ def fit(
             label_smoothing=settings.label_smoothing,
             after_step=after_step,
         )
-        row |= validate(
-            evaluated, val_source, batch_size=settings.eval_batch_size, device=device, class_names=names,
-            calibrated=settings.calibrate_temperature,
-        )  # fmt: skip
+        logits, labels = _logits(evaluated, val_source, batch_size=settings.eval_batch_size, device=device)
+        row |= validation_metrics(logits, labels, names, calibrated=settings.calibrate_temperature)
         if not per_batch:
             scheduler.step()
         if selection_loss(row) < best_loss - 1e-6:
-            best_loss, bad_epochs = selection_loss(row), 0
+            best_loss, bad_epochs, best_logits = selection_loss(row), 0, logits
             best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
         else:
             bad_epochs += 1
@@ -445,10 +464,11 @@ def fit(
                     **({} if ema is None else {"ema": ema.state_dict()}),
                     "best_model": best_state,
                     "best_val_loss": best_loss,
+                    "best_val_logits": best_logits,
                     "bad_epochs": bad_epochs,
                     "history": history,
                 },
             )
         dist.barrier()
     model.load_state_dict(best_state)
-    return model.eval(), history
+    return FitResult(model.eval(), history, best_logits)

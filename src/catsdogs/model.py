@@ -362,8 +362,13 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.stack([torch.log_softmax(member(x), dim=1) for member in self.members])
-        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+        return mean_of_softmaxes([member(x) for member in self.members])
+
+
+def mean_of_softmaxes(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Logits whose softmax is the mean of the given logits' softmaxes (how an ensemble combines)."""
+    log_probs = torch.stack([torch.log_softmax(member_logits, dim=1) for member_logits in logits])
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
 
 
 def divide_logits(model: nn.Module, temperature: float) -> None:

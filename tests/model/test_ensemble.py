@@ -105,6 +105,29 @@ def test_members_train_with_their_own_seeds_and_the_bundle_serves_their_mean(ens
 
 
 @pytest.mark.slow
+def test_the_recorded_validation_is_what_the_ensemble_computes_on_validation(ensemble_run) -> None:
+    """It is combined from the members' validation logits of training, not by running them again."""
+    from catsdogs.features import read_manifest, split_samples
+    from catsdogs.loop import validate
+    from catsdogs.train import apply_profile, image_sources, preprocess_config_for
+
+    result, _, settings = ensemble_run
+    settings = apply_profile(settings)
+    val_s = split_samples(read_manifest(settings.data_dir), "val")
+    _, val_src = image_sources(settings, preprocess_config_for(settings), [], val_s)
+    computed = validate(
+        _load(result.bundle_dir),
+        val_src,
+        batch_size=16,
+        device=torch.device("cpu"),
+        class_names=settings.classes,
+    )
+    recorded = ModelBundle.open(result.bundle_dir).metadata["val_metrics"]
+    assert recorded["val_accuracy"] == computed["val_accuracy"]
+    assert recorded["val_loss"] == pytest.approx(computed["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_the_tracker_sees_each_members_epochs_in_turn_then_the_ensembles_validation(ensemble_run) -> None:
     result, tracker, _ = ensemble_run
     members = [(step, metrics["member"]) for step, metrics in tracker.epochs if "member" in metrics]

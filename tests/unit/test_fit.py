@@ -62,7 +62,7 @@ def _fit(tmp_path: Path, *, epochs: int = 4, resume: bool = False, fingerprint: 
 def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(
     tmp_path, monkeypatch, dies_in_epoch, kw
 ) -> None:
-    straight_model, straight_history = _fit(tmp_path / "straight", **kw)
+    straight_model, straight_history, straight_logits = _fit(tmp_path / "straight", **kw)
 
     real_epoch = train_module.train_one_epoch
     calls = {"n": 0}
@@ -78,24 +78,25 @@ def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(
         _fit(tmp_path / "resumed", **kw)
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["epoch"] == dies_in_epoch - 1
-    resumed_model, resumed_history = _fit(tmp_path / "resumed", resume=True, **kw)
+    resumed_model, resumed_history, resumed_logits = _fit(tmp_path / "resumed", resume=True, **kw)
 
     assert resumed_history == straight_history
+    torch.testing.assert_close(resumed_logits, straight_logits)
     for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_the_weight_average_is_what_is_validated_and_kept(tmp_path) -> None:
-    raw_model, raw_history = _fit(tmp_path / "raw")
+    raw_model, raw_history, _ = _fit(tmp_path / "raw")
     # A decay of ~0 follows the raw weights step by step: the same run.
-    follow_model, follow_history = _fit(tmp_path / "follow", ema_decay=1e-9)
+    follow_model, follow_history, _ = _fit(tmp_path / "follow", ema_decay=1e-9)
     assert [row["val_loss"] for row in follow_history] == pytest.approx(
         [row["val_loss"] for row in raw_history]
     )
     torch.testing.assert_close(follow_model[1].weight, raw_model[1].weight)
     # A decay of ~1 barely leaves the first step's weights: validation sees the average, not the
     # raw weights that trained, and the average is what comes back.
-    still_model, still_history = _fit(tmp_path / "still", ema_decay=1 - 1e-9)
+    still_model, still_history, _ = _fit(tmp_path / "still", ema_decay=1 - 1e-9)
     assert len({round(row["val_loss"], 6) for row in still_history}) == 1
     assert still_history[-1]["val_loss"] > raw_history[-1]["val_loss"]
     assert not torch.allclose(still_model[1].weight, raw_model[1].weight, atol=1e-3)
@@ -105,7 +106,7 @@ def test_the_average_includes_batchnorm_statistics(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     settings = Settings(epochs=1, batch_size=16, learning_rate=0.05, ema_decay=0.5)
-    fitted, _ = fit(
+    fitted, _, _ = fit(
         model, _data(0, 128), _data(1, 64), settings=settings, run_dir=tmp_path, fingerprint="a",
         dist=Dist(), device=torch.device("cpu"),
     )  # fmt: skip
@@ -116,7 +117,7 @@ def test_the_average_includes_batchnorm_statistics(tmp_path) -> None:
 
 
 def test_the_one_cycle_schedule_warms_up_then_anneals_batch_by_batch(tmp_path) -> None:
-    _, history = _fit(tmp_path, epochs=10, lr_schedule="one_cycle")
+    _, history, _ = _fit(tmp_path, epochs=10, lr_schedule="one_cycle")
     lrs = [row["lr"] for row in history]  # the rate at the start of each epoch
     peak = int(np.argmax(lrs))
     assert lrs[0] < 0.05 / 10 and 0 < peak < 3  # warm-up over the first 10% of the steps
@@ -126,8 +127,10 @@ def test_the_one_cycle_schedule_warms_up_then_anneals_batch_by_batch(tmp_path) -
 
 @pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
 def test_a_run_stopped_before_its_schedule_ends_is_the_start_of_the_full_run(tmp_path, schedule) -> None:
-    _, full = _fit(tmp_path / "full", epochs=4, lr_schedule=schedule, ema_decay=0.9)
-    _, short = _fit(tmp_path / "short", epochs=2, lr_schedule_epochs=4, lr_schedule=schedule, ema_decay=0.9)
+    _, full, _ = _fit(tmp_path / "full", epochs=4, lr_schedule=schedule, ema_decay=0.9)
+    _, short, _ = _fit(
+        tmp_path / "short", epochs=2, lr_schedule_epochs=4, lr_schedule=schedule, ema_decay=0.9
+    )
     assert short == full[:2]
     assert short[-1]["lr"] > full[-1]["lr"]  # stopped while the rate was still up
     with pytest.raises(CatsdogsError, match="at least epochs"):
@@ -183,7 +186,7 @@ def test_early_stopping_stops_after_patience_epochs_without_progress_and_keeps_t
     torch.manual_seed(0)
     model = nn.Linear(8, 2)
     settings = Settings(epochs=30, batch_size=16, learning_rate=5.0, early_stopping_patience=2)
-    model, history = fit(
+    model, history, val_logits = fit(
         model, _data(0, 128), _data(1, 64), settings=settings, run_dir=tmp_path, fingerprint="x",
         dist=Dist(), device=torch.device("cpu"),
     )  # fmt: skip
@@ -194,6 +197,10 @@ def test_early_stopping_stops_after_patience_epochs_without_progress_and_keeps_t
     with torch.inference_mode():
         loss = nn.functional.cross_entropy(model(_data(1, 64).x), _data(1, 64).y).item()
     assert loss == pytest.approx(losses[best], rel=1e-5)
+    # and the validation logits it returns are the best epoch's, which an ensemble is scored from
+    assert nn.functional.cross_entropy(val_logits, _data(1, 64).y).item() == pytest.approx(
+        losses[best], rel=1e-6
+    )
 
 
 def test_training_keeps_freed_memory_so_large_tensors_stop_page_faulting_in_again() -> None:
