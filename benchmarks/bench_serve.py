@@ -548,7 +548,10 @@ def main() -> None:
         default="wrk" if shutil.which("wrk") else "aiohttp",
         help="load generator (default: wrk when installed, it costs the shared CPU far less per request)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="result file (default: results/serve.json; a --quick run writes only when given one)",
+    )  # fmt: skip
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))  # this checkout's code, not an installed copy
     if args.loadgen:
@@ -649,11 +652,12 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     print(markdown(result))
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_suffix(".json.tmp")
+    out = args.out or (None if args.quick else REPO / "benchmarks" / "results" / "serve.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_suffix(".json.tmp")
         tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-        tmp_out.replace(args.out)
+        tmp_out.replace(out)
     else:
         print(json.dumps(result))
 

@@ -213,7 +213,7 @@ def train_command(
     profile: Annotated[
         str | None,
         typer.Option(
-            help="default, or best (two models, 14 blocks fine-tuned on random augmentations; ~1 h). "
+            help="default, or best (three models, 14 blocks fine-tuned on random augmentations; ~1 h). "
             "Flags given with it win over its settings."
         ),
     ] = None,

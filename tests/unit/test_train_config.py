@@ -53,8 +53,8 @@ def test_flags_given_explicitly_win_over_the_profile_and_the_profile_over_the_en
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("CATSDOGS_EPOCHS", "9")
-    settings = apply_profile(get_settings(profile="best", ensemble_members=3, seed=7, batch_size=None))
-    assert (settings.ensemble_members, settings.seed) == (3, 7)
+    settings = apply_profile(get_settings(profile="best", ensemble_members=2, seed=7, batch_size=None))
+    assert (settings.ensemble_members, settings.seed) == (2, 7)
     assert settings.epochs == BEST_PROFILE["epochs"]  # the environment is a layer below the profile
     assert settings.batch_size == BEST_PROFILE["batch_size"]  # an unset flag is not explicit
     assert settings.finetune_blocks == BEST_PROFILE["finetune_blocks"]
@@ -107,9 +107,9 @@ def test_the_cli_passes_its_schedule_flags_past_the_profile(monkeypatch: pytest.
     monkeypatch.setattr(
         train_module, "train", lambda s, **_: seen.append(s) or SimpleNamespace(test_metrics={})
     )
-    args = ["train", "--profile", "best", "--epochs", "2", "--lr-schedule-epochs", "3", "--members", "3"]
+    args = ["train", "--profile", "best", "--epochs", "2", "--lr-schedule-epochs", "3", "--members", "2"]
     result = CliRunner().invoke(app, [*args, "--no-track"])
     assert result.exit_code == 0, result.output
     settings = apply_profile(seen[0])
-    assert (settings.epochs, settings.lr_schedule_epochs, settings.ensemble_members) == (2, 3, 3)
+    assert (settings.epochs, settings.lr_schedule_epochs, settings.ensemble_members) == (2, 3, 2)
     assert settings.finetune_blocks == BEST_PROFILE["finetune_blocks"]
