@@ -197,7 +197,9 @@ def test_two_workers_share_metrics_and_accept_each_others_prediction_ids(
     deadline = time.monotonic() + 60
 
     def logged(route: str) -> list[dict[str, object]]:
-        entries = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+        text = server.log.read_text()
+        complete = text[: text.rfind("\n") + 1]  # a worker may be writing the last line right now
+        entries = [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
         return [entry for entry in entries if entry.get("route") == route]
 
     def client_loop() -> None:
