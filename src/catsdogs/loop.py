@@ -334,12 +334,11 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 class FitResult(NamedTuple):
     """What :func:`fit` returns: the model with its best weights, the per-epoch history, and the
     best epoch's validation logits (validation order), so that an ensemble of fitted models can be
-    scored on validation without running its members again (``None`` when resumed from an older
-    checkpoint that did not keep them)."""
+    scored on validation without running its members again."""
 
     model: nn.Module
     history: list[dict[str, float]]
-    val_logits: torch.Tensor | None
+    val_logits: torch.Tensor
 
 
 def fit(
@@ -471,4 +470,6 @@ def fit(
             )
         dist.barrier()
     model.load_state_dict(best_state)
+    if best_logits is None:  # resumed from a checkpoint written before they were kept
+        best_logits, _ = _logits(model, val_source, batch_size=settings.eval_batch_size, device=device)
     return FitResult(model.eval(), history, best_logits)

@@ -47,7 +47,6 @@ from catsdogs.loop import (
     freed_memory_kept,
     init_distributed,
     selection_loss,
-    validate,
     validation_metrics,
 )
 from catsdogs.model import (
@@ -356,7 +355,7 @@ def train(settings: Settings, *, tracker: Tracker | None = None, resume: bool = 
             for index, member in enumerate(members)
             for row in member.history
         ]
-        val_metrics = _ensemble_validation(full, members, settings, config, val_s, device)
+        val_metrics = _ensemble_validation(members, settings, val_s)
         temperature = [m.temperature for m in members] if settings.calibrate_temperature else None
         if dist.main and tracker is not None:
             tracker.log_epoch(
@@ -395,7 +394,7 @@ class _Member(NamedTuple):
     model: torch.nn.Module
     history: list[dict[str, float]]
     temperature: float | None
-    val_logits: torch.Tensor | None
+    val_logits: torch.Tensor
 
 
 def _train_member(
@@ -454,37 +453,23 @@ def _train_member(
         temperature = min(history, key=selection_loss)["val_temperature"]
         divide_logits(full, temperature)
         logger.info("calibrated temperature on validation: %.3f", temperature)
-        val_logits = None if val_logits is None else val_logits / temperature
+        val_logits = val_logits / temperature
     full = full.cpu().to(memory_format=torch.contiguous_format).eval()
     return _Member(full, history, temperature, val_logits)
 
 
 def _ensemble_validation(
-    ensemble: Ensemble,
-    members: Sequence[_Member],
-    settings: Settings,
-    config: PreprocessConfig,
-    val_s: Sequence[Sample],
-    device: torch.device,
+    members: Sequence[_Member], settings: Settings, val_s: Sequence[Sample]
 ) -> dict[str, Any]:
     """The ensemble's own validation figures (what it was chosen on), with each member's best epoch.
 
     Combined from the members' best-epoch validation logits, which are what the ensemble's graph
-    computes (up to float rounding), instead of running every member over validation again: that took
-    about a minute per Lite2 member. Only a run resumed from checkpoints without those logits runs
-    the ensemble, as training runs (channels-last, freed memory kept).
+    computes (up to float rounding), instead of running every member over validation again: that
+    took about a minute per Lite2 member.
     """
-    logits = [member.val_logits for member in members]
-    if all(member_logits is not None for member_logits in logits):
-        labels = torch.from_numpy(_labels(val_s, settings.classes))
-        row: dict[str, Any] = validation_metrics(mean_of_softmaxes(logits), labels, settings.classes)
-    else:
-        _, val_src = image_sources(settings, config, [], val_s)
-        with _memory_policy(settings):
-            row = validate(
-                ensemble.to(device, memory_format=torch.channels_last), val_src,
-                batch_size=settings.eval_batch_size, device=device, class_names=settings.classes,
-            )  # fmt: skip
+    labels = torch.from_numpy(_labels(val_s, settings.classes))
+    logits = mean_of_softmaxes([member.val_logits for member in members])
+    row: dict[str, Any] = validation_metrics(logits, labels, settings.classes)
     row["member_best_epochs"] = [min(m.history, key=selection_loss)["epoch"] for m in members]
     logger.info("ensemble of %d on validation: %s", len(members), row)
     return row

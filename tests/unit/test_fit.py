@@ -176,6 +176,15 @@ def test_a_temperature_must_be_positive() -> None:
         divide_logits(nn.Linear(2, 2), 0.0)
 
 
+def test_a_finished_run_resumed_from_a_checkpoint_without_validation_logits_computes_them(tmp_path) -> None:
+    _, _, logits = _fit(tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    del state["best_val_logits"]  # as checkpoints written before they were kept
+    torch.save(state, tmp_path / CHECKPOINT)
+    _, _, recomputed = _fit(tmp_path, resume=True)
+    torch.testing.assert_close(recomputed, logits)
+
+
 def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path) -> None:
     _fit(tmp_path, epochs=1)
     with pytest.raises(CatsdogsError, match="other settings"):
