@@ -4,7 +4,7 @@ morning and ran 1.2-1.45x slower that afternoon).
 
 Usage:
     python benchmarks/bench_step.py [--sizes 224,192] [--steps 5] [--name NAME] [--against-library]
-                                    [--against-bf16]
+                                    [--against-bf16] [--against-unfolded]
                                     [--data-dir data [--images 960] [--eval-batches 16,128]]
 
 Lite2 (random weights: the cost does not depend on them) with its last 14 blocks trained, as the
@@ -15,7 +15,9 @@ of ``--steps`` timed ones per size; appended to benchmarks/results/step.json und
 ``--against-library`` also times the network as the library computes it (its separate padding
 layers, the trunk's batch norms unfolded), step for step interleaved with ours so both see the same
 machine, and records the ratio of the medians. ``--against-bf16`` does the same for ``train_bf16``
-(the trunk and the trained 1x1 convolutions in bfloat16).
+(the trunk and the trained 1x1 convolutions in bfloat16). ``--against-unfolded`` times the profile's
+step (``train_bf16``) with the trained blocks' batch norms as separate layers against it, with them
+folded into their convolutions (:class:`catsdogs.model.FinetuneTop`'s ``fold_batch_norms``).
 
 ``--data-dir`` (an ingested dataset) times what random tensors leave out, on real photos: whole
 training passes over ``--images`` training images, decoded and augmented inline against decoded 2
@@ -50,14 +52,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 PREFETCH = 2  # batches decoded ahead in the "prefetched" passes (the setting is off by default)
 
 
-def _top(*, library: bool, bf16: bool = False) -> FinetuneTop:
+def _top(*, library: bool, bf16: bool = False, fold: bool = True) -> FinetuneTop:
     """The profile's trained part; ``library``: without :func:`catsdogs.model.fold_symmetric_padding`
-    and with the trunk's own batch norms instead of :func:`catsdogs.model.frozen_trunk`; ``bf16``:
-    with ``train_bf16``."""
+    and with the batch norms as separate layers, the trunk's and the trained blocks'; ``bf16``: with
+    ``train_bf16``; ``fold``: the trained blocks' batch norms folded."""
     torch.manual_seed(0)
     with mock.patch("catsdogs.model.fold_symmetric_padding", lambda net: net) if library else nullcontext():
         model = build_model(ModelSpec("efficientnet_lite2", image_size=280))
-    top = FinetuneTop(model, blocks=14, from_images=True, bf16=bf16)
+    top = FinetuneTop(model, blocks=14, from_images=True, bf16=bf16, fold_batch_norms=fold and not library)
     if library:
         top._fused_trunk = (model.backbone,)
     return top.train()
@@ -65,7 +67,10 @@ def _top(*, library: bool, bf16: bool = False) -> FinetuneTop:
 
 def step_seconds(size: int, steps: int, *, variants: list[str], batch: int = 32) -> dict[str, list[float]]:
     """Seconds per training step at ``size`` px of each variant (``ours``, ``library``), interleaved."""
-    tops = {name: _top(library=name == "library", bf16=name == "bf16") for name in variants}
+    tops = {
+        name: _top(library=name == "library", bf16=name.startswith("bf16"), fold=name != "bf16_unfolded")
+        for name in variants
+    }
     optimizers = {
         name: torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
         for name, top in tops.items()
@@ -131,11 +136,14 @@ def main() -> None:
     parser.add_argument("--name", default=datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"))
     parser.add_argument("--against-library", action="store_true")
     parser.add_argument("--against-bf16", action="store_true")
+    parser.add_argument("--against-unfolded", action="store_true")
     parser.add_argument("--data-dir", type=Path, help="An ingested dataset: also time real photos.")
     parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--eval-batches", default="16,128")
     args = parser.parse_args()
     variants = ["ours"] + ["library"] * args.against_library + ["bf16"] * args.against_bf16
+    if args.against_unfolded:
+        variants += ["bf16"] * (not args.against_bf16) + ["bf16_unfolded"]
     result: dict[str, object] = {
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()}
     }
@@ -155,6 +163,10 @@ def main() -> None:
                 ratio = statistics.median(times["ours"]) / statistics.median(times["bf16"])
                 result[f"{size}px_bf16_speedup"] = round(ratio, 3)
                 print(f"{size} px: train_bf16 {ratio:.3f}x faster than float32", flush=True)
+            if args.against_unfolded:
+                ratio = statistics.median(times["bf16_unfolded"]) / statistics.median(times["bf16"])
+                result[f"{size}px_bf16_fold_speedup"] = round(ratio, 3)
+                print(f"{size} px: folded batch norms {ratio:.3f}x faster (train_bf16)", flush=True)
         if args.data_dir is not None:
             batches = [int(b) for b in args.eval_batches.split(",") if b]
             result |= real_image_figures(args.data_dir, args.images, batches)

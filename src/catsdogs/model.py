@@ -179,10 +179,12 @@ class LiteFeatures(nn.Module):
             x = self._block(index, x)
         return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
 
+    def drop_connect_rate(self, index: int) -> float:
+        """Block ``index``'s stochastic-depth rate, as in the library's ``extract_features``."""
+        return (self.net._global_params.drop_connect_rate or 0.0) * index / self.num_blocks
+
     def _block(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        # Stochastic depth as in the library's extract_features (only active in training mode).
-        rate = (self.net._global_params.drop_connect_rate or 0.0) * index / self.num_blocks
-        return self.net._blocks[index](x, drop_connect_rate=rate)
+        return self.net._blocks[index](x, drop_connect_rate=self.drop_connect_rate(index))
 
 
 class LiteTrunk(nn.Module):
@@ -262,14 +264,20 @@ class FinetuneTop(nn.Module):
     """
 
     def __init__(
-        self, model: TransferClassifier, *, blocks: int, from_images: bool = False, bf16: bool = False
+        self,
+        model: TransferClassifier,
+        *,
+        blocks: int,
+        from_images: bool = False,
+        bf16: bool = False,
+        fold_batch_norms: bool = True,
     ) -> None:
         super().__init__()
         backbone = model.backbone
         if not 0 <= blocks <= backbone.num_blocks:
             raise CatsdogsError(f"finetune_blocks must be between 0 and {backbone.num_blocks}, not {blocks}")
         self.model, self.start, self.from_images = model, backbone.num_blocks - blocks, from_images
-        self.bf16 = bf16
+        self.bf16, self.fold_batch_norms = bf16, fold_batch_norms
         if from_images:
             # Channels-last convolutions run 1.35x faster on this CPU (Lite2, 14 blocks, batch 32,
             # 224 px); forward() hands the trunk its images in the same layout.
@@ -327,7 +335,58 @@ class FinetuneTop(nn.Module):
                     x = self._fused_trunk[1].trunk(x.to(torch.bfloat16), stop=self.start).float()
                 else:
                     x = self._fused_trunk[0].trunk(x, stop=self.start)
-        return self.model.head(self.model.backbone.top(x, start=self.start))
+        return self.model.head(self._top(x))
+
+    def _top(self, x: torch.Tensor) -> torch.Tensor:
+        """``backbone.top``, with each batch norm folded into the convolution before it unless
+        ``fold_batch_norms`` is off.
+
+        Those batch norms are always in eval mode here, fixed per-channel affine maps, so the
+        folded convolution (weights scaled, with a bias) computes the same function; the weights
+        are folded on every call, so gradients still reach the convolutions' weights and the batch
+        norms' affine parameters as before. It saves a pass over every activation, forward and
+        backward: 14% of a fine-tuning step (Lite2, 14 blocks, 224 px, README, "Training").
+        """
+        backbone = self.model.backbone
+        if not self.fold_batch_norms:
+            return backbone.top(x, start=self.start)
+        net = backbone.net
+        for index in range(self.start, backbone.num_blocks):
+            x = _folded_block(net._blocks[index], x, drop_connect_rate=backbone.drop_connect_rate(index))
+        return net._swish(_conv_bn(net._conv_head, net._bn1, x)).mean(dim=(2, 3))
+
+
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution (through ``conv``'s own
+    forward, so its padding and a bfloat16 :func:`_pointwise_forward` still apply)."""
+    if bn.training:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return torch.func.functional_call(conv, {"weight": weight, "bias": bias}, (x,))
+
+
+def _folded_block(block: nn.Module, inputs: torch.Tensor, *, drop_connect_rate: float) -> torch.Tensor:
+    """The library's ``MBConvBlock.forward`` with :func:`_conv_bn` (same operations, same order,
+    same random draws for stochastic depth). Lite's blocks have no squeeze-and-excitation."""
+    from efficientnet_lite_pytorch.utils import drop_connect
+
+    if block.has_se:
+        return block(inputs, drop_connect_rate=drop_connect_rate)
+    args = block._block_args
+    x = inputs
+    if args.expand_ratio != 1:
+        x = block._swish(_conv_bn(block._expand_conv, block._bn0, x))
+    x = block._swish(_conv_bn(block._depthwise_conv, block._bn1, x))
+    x = _conv_bn(block._project_conv, block._bn2, x)
+    if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        if drop_connect_rate:
+            x = drop_connect(x, p=drop_connect_rate, training=block.training)
+        x = x + inputs
+    return x
 
 
 def _pointwise_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,29 @@ def test_from_images_the_trunk_runs_with_batch_norm_folded_in_yet_computes_the_s
     assert next(fused.parameters()).dtype == torch.float64  # moved with the module
 
 
+def test_the_trained_blocks_batch_norms_folded_into_their_convolutions_give_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    for module in model.modules():  # batch norms that are not the identity at initialisation
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5), module.bias.data.uniform_(-0.5, 0.5)
+    folded = FinetuneTop(model, blocks=4, from_images=True).train()
+    separate = FinetuneTop(copy.deepcopy(model), blocks=4, from_images=True, fold_batch_norms=False).train()
+    images, labels = torch.randn(4, 3, 160, 160), torch.tensor([0, 1, 1, 0])
+    for top in (folded, separate):
+        torch.manual_seed(1)  # the same stochastic depth draws
+        torch.nn.functional.cross_entropy(top(images), labels).backward()
+    grads = {name: p.grad for name, p in separate.named_parameters() if p.grad is not None}
+    assert any("_bn1.weight" in name for name in grads)  # the batch norms' affine parameters learn
+    folded_grads = {name: p.grad for name, p in folded.named_parameters() if p.grad is not None}
+    assert folded_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(folded_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+    folded.eval(), separate.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(images), separate(images), rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_trains_the_float32_weights_and_evaluates_exactly_in_float32() -> None:
     torch.manual_seed(0)
     model = build_model(ModelSpec("efficientnet_lite0", 224))
