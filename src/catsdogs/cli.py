@@ -237,6 +237,14 @@ def train_command(
             min=1, help="Epochs the LR schedule spans (default: --epochs); more stops before its tail."
         ),
     ] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Minutes of training: no epoch is started that would end later (each run "
+            "trains at least one per model; export and test come after).",
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", min=0.0)] = None,
     max_train_images: Annotated[int | None, typer.Option(min=1, help="Cap on training images.")] = None,
@@ -263,7 +271,7 @@ def train_command(
         ensemble_architectures=archs if len(archs) > 1 else None,
         strategy=strategy, profile=profile, head=head, epochs=epochs,
         lr_schedule_epochs=lr_schedule_epochs, finetune_blocks=finetune_blocks, image_size=image_size,
-        ensemble_members=members,
+        ensemble_members=members, time_budget_minutes=time_budget,
         batch_size=batch_size, learning_rate=learning_rate, max_train_images=max_train_images,
         max_eval_images=max_eval_images, run_name=run_name, data_dir=data_dir, runs_dir=runs_dir,
         cache_dir=cache_dir, device=device,

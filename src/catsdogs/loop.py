@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (so that every rank takes the same decision)."""
+        if self.world == 1:
+            return flag
+        votes = torch.tensor([float(flag)])
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+        return bool(votes.item())
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -331,6 +340,13 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _out_of_time(history: Sequence[dict[str, float]], deadline: float | None) -> bool:
+    """Whether another epoch, as long as the slowest so far, would end after ``deadline``
+    (never before the first epoch)."""
+    seconds = [row["epoch_seconds"] for row in history if "epoch_seconds" in row]
+    return deadline is not None and bool(seconds) and time.monotonic() + max(seconds) > deadline
+
+
 class FitResult(NamedTuple):
     """What :func:`fit` returns: the model with its best weights, the per-epoch history, and the
     best epoch's validation logits (validation order), so that an ensemble of fitted models can be
@@ -354,12 +370,14 @@ def fit(
     tracker: Tracker | None = None,
     resume: bool = False,
     param_groups: list[dict[str, Any]] | None = None,
+    deadline: float | None = None,
 ) -> FitResult:
     """Train with AdamW, a cosine or one-cycle LR schedule (``settings.lr_schedule``), early
     stopping on validation loss (:func:`selection_loss`); checkpoint every epoch.
 
     ``param_groups`` (AdamW's, e.g. a lower learning rate for pretrained blocks) default to every
-    parameter that requires a gradient.
+    parameter that requires a gradient. ``deadline`` (a :func:`time.monotonic` time): no epoch
+    after the first is started that would end after it, judged by the slowest epoch so far.
 
     Returns the model with its best (lowest validation loss) weights, the per-epoch history and
     that epoch's validation logits.
@@ -422,6 +440,10 @@ def fit(
     for epoch in range(start, settings.epochs + 1):
         if bad_epochs >= settings.early_stopping_patience:
             break
+        if dist.any(_out_of_time(history, deadline)):
+            logger.info("time budget: stopping before epoch %d", epoch)
+            break
+        epoch_started = time.monotonic()
         torch.manual_seed(settings.seed * 100_003 + epoch)  # dropout: same draws when resumed
         rng = _epoch_rng(settings.seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -442,6 +464,7 @@ def fit(
         row |= validation_metrics(logits, labels, names, calibrated=settings.calibrate_temperature)
         if not per_batch:
             scheduler.step()
+        row["epoch_seconds"] = time.monotonic() - epoch_started
         if selection_loss(row) < best_loss - 1e-6:
             best_loss, bad_epochs, best_logits = selection_loss(row), 0, logits
             best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}

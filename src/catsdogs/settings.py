@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     """Keep an exponential moving average of the weights, updated after every optimizer step with
     this decay; the average is what is validated, kept and served (the raw weights only train).
     ``None``: no average."""
+    time_budget_minutes: float | None = Field(default=None, gt=0)
+    """Minutes of training (from the start of ``catsdogs train`` to the end of the last epoch): an
+    epoch that would end after them is not started, its length estimated from the slowest epoch so
+    far. Each ensemble member gets an equal share of what is left when it starts, and every member
+    trains at least one epoch. Writing the bundle and the test evaluation come after. A run then
+    takes about as long on a slower CPU, with fewer epochs; ``None``: no limit."""
     ensemble_members: int = Field(default=1, ge=1, le=8)
     """Train this many models, each with its own seed (``seed``, ``seed + 1``, ...), and serve them
     as one graph that averages their probabilities. Averaging removes part of each model's own

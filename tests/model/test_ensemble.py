@@ -168,6 +168,18 @@ def test_each_member_is_the_model_a_single_run_with_its_seed_trains(ensemble_run
     assert all(torch.equal(member[key], single[key]) for key in member)
 
 
+@pytest.mark.slow
+def test_a_time_budget_too_short_for_more_still_trains_every_member_one_epoch(ensemble_run, tmp_path) -> None:
+    from catsdogs.train import train
+
+    _, _, settings = ensemble_run
+    result = train(settings.model_copy(update={"time_budget_minutes": 1e-3, "runs_dir": tmp_path}))
+    assert [(row["member"], row["epoch"]) for row in result.history] == [(0, 1), (1, 1)]
+    bundle = ModelBundle.open(result.bundle_dir)
+    assert bundle.metadata["members"] == 2 and bundle.metadata["val_metrics"]["member_best_epochs"] == [1, 1]
+    assert result.params["time_budget_minutes"] == 1e-3
+
+
 def _load(bundle_dir):
     bundle = ModelBundle.open(bundle_dir)
     return load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
