@@ -69,6 +69,7 @@ def test_killed_during_epoch_2_and_resumed_gives_the_same_final_metrics(make_dat
     straight_ckpt = torch.load(runs / "straight" / "checkpoint.pt", weights_only=True)
     assert [row["epoch"] for row in killed_ckpt["history"]] == [1, 2, 3]
     for a, b in zip(killed_ckpt["history"], straight_ckpt["history"], strict=True):
+        a, b = ({k: v for k, v in row.items() if k != "epoch_seconds"} for row in (a, b))  # timing differs
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     metrics_a = json.loads((runs / "killed" / "bundle" / "metrics.json").read_text())
     metrics_b = json.loads((runs / "straight" / "bundle" / "metrics.json").read_text())
