@@ -345,7 +345,7 @@ class FinetuneTop(nn.Module):
         folded convolution (weights scaled, with a bias) computes the same function; the weights
         are folded on every call, so gradients still reach the convolutions' weights and the batch
         norms' affine parameters as before. It saves a pass over every activation, forward and
-        backward: 14% of a fine-tuning step (Lite2, 14 blocks, 224 px, README, "Training").
+        backward: a ``train_bf16`` step 1.11x faster (Lite2, 14 blocks, 224 px; README, "Training").
         """
         backbone = self.model.backbone
         if not self.fold_batch_norms:
@@ -358,7 +358,9 @@ class FinetuneTop(nn.Module):
 
 def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution (through ``conv``'s own
-    forward, so its padding and a bfloat16 :func:`_pointwise_forward` still apply)."""
+    forward, so its padding and a bfloat16 :func:`_pointwise_forward` still apply). Not
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval``, which :func:`frozen_trunk` uses: it makes new
+    leaf parameters, so no gradient would reach the layers that train."""
     if bn.training:
         return bn(conv(x))
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
