@@ -24,7 +24,6 @@ from catsdogs.features import read_manifest, split_samples
 from catsdogs.loop import best_temperature, selection_loss, validation_metrics
 from catsdogs.model import mean_of_softmaxes
 from catsdogs.settings import Settings
-from catsdogs.train import _labels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ensemble_val.json"
 
@@ -52,7 +51,9 @@ def main() -> None:
     args = parser.parse_args()
 
     classes = Settings().classes
-    labels = torch.from_numpy(_labels(split_samples(read_manifest(args.data_dir), "val"), classes))
+    labels = torch.tensor(
+        [classes.index(s.label) for s in split_samples(read_manifest(args.data_dir), "val")]
+    )
     logits = [calibrated_val_logits(path, labels) for path in args.checkpoints]
     rows = []
     for size in range(1, len(logits) + 1):
