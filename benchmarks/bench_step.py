@@ -17,7 +17,7 @@ layers, the trunk's batch norms unfolded), step for step interleaved with ours s
 machine, and records the ratio of the medians. ``--against-bf16`` does the same for ``train_bf16``
 (the trunk and the trained 1x1 convolutions in bfloat16). ``--against-unfolded`` times the profile's
 step (``train_bf16``) with the trained blocks' batch norms as separate layers against it, with them
-folded into their convolutions (:class:`catsdogs.model.FinetuneTop`'s ``fold_batch_norms``).
+folded into their convolutions (:class:`catsdogs.training.models.FinetuneTop`'s ``fold_batch_norms``).
 
 ``--data-dir`` (an ingested dataset) times what random tensors leave out, on real photos: whole
 training passes over ``--images`` training images, decoded and augmented inline against decoded 2
@@ -42,22 +42,26 @@ import numpy as np
 import torch
 
 from catsdogs.bundle import write_json_atomic
-from catsdogs.features import read_manifest, split_samples
-from catsdogs.loop import Dist, freed_memory_kept, train_one_epoch, validate
-from catsdogs.model import FinetuneTop, ModelSpec, build_model
 from catsdogs.settings import Settings
-from catsdogs.train import apply_profile, image_sources, preprocess_config_for
+from catsdogs.training.features import read_manifest, split_samples
+from catsdogs.training.loop import Dist, freed_memory_kept, train_one_epoch, validate
+from catsdogs.training.models import FinetuneTop, ModelSpec, build_model
+from catsdogs.training.train import apply_profile, image_sources, preprocess_config_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 PREFETCH = 2  # batches decoded ahead in the "prefetched" passes (the setting is off by default)
 
 
 def _top(*, library: bool, bf16: bool = False, fold: bool = True) -> FinetuneTop:
-    """The profile's trained part; ``library``: without :func:`catsdogs.model.fold_symmetric_padding`
+    """The profile's trained part; ``library``: without :func:`catsdogs.training.models.fold_symmetric_padding`
     and with the batch norms as separate layers, the trunk's and the trained blocks'; ``bf16``: with
     ``train_bf16``; ``fold``: the trained blocks' batch norms folded."""
     torch.manual_seed(0)
-    with mock.patch("catsdogs.model.fold_symmetric_padding", lambda net: net) if library else nullcontext():
+    with (
+        mock.patch("catsdogs.training.models.fold_symmetric_padding", lambda net: net)
+        if library
+        else nullcontext()
+    ):
         model = build_model(ModelSpec("efficientnet_lite2", image_size=280))
     top = FinetuneTop(model, blocks=14, from_images=True, bf16=bf16, fold_batch_norms=fold and not library)
     if library:

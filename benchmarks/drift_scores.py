@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from catsdogs.monitor import PSI_DRIFT, DriftMonitor, build_reference, image_stats
+from catsdogs.drift import PSI_DRIFT, DriftMonitor, build_reference, image_stats
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dogs-vs-cats" / "train.zip"
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from catsdogs.bundle import write_json_atomic
-from catsdogs.features import read_manifest, split_samples
-from catsdogs.loop import best_temperature, selection_loss, validation_metrics
-from catsdogs.model import mean_of_softmaxes
 from catsdogs.settings import Settings
+from catsdogs.training.features import read_manifest, split_samples
+from catsdogs.training.loop import best_temperature, selection_loss, validation_metrics
+from catsdogs.training.models import mean_of_softmaxes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ensemble_val.json"
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from catsdogs.evaluate import wilson_interval
-from catsdogs.features import read_manifest, split_samples
-from catsdogs.loop import Dist, fit
-from catsdogs.model import BACKBONES, build_head
 from catsdogs.settings import Settings
-from catsdogs.train import head_sources, preprocess_config_for
+from catsdogs.training.evaluate import wilson_interval
+from catsdogs.training.features import read_manifest, split_samples
+from catsdogs.training.loop import Dist, fit
+from catsdogs.training.models import BACKBONES, build_head
+from catsdogs.training.train import head_sources, preprocess_config_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head_selection.json"
 

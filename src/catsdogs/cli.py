@@ -117,9 +117,9 @@ app.add_typer(models_app, name="models")
 
 def _champion_evaluator(settings: Settings) -> Callable[[Path], dict] | None:
     """Re-tests a bundle on the current test split (when the champion was tested on another one);
-    None when the torch side (catsdogs.evaluate) is not installed."""
+    None when the torch side (catsdogs.training.evaluate) is not installed."""
     try:
-        from catsdogs.evaluate import evaluate_bundle
+        from catsdogs.training.evaluate import evaluate_bundle
     except ImportError:
         return None
     from catsdogs.bundle import find_bundle
@@ -263,7 +263,7 @@ def train_command(
 ) -> None:
     """Train a model, write its bundle (ONNX, test metrics, drift reference), log it to MLflow and
     register it as the new `challenger`."""
-    from catsdogs.train import train
+    from catsdogs.training.train import train
 
     archs = [name.strip() for name in model.split(",")] if model else []
     settings = _settings(
@@ -317,7 +317,7 @@ def evaluate_command(
     """Accuracy (95% Wilson CI), precision, recall, F1, log-loss, ROC-AUC and confusion matrix."""
     import json
 
-    from catsdogs.evaluate import evaluate_bundle, resolve_model_uri
+    from catsdogs.training.evaluate import evaluate_bundle, resolve_model_uri
 
     settings = _settings()
     bundle = resolve_model_uri(model_uri, settings=settings)
@@ -388,8 +388,8 @@ def export_command(
     """Write the bundle's model.onnx (dynamic batch), checked against PyTorch on real images."""
     import json
 
-    from catsdogs.evaluate import resolve_model_uri
-    from catsdogs.export import export_bundle
+    from catsdogs.training.evaluate import resolve_model_uri
+    from catsdogs.training.export import export_bundle
 
     settings = _settings(data_dir=data_dir)
     bundle = resolve_model_uri(model_uri, settings=settings)
@@ -429,7 +429,7 @@ def evaluate_deployed_command(
     """Evaluate a running service on labelled images; log the result to MLflow; print it as JSON."""
     import json
 
-    from catsdogs.postdeploy import evaluate_deployed, log_to_mlflow
+    from catsdogs.monitoring.evaluate_deployed import evaluate_deployed, log_to_mlflow
 
     settings = _settings()
     result = evaluate_deployed(

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     in batches of 128 (``benchmarks/bench_step.py --data-dir``; README, "Training")."""
     epochs: int | None = None
     """Most epochs to train (early stopping may end sooner); ``None`` means the strategy's own
-    default (:data:`catsdogs.train.DEFAULT_EPOCHS`)."""
+    default (:data:`catsdogs.training.train.DEFAULT_EPOCHS`)."""
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     early_stopping_patience: int = 5
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     keep_freed_memory: bool = True
     """While training and validating, glibc's malloc keeps freed memory for reuse
-    (:func:`catsdogs.loop.freed_memory_kept`): faster on CPU, at a higher peak memory (README,
+    (:func:`catsdogs.training.loop.freed_memory_kept`): faster on CPU, at a higher peak memory (README,
     "Training"); false for a tight memory limit."""
     max_train_images: int | None = None
     """Cap on training images (for quick runs and tests); ``None`` uses the whole train split."""
@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     it), so the pretrained weights move gently while the new head settles."""
     finetune_augment: bool = False
     """``finetune``: train on random augmentations (crop, mirror, colour jitter, rotation:
-    :mod:`catsdogs.augment`) of every image, decoded each epoch and passed through the frozen trunk,
+    :mod:`catsdogs.training.augment`) of every image, decoded each epoch and passed through the frozen trunk,
     instead of on cached fixed views. Each epoch costs a pass through the trunk, but sees new views,
     so it can train for several epochs (and deeper) without overfitting the views."""
     train_image_size: int | None = Field(default=None, ge=32)

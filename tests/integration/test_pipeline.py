@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from catsdogs.bundle import find_bundle
-from catsdogs.evaluate import evaluate_bundle
 from catsdogs.settings import Settings
+from catsdogs.training.evaluate import evaluate_bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -110,7 +110,7 @@ def test_log_register_promote_and_serve_through_a_real_tracking_server(
 
     _stop(process)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="catsdogs.model_source"):
+    with caplog.at_level(logging.WARNING, logger="catsdogs.registry.model_source"):
         assert download_bundle(CHAMPION_URI, remote) == served
     elapsed = time.monotonic() - started
     assert elapsed < 10, f"fallback took {elapsed:.1f} s"

@@ -103,7 +103,7 @@ def test_a_hung_registry_falls_back_to_the_cached_champion_within_seconds(
     cached = download_bundle(CHAMPION_URI, settings)
     offline = settings.model_copy(update={"mlflow_tracking_uri": hung_registry, "registry_timeout_s": 1.0})
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="catsdogs.model_source"):
+    with caplog.at_level(logging.WARNING, logger="catsdogs.registry.model_source"):
         assert download_bundle(CHAMPION_URI, offline) == cached
     assert time.monotonic() - started < 10  # MLflow's defaults would retry for minutes
     assert "unreachable" in caplog.text and str(cached) in caplog.text

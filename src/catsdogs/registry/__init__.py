@@ -1,43 +1,46 @@
 """MLflow tracking, the model registry, its aliases and the promotion quality gate.
 
+* :mod:`~catsdogs.registry.model_source` — the one model-URI resolver (a folder or ``models:/…``
+  → a cached local bundle; mlflow-skinny only, imported lazily): what serving uses.
 * :mod:`~catsdogs.registry.tracking` — :class:`MlflowTracker`: one run per training, ending in a
   registered version with the ``challenger`` alias.
 * :mod:`~catsdogs.registry.promotion` — :func:`promote` (the quality gate), :func:`rollback`,
   :func:`list_versions`.
-* :func:`download_bundle`, :class:`ModelRef`, :func:`resolve_version`: re-exported from
-  :mod:`catsdogs.model_source`, the one model-URI resolver (shared with serving, mlflow-skinny only).
 * :mod:`~catsdogs.registry.pyfunc_model` — the logged pyfunc ("models from code", no pickle).
 
-Nothing here sets MLflow URIs at import time; every call builds its client from the settings.
+The names below are loaded on first use (PEP 562), so ``import catsdogs.registry.model_source``
+from the serving side never imports full MLflow. Nothing here sets MLflow URIs at import time.
 """
 
-from catsdogs.model_source import ModelRef, bounded_http, download_bundle, resolve_version
-from catsdogs.registry.client import CHALLENGER, CHAMPION, alias_log, champion_history
-from catsdogs.registry.promotion import (
-    GateCheck,
-    PromotionDecision,
-    VersionSummary,
-    list_versions,
-    promote,
-    rollback,
-)
-from catsdogs.registry.tracking import MlflowTracker, flatten_metrics
+from __future__ import annotations
 
-__all__ = [
-    "CHALLENGER",
-    "CHAMPION",
-    "GateCheck",
-    "MlflowTracker",
-    "ModelRef",
-    "PromotionDecision",
-    "VersionSummary",
-    "alias_log",
-    "bounded_http",
-    "champion_history",
-    "download_bundle",
-    "flatten_metrics",
-    "list_versions",
-    "promote",
-    "resolve_version",
-    "rollback",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelRef": "model_source",
+    "bounded_http": "model_source",
+    "download_bundle": "model_source",
+    "resolve_version": "model_source",
+    "CHALLENGER": "client",
+    "CHAMPION": "client",
+    "alias_log": "client",
+    "champion_history": "client",
+    "GateCheck": "promotion",
+    "PromotionDecision": "promotion",
+    "VersionSummary": "promotion",
+    "list_versions": "promotion",
+    "promote": "promotion",
+    "rollback": "promotion",
+    "MlflowTracker": "tracking",
+    "flatten_metrics": "tracking",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

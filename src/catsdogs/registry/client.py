@@ -2,7 +2,7 @@
 
 Nothing here touches MLflow's global state: every function builds an explicit
 ``MlflowClient(tracking_uri=..., registry_uri=...)`` from :class:`~catsdogs.settings.Settings`
-(:func:`~catsdogs.model_source.make_client`, shared with serving).
+(:func:`~catsdogs.registry.model_source.make_client`, shared with serving).
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from catsdogs import CatsdogsError
-from catsdogs.model_source import bounded_http, download_bundle, make_client
 from catsdogs.registry.client import (
     CHALLENGER,
     CHAMPION,
@@ -38,6 +37,7 @@ from catsdogs.registry.client import (
     version_by_alias,
 )
 from catsdogs.registry.lineage import split_fingerprint
+from catsdogs.registry.model_source import bounded_http, download_bundle, make_client
 from catsdogs.settings import Settings
 
 _logger = logging.getLogger(__name__)

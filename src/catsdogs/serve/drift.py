@@ -1,9 +1,9 @@
-"""The hook where per-image drift statistics are fed (the math lives in ``catsdogs.monitor``).
+"""The hook where per-image drift statistics are fed (the math lives in ``catsdogs.drift``).
 
 Contract assumed from the monitoring side: a drift window object with
 ``update(image: PIL.Image.Image, probabilities) -> None`` and ``scores() -> dict[str, float]``, fed
-the *upload* (or its small statistics copy, ``catsdogs.monitor.stats_image``), not the model input.
-:func:`default_window_factory` builds ``catsdogs.monitor.DriftMonitor(reference)`` from the bundle's
+the *upload* (or its small statistics copy, ``catsdogs.drift.stats_image``), not the model input.
+:func:`default_window_factory` builds ``catsdogs.drift.DriftMonitor(reference)`` from the bundle's
 ``drift_reference.json`` when both exist. The small copy is made on the decode thread (the full-size
 upload is dropped at once); updates run on one background thread through a bounded queue, so drift
 statistics never slow a prediction down (they are dropped under overload). Once ``fill`` uploads
@@ -41,12 +41,12 @@ DriftWindowFactory = Callable[[ModelBundle], DriftWindow | None]
 
 
 def default_window_factory(bundle: ModelBundle) -> DriftWindow | None:
-    """``catsdogs.monitor.DriftWindow(reference)`` for bundles that ship a drift reference."""
+    """``catsdogs.drift.DriftWindow(reference)`` for bundles that ship a drift reference."""
     reference = bundle.drift_reference
     if not reference:
         return None
     try:
-        from catsdogs import monitor  # written by the monitoring side; optional here
+        from catsdogs import drift as monitor  # written by the monitoring side; optional here
     except ImportError:
         return None
     window_cls = getattr(monitor, "DriftMonitor", None) or getattr(monitor, "DriftWindow", None)
@@ -64,10 +64,10 @@ _COPY_MAX_SIDE = 128
 
 
 def small_copy(image: Image.Image) -> Image.Image:
-    """The statistics copy of an upload: ``catsdogs.monitor.stats_image`` when available, else a
+    """The statistics copy of an upload: ``catsdogs.drift.stats_image`` when available, else a
     thumbnail that remembers the upload's size in ``info["original_size"]`` (same convention)."""
     try:
-        from catsdogs.monitor import stats_image
+        from catsdogs.drift import stats_image
     except ImportError:
         copy = image.copy()
         copy.thumbnail((_COPY_MAX_SIDE, _COPY_MAX_SIDE), Image.Resampling.BILINEAR)

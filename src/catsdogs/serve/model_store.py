@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from catsdogs.model_source import ResolvedBundle, current_version, resolve
 from catsdogs.preprocessing import PreprocessConfig, softmax
+from catsdogs.registry.model_source import ResolvedBundle, current_version, resolve
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)

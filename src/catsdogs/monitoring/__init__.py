@@ -1,0 +1,1 @@
+"""Monitoring after deployment: evaluation of a deployed service on labelled photos."""
