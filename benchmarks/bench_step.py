@@ -53,7 +53,7 @@ PREFETCH = 2  # batches decoded ahead in the "prefetched" passes (the setting is
 
 
 def _top(*, library: bool, bf16: bool = False, fold: bool = True) -> FinetuneTop:
-    """The profile's trained part; ``library``: without :func:`catsdogs.training.models.fold_symmetric_padding`
+    """The profile's trained part; ``library``: without ``fold_symmetric_padding``
     and with the batch norms as separate layers, the trunk's and the trained blocks'; ``bf16``: with
     ``train_bf16``; ``fold``: the trained blocks' batch norms folded."""
     torch.manual_seed(0)
