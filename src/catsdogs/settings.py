@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     keep_freed_memory: bool = True
     """While training and validating, glibc's malloc keeps freed memory for reuse
-    (:func:`catsdogs.training.loop.freed_memory_kept`): faster on CPU, at a higher peak memory (README,
+    (:func:`catsdogs.training.memory.freed_memory_kept`): faster on CPU, at a higher peak memory (README,
     "Training"); false for a tight memory limit."""
     max_train_images: int | None = None
     """Cap on training images (for quick runs and tests); ``None`` uses the whole train split."""

@@ -38,19 +38,10 @@ from catsdogs import CatsdogsError
 from catsdogs.bundle import write_json_atomic
 from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.settings import Settings
+from catsdogs.training.distributed import Dist, init_distributed
 from catsdogs.training.features import FeatureCache, Sample, View, read_manifest, split_samples
-from catsdogs.training.loop import (
-    CHECKPOINT,
-    Dist,
-    ImageSource,
-    TensorSource,
-    Tracker,
-    fit,
-    freed_memory_kept,
-    init_distributed,
-    selection_loss,
-    validation_metrics,
-)
+from catsdogs.training.loop import CHECKPOINT, Tracker, fit, selection_loss, validation_metrics
+from catsdogs.training.memory import freed_memory_kept
 from catsdogs.training.models import (
     BACKBONES,
     Ensemble,
@@ -63,6 +54,7 @@ from catsdogs.training.models import (
     mean_of_softmaxes,
     select_device,
 )
+from catsdogs.training.sources import ImageSource, TensorSource
 
 __all__ = ["CHECKPOINT", "Dist", "Tracker", "TrainResult", "train"]
 logger = logging.getLogger(__name__)
