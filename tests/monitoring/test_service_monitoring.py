@@ -25,9 +25,7 @@ import numpy as np
 import pytest
 import requests
 from monitor_support import (
-    IMAGE_SIZE,
     RULES,
-    TINY_WEIGHTS,
     alert_rules,
     architecture_metrics,
     build_tiny_bundle,
@@ -49,6 +47,7 @@ from catsdogs.drift import PSI_DRIFT
 from catsdogs.monitoring.evaluate_deployed import DeployedEvaluation, evaluate_deployed, log_to_mlflow
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
 from catsdogs.settings import Settings
+from fakes import IMAGE_SIZE, WEIGHTS_A
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +129,7 @@ def hand_accuracy(labelled: Path) -> float:
     files = sorted(labelled.glob("*/*.jpg"))
     for path in files:
         batch = preprocess_batch([decode_image(path.read_bytes())], config)
-        predicted = ("cat", "dog")[int(np.argmax(batch.mean(axis=(2, 3)) @ TINY_WEIGHTS))]
+        predicted = ("cat", "dog")[int(np.argmax(batch.mean(axis=(2, 3)) @ WEIGHTS_A))]
         correct += predicted == path.parent.name
     return correct / len(files)
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from registry_fakes import build_bundle, hashes, write_manifest, write_plots
+from registry_fakes import hashes, registry_bundle, write_manifest, write_plots
 
 from catsdogs.settings import Settings
 
@@ -44,7 +44,7 @@ def make_bundle(tmp_path: Path, sample_jpegs: dict[str, list[bytes]]) -> Callabl
         bias: tuple[float, float] = (0.0, 0.0),
     ) -> Path:
         root = tmp_path / "bundles" / name
-        return build_bundle(root, sample_jpegs, accuracy=accuracy, recall=recall, bias=bias)
+        return registry_bundle(root, sample_jpegs, accuracy=accuracy, recall=recall, bias=bias)
 
     return build
 

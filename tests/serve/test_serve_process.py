@@ -19,9 +19,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_testing import WEIGHTS_A, build_bundle, expected_probabilities
+from serve_testing import expected_probabilities
 
 from catsdogs.serve.smoke import run_smoke
+from fakes import WEIGHTS_A, build_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
