@@ -117,46 +117,40 @@ def manifest_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Exact/near-duplicate groups, label conflicts and splits → manifest rows and report sections."""
-    by_sha: dict[str, list[Accepted]] = defaultdict(list)
-    for item in sorted(accepted, key=lambda a: (a.sha256, a.source)):
-        by_sha[item.sha256].append(item)
-    groups = near_duplicate_groups(
-        {sha: items[0].phash for sha, items in by_sha.items()}, max_distance=settings.near_duplicate_distance
-    )
-    conflicts, kept_groups, near_groups = [], [], []
+def _split_conflicts(
+    groups: list[list[str]], by_sha: dict[str, list[Accepted]]
+) -> tuple[list[dict[str, Any]], list[tuple[str, list[str]]]]:
+    """Duplicate groups whose images carry more than one label (reported, dropped), and the
+    ``(label, group)`` pairs of the others (kept)."""
+    conflicts, kept = [], []
     for group in groups:
         labels = sorted({item.label for sha in group for item in by_sha[sha]})
         if len(labels) > 1:
-            conflicts.append(
-                {
-                    "labels": labels,
-                    "images": [
-                        {"sha256": sha, "label": item.label, "source": item.source}
-                        for sha in group
-                        for item in by_sha[sha]
-                    ],
-                }
-            )
+            images = [
+                {"sha256": sha, "label": item.label, "source": item.source}
+                for sha in group
+                for item in by_sha[sha]
+            ]
+            conflicts.append({"labels": labels, "images": images})
         else:
-            kept_groups.append((labels[0], group))
-    splits = assign_splits(kept_groups, seed=settings.seed, ratios=settings.split_ratios)
-    rows, exact = [], []
-    for label, group in kept_groups:
+            kept.append((labels[0], group))
+    return conflicts, kept
+
+
+def _manifest_rows(
+    kept: list[tuple[str, list[str]]], by_sha: dict[str, list[Accepted]], splits: dict[str, str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One manifest row per distinct image (the first file of identical ones), with the report's
+    exact-duplicate and near-duplicate sections."""
+    rows, exact, near = [], [], []
+    for label, group in kept:
         if len(group) > 1:
-            near_groups.append({"label": label, "split": splits[group[0]], "sha256": group})
+            near.append({"label": label, "split": splits[group[0]], "sha256": group})
         for sha in group:
             first, *others = by_sha[sha]
             if others:
-                exact.append(
-                    {
-                        "sha256": sha,
-                        "label": label,
-                        "kept": first.source,
-                        "removed": [o.source for o in others],
-                    }
-                )
+                removed = [o.source for o in others]
+                exact.append({"sha256": sha, "label": label, "kept": first.source, "removed": removed})
             rows.append(
                 {
                     "path": f"images/{label}/{sha}.jpg",
@@ -168,11 +162,21 @@ def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[s
                     "split": splits[sha],
                 }
             )
-    sections = {
-        "exact_duplicates": exact,
-        "near_duplicate_groups": near_groups,
-        "conflicting_labels": conflicts,
-    }
+    return rows, exact, near
+
+
+def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Exact/near-duplicate groups, label conflicts and splits → manifest rows and report sections."""
+    by_sha: dict[str, list[Accepted]] = defaultdict(list)
+    for item in sorted(accepted, key=lambda a: (a.sha256, a.source)):
+        by_sha[item.sha256].append(item)
+    groups = near_duplicate_groups(
+        {sha: items[0].phash for sha, items in by_sha.items()}, max_distance=settings.near_duplicate_distance
+    )
+    conflicts, kept = _split_conflicts(groups, by_sha)
+    splits = assign_splits(kept, seed=settings.seed, ratios=settings.split_ratios)
+    rows, exact, near = _manifest_rows(kept, by_sha, splits)
+    sections = {"exact_duplicates": exact, "near_duplicate_groups": near, "conflicting_labels": conflicts}
     return rows, sections
 
 
@@ -240,9 +244,28 @@ def _remove_leftovers(data_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def ingest(
-    settings: Settings, *, source: str | None = None, show_progress: bool = True, workers: int | None = None
-) -> IngestResult:
+def _store_images(
+    source: Source, images_dir: Path, settings: Settings, *, show_progress: bool
+) -> tuple[list[Accepted], list[Rejected]]:
+    """Validate, hash and store every member of ``source`` under ``images_dir/<label>/``."""
+    config = StoreConfig(
+        images_dir=images_dir,
+        max_pixels=settings.max_image_pixels,
+        min_side=settings.min_image_side,
+        store_max_side=settings.store_max_side,
+        max_bytes=settings.max_image_bytes,
+    )
+    for label in settings.classes:
+        (images_dir / label).mkdir(parents=True)
+    accepted: list[Accepted] = []
+    rejected: list[Rejected] = []
+    workers = settings.ingest_workers or os.cpu_count() or 1
+    for result in _process_all(source, config, workers=workers, show_progress=show_progress):
+        (accepted if isinstance(result, Accepted) else rejected).append(result)
+    return accepted, rejected
+
+
+def ingest(settings: Settings, *, source: str | None = None, show_progress: bool = True) -> IngestResult:
     """Build the data set in ``settings.data_dir`` from ``source`` (default ``settings.data_source``).
 
     Raises:
@@ -259,24 +282,12 @@ def ingest(
     _remove_leftovers(data_dir)
     staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=data_dir))
     try:
-        config = StoreConfig(
-            images_dir=staging / "images",
-            max_pixels=settings.max_image_pixels,
-            min_side=settings.min_image_side,
-            store_max_side=settings.store_max_side,
-            max_bytes=settings.max_image_bytes,
-        )
-        for label in settings.classes:
-            (config.images_dir / label).mkdir(parents=True)
-        accepted: list[Accepted] = []
-        rejected: list[Rejected] = []
-        n_workers = settings.ingest_workers or os.cpu_count() or 1
-        for result in _process_all(local, config, workers=n_workers, show_progress=show_progress):
-            (accepted if isinstance(result, Accepted) else rejected).append(result)
+        images_dir = staging / "images"
+        accepted, rejected = _store_images(local, images_dir, settings, show_progress=show_progress)
         rows, sections = _organize(accepted, settings)
         for conflict in sections["conflicting_labels"]:
             for image in conflict["images"]:
-                (config.images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
+                (images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
         report = _report(
             requested=requested,
             source=local,
