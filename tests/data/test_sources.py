@@ -12,7 +12,8 @@ from datafiles import kaggle_members, read_manifest, write_folder, write_zip
 
 from catsdogs import CatsdogsError
 from catsdogs.data import UnsafeSourceError, ingest
-from catsdogs.data.sources import label_for, open_source
+from catsdogs.data.labelled import label_for
+from catsdogs.data.sources import open_source
 from catsdogs.settings import Settings
 
 CLASSES = ("cat", "dog")
