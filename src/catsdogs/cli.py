@@ -71,17 +71,19 @@ def data_fetch(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Also put the archive here (a hard link when possible): the DVC stage."),
+        typer.Option("--out", help="Also put the archive here (the DVC fetch stage's output)."),
     ] = None,
     allow_unverified: Annotated[
         bool, typer.Option("--allow-unverified", help="Download a URL that has no known SHA-256.")
     ] = False,
 ) -> None:
     """Download the data source once into the cache (verified), or check a local one; print its path."""
+    from catsdogs.data.download import is_url
     from catsdogs.data.fetch import fetch_archive, place
 
-    path = fetch_archive(_settings(data_source=source, data_sha256=sha256), allow_unverified=allow_unverified)
-    typer.echo(place(path, out) if out is not None else path)
+    settings = _settings(data_source=source, data_sha256=sha256)
+    path = fetch_archive(settings, allow_unverified=allow_unverified)
+    typer.echo(place(path, out, link=is_url(settings.data_source)) if out is not None else path)
 
 
 @data_app.command("ingest")

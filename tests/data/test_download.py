@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from datafiles import kaggle_members, read_manifest, write_zip
+from datafiles import generated_photos, kaggle_members, read_manifest, write_zip
 from range_server import RangeServer, serve, url_of
 
 from catsdogs import CatsdogsError
@@ -18,8 +18,8 @@ from catsdogs.settings import Settings
 
 
 @pytest.fixture
-def archive_bytes(tmp_path: Path, real_photos) -> bytes:
-    return write_zip(tmp_path / "src.zip", kaggle_members(real_photos, 4)).read_bytes()
+def archive_bytes(tmp_path: Path) -> bytes:
+    return write_zip(tmp_path / "src.zip", kaggle_members(generated_photos(4), 4)).read_bytes()
 
 
 @pytest.fixture

@@ -48,21 +48,27 @@ def test_dvc_repro_tracks_data_and_push_pull_round_trip_offline(project: Path) -
     _run("dvc", "repro", "ingest", cwd=project)
     manifest = (project / "data" / "manifest.csv").read_bytes()
     assert manifest.count(b"\n") == 41
+    archive = (project / "data" / "raw" / "dataset").read_bytes()  # the fetch stage's copy
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert archive == Path(params["data_source"]).read_bytes()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert [out["path"] for out in lock["stages"]["fetch"]["outs"]] == ["data/raw/dataset"]
+    assert {dep["path"] for dep in lock["stages"]["ingest"]["deps"]} >= {"data/raw/dataset"}
     assert {out["path"] for out in lock["stages"]["ingest"]["outs"]} >= {"data/images", "data/manifest.csv"}
     assert "Stage 'ingest' didn't change, skipping" in _run("dvc", "repro", "ingest", cwd=project)
     git_status = _run("git", "status", "--porcelain", "--untracked-files=all", cwd=project)
     assert "data/" not in git_status  # DVC tracks data/, git does not
     assert "dvc.lock" in git_status
 
-    _run("dvc", "push", "ingest", cwd=project)
+    _run("dvc", "push", "fetch", "ingest", cwd=project)
     assert (project / "dvc-remote" / "files" / "md5").is_dir()
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
-    _run("dvc", "pull", "ingest", cwd=project)
+    _run("dvc", "pull", "fetch", "ingest", cwd=project)
     assert (project / "data" / "manifest.csv").read_bytes() == manifest
+    assert (project / "data" / "raw" / "dataset").read_bytes() == archive
     assert len(list((project / "data" / "images").rglob("*.jpg"))) == 40
-    assert "Data and pipelines are up to date" in _run("dvc", "status", "ingest", cwd=project)
+    assert "Data and pipelines are up to date" in _run("dvc", "status", "fetch", "ingest", cwd=project)
 
 
 def test_changing_a_parameter_reruns_the_stage(project: Path) -> None:
@@ -80,11 +86,17 @@ def test_changing_a_parameter_reruns_the_stage(project: Path) -> None:
     ]
 
 
-def test_the_pipeline_runs_ingest_then_train_then_export_then_evaluate(project: Path) -> None:
+def test_the_pipeline_runs_fetch_ingest_train_export_evaluate(project: Path) -> None:
     """Every stage's parameters exist in params.yaml and the stages chain through their outputs."""
     dag = _run("dvc", "dag", "--md", cwd=project)
     nodes = dict(re.findall(r'(node\d+)\["(\w+)"\]', dag))
     edges = {(nodes[a], nodes[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", dag)}
-    assert {("ingest", "train"), ("train", "export"), ("export", "evaluate"), ("ingest", "evaluate")} <= edges
+    assert {
+        ("fetch", "ingest"),
+        ("ingest", "train"),
+        ("train", "export"),
+        ("export", "evaluate"),
+        ("ingest", "evaluate"),
+    } <= edges
     status = _run("dvc", "status", cwd=project)  # parses dvc.yaml and resolves every params entry
-    assert all(stage in status for stage in ("train", "export", "evaluate"))
+    assert all(stage in status for stage in ("fetch", "train", "export", "evaluate"))

@@ -79,11 +79,13 @@ def _local(path: Path, sha256: str | None) -> Path:
     return path
 
 
-def place(archive: Path, out: Path) -> Path:
-    """Put a fetched archive (or source folder) at ``out``, replacing what was there.
+def place(archive: Path, out: Path, *, link: bool) -> Path:
+    """Put a fetched archive (or source folder) at ``out``, replacing what was there: the DVC
+    ``fetch`` stage's output, so ``ingest`` depends on a file, not on a URL.
 
-    A hard link where the file system allows it (no second copy of an 800 MB archive), else a copy.
-    This is the DVC ``fetch`` stage's output: ``ingest`` then depends on a file, not on a URL.
+    ``link``: a hard link where the file system allows it (no second copy of an 800 MB download),
+    for files of our own cache only; a user's own file is copied, so that nothing done to the
+    output (DVC may make it read-only) reaches the original.
     """
     if out.resolve() == archive.resolve():
         return out
@@ -92,10 +94,11 @@ def place(archive: Path, out: Path) -> Path:
     elif out.exists() or out.is_symlink():
         out.unlink()
     out.parent.mkdir(parents=True, exist_ok=True)
+    copy = _link_or_copy if link else shutil.copy2
     if archive.is_dir():
-        shutil.copytree(archive, out, copy_function=_link_or_copy)
+        shutil.copytree(archive, out, copy_function=copy)
     else:
-        _link_or_copy(archive, out)
+        copy(archive, out)
     _logger.info("placed %s at %s", archive, out)
     return out
 
