@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -144,3 +145,34 @@ def dataset_photos(archive: Path, label: str, n: int, *, offset: int = 0) -> lis
     pytest.fail(
         f"{archive} has fewer than {n} ordinary {label} photos after position {offset}", pytrace=False
     )
+
+
+# --- the DVC pipeline --------------------------------------------------------------------------
+
+
+def run_in_project(*args: str, cwd: Path, timeout: float = 120) -> str:
+    """Run a command (``dvc repro``...) in a :func:`dvc_project`, whose stages import its own sources."""
+    env = {**os.environ, "PYTHONPATH": str(cwd / "src"), "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def dvc_project(root: Path, **params: object) -> Path:
+    """A fresh git repository holding this project's DVC files (dvc.yaml, .dvc/config, params.yaml
+    with ``params`` changed) and sources, for ``dvc`` to run the pipeline as shipped, offline."""
+    import yaml
+
+    require_tool("git")
+    require_tool("dvc")
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({**shipped, **params}))
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@example.com")
+    for args in (("init", "-q"), ("add", "-A"), ("commit", "-qm", "init")):
+        run_in_project(*git, *args, cwd=root)
+    return root
