@@ -106,10 +106,10 @@ def _natural(name: str) -> list[int | str]:
 def labelled_names(archive: Path, label: str) -> tuple[str, ...]:
     """Names of the archive's members labelled ``label``, in natural order, by the project's own
     labelled-image reader: whatever layouts it supports, the tests support."""
-    from catsdogs.data.sources import open_source
+    from catsdogs.data.labelled import list_members
 
-    source = open_source(archive, classes=("cat", "dog"))
-    return tuple(sorted((m.name for m in source.members if m.label == label), key=_natural))
+    members = list_members(archive, ("cat", "dog"))
+    return tuple(sorted((m.name for m in members if m.label == label), key=_natural))
 
 
 def _reader(archive: Path) -> Callable[[str], bytes]:
