@@ -11,13 +11,13 @@ import ast
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
 import catsdogs
 from fakes import build_bundle
+from support import dataset_photos
 
 PACKAGE = Path(catsdogs.__file__).resolve().parent
 
@@ -224,8 +224,7 @@ print("OK")
 
 def test_serving_runs_with_torch_and_mlflow_unimportable(tmp_path: Path, dataset_zip: Path) -> None:
     image = tmp_path / "cat.jpg"
-    with zipfile.ZipFile(dataset_zip) as archive:
-        image.write_bytes(archive.read("train/cat.0.jpg"))
+    image.write_bytes(dataset_photos(dataset_zip, "cat", 1)[0])
     bundle = build_bundle(tmp_path / "bundle")
     code = SERVING_WITHOUT_TORCH.format(
         unimportable=UNIMPORTABLE, not_loaded=NOT_LOADED, training=TRAINING_SIDE,

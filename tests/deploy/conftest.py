@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess
 from fakes import build_bundle
 from support import (
     REPO,
+    dataset_photos,
     free_port,
     require_tool,
 )
@@ -136,8 +136,7 @@ def _separating_layer(samples: dict[str, bytes], config: PreprocessConfig) -> tu
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Path:
     """A complete, tiny model bundle (32x32 input) with two real sample photos, readable by any uid."""
     size = 32
-    with zipfile.ZipFile(dataset_zip) as archive:
-        samples = {label: archive.read(f"train/{label}.0.jpg") for label in ("cat", "dog")}
+    samples = {label: dataset_photos(dataset_zip, label, 1)[0] for label in ("cat", "dog")}
     weight, bias = _separating_layer(samples, PreprocessConfig(image_size=size))
     metadata = {
         "architecture": "tiny-test-graph",

@@ -18,11 +18,8 @@ from typing import Any
 
 import requests
 import yaml
-from PIL import Image
 
 import catsdogs
-from catsdogs.drift import build_reference, image_stats
-from fakes import WEIGHTS_A, build_bundle
 from support import free_port, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,13 +117,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
-
-
-def build_tiny_bundle(root: Path, *, reference_images: list[Image.Image]) -> Path:
-    """A :func:`fakes.build_bundle` that ships a ``drift_reference.json`` built from
-    ``reference_images``, so the service publishes drift scores."""
-    reference = build_reference([image_stats(image) for image in reference_images])
-    return build_bundle(root, WEIGHTS_A, metrics={"accuracy": 0.5, "n_images": 0}, drift_reference=reference)
 
 
 def src_dir() -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from PIL import Image
 
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
 from fakes import IMAGE_SIZE
-from support import free_port  # noqa: F401
+from support import dataset_photos, free_port  # noqa: F401
 
 
 def config() -> PreprocessConfig:
@@ -30,14 +29,12 @@ def expected_probabilities(weights: np.ndarray, data: bytes, bias: np.ndarray | 
 
 
 def read_dataset(zip_path: Path, n_per_class: int) -> list[tuple[str, str, bytes]]:
-    """(name, label, bytes) of the first n cats and n dogs of the real archive."""
-    out = []
-    with zipfile.ZipFile(zip_path) as archive:
-        for label in ("cat", "dog"):
-            for i in range(n_per_class):
-                name = f"train/{label}.{i}.jpg"
-                out.append((name.split("/")[1], label, archive.read(name)))
-    return out
+    """(name, label, bytes) of the first n cats and n dogs of the real archive (named ``cat.0.jpg``...)."""
+    return [
+        (f"{label}.{i}.jpg", label, data)
+        for label in ("cat", "dog")
+        for i, data in enumerate(dataset_photos(zip_path, label, n_per_class))
+    ]
 
 
 def jpeg_bytes(image: Image.Image, **options: object) -> bytes:

@@ -1,4 +1,4 @@
-"""``catsdogs data``: build the data set."""
+"""``catsdogs data fetch`` and ``data ingest``: build the data set."""
 
 from __future__ import annotations
 
@@ -14,6 +14,32 @@ if TYPE_CHECKING:
     from catsdogs.data import IngestResult
 
 app = typer.Typer(help="Ingest, validate, de-duplicate and split datasets.", no_args_is_help=True)
+
+
+@app.command("fetch")
+def data_fetch(
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Zip, folder or http(s) URL (default: settings data_source)."),
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", help="Expected SHA-256 (default: CATSDOGS_DATA_SHA256).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Also put the archive here (the DVC fetch stage's output)."),
+    ] = None,
+    allow_unverified: Annotated[
+        bool, typer.Option("--allow-unverified", help="Download a URL that has no known SHA-256.")
+    ] = False,
+) -> None:
+    """Download the data source once into the cache (verified), or check a local one; print its path."""
+    from catsdogs.data.download import is_url
+    from catsdogs.data.fetch import fetch_archive, place
+
+    settings = get_settings(data_source=source, data_sha256=sha256)
+    path = fetch_archive(settings, allow_unverified=allow_unverified)
+    typer.echo(place(path, out, link=is_url(settings.data_source)) if out is not None else path)
 
 
 @app.command("ingest")

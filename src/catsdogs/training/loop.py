@@ -23,9 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from catsdogs import CatsdogsError
+from catsdogs.metrics import classification_metrics
 from catsdogs.settings import Settings
 from catsdogs.training.distributed import Dist
-from catsdogs.training.evaluate import classification_metrics
 from catsdogs.training.optimization import Optimization, build_optimization
 from catsdogs.training.sources import BatchSource, steps_per_epoch
 
