@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ from catsdogs.data import validate
 from catsdogs.data.dedup import near_duplicate_groups
 from catsdogs.data.download import is_url
 from catsdogs.data.fetch import fetch_archive
-from catsdogs.data.sources import Source, open_source
-from catsdogs.data.split import SPLITS, assign_splits
+from catsdogs.data.sources import Member, Source, open_source
+from catsdogs.data.split import SPLITS, assign_splits, draw
 from catsdogs.data.validate import Accepted, Rejected, StoreConfig
 from catsdogs.settings import Settings
 
@@ -61,6 +61,22 @@ def resolve_source(source: str, settings: Settings) -> Path:
     if is_url(source):
         return fetch_archive(settings.model_copy(update={"data_source": source}))
     return Path(source).expanduser()
+
+
+def sample_members(source: Source, *, per_class: int, seed: int) -> Source:
+    """A balanced sample of ``source``: at most ``per_class`` members of each label, picked by a
+    seeded hash of their names, so the same archive and seed always give the same sample (a
+    quick demo or test needs a few hundred photos, not 25,000). Unlabelled members are left out."""
+    by_label: dict[str, list[Member]] = defaultdict(list)
+    for member in source.members:
+        if member.label is not None:
+            by_label[member.label].append(member)
+    chosen = [
+        member
+        for label, members in by_label.items()
+        for member in sorted(members, key=lambda m: draw(seed, label, m.name))[:per_class]
+    ]
+    return replace(source, members=tuple(sorted(chosen, key=lambda m: m.name)))
 
 
 def _process_all(
@@ -190,6 +206,7 @@ def _report(
     rejected: list[Rejected],
     accepted_count: int,
     sections: dict[str, Any],
+    sample_per_class: int | None,
 ) -> dict[str, Any]:
     per_class = {c: {s: 0 for s in (*SPLITS, "total")} for c in settings.classes}
     for row in rows:
@@ -200,6 +217,7 @@ def _report(
     return {
         "source": requested,
         "layout": source.layout,
+        "sample_per_class": sample_per_class,
         "seed": settings.seed,
         "split_ratios": list(settings.split_ratios),
         "near_duplicate_distance": settings.near_duplicate_distance,
@@ -266,8 +284,15 @@ def _store_images(
     return accepted, rejected
 
 
-def ingest(settings: Settings, *, source: str | None = None, show_progress: bool = True) -> IngestResult:
-    """Build the data set in ``settings.data_dir`` from ``source`` (default ``settings.data_source``).
+def ingest(
+    settings: Settings,
+    *,
+    source: str | None = None,
+    show_progress: bool = True,
+    per_class: int | None = None,
+) -> IngestResult:
+    """Build the data set in ``settings.data_dir`` from ``source`` (default ``settings.data_source``);
+    with ``per_class``, from a balanced sample of that many files per class (:func:`sample_members`).
 
     Raises:
         UnsafeSourceError: the archive or folder holds an escaping member; nothing was written.
@@ -276,6 +301,8 @@ def ingest(settings: Settings, *, source: str | None = None, show_progress: bool
     started = time.perf_counter()
     requested = source or settings.data_source
     local = open_source(resolve_source(requested, settings), classes=settings.classes)
+    if per_class is not None:
+        local = sample_members(local, per_class=per_class, seed=settings.seed)
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(data_dir)
@@ -295,6 +322,7 @@ def ingest(settings: Settings, *, source: str | None = None, show_progress: bool
             rejected=rejected,
             accepted_count=len(accepted),
             sections=sections,
+            sample_per_class=per_class,
         )
         _write_atomic(staging / "manifest.csv", manifest_text(rows))
         _write_atomic(staging / "data_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
