@@ -55,6 +55,10 @@ check-monitoring: ## Check the Prometheus rules and config, run the rules' unit 
 	promtool check config deploy/prometheus/prometheus.yml
 	amtool check-config deploy/alertmanager/alertmanager.yml
 
+.PHONY: demo
+demo: ## Five-minute demo: fetch the data, train `head` on a sample, promote, serve the page (Ctrl-C stops).
+	$(BIN)/catsdogs quickstart $(DEMO_ARGS)
+
 .PHONY: promote mlflow-ui
 promote: ## Move `champion` to the challenger if it passes the quality gate.
 	$(BIN)/catsdogs promote
