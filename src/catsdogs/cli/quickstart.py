@@ -20,7 +20,9 @@ def quickstart_command(
     per_class: Annotated[
         int | None, typer.Option("--per-class", min=20, help="Photos per class (default: 300, ~2 min).")
     ] = None,
-    port: Annotated[int | None, typer.Option("--port", help="TCP port on 127.0.0.1 (default: 8000).")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="TCP port on 127.0.0.1 (default: the port setting).")
+    ] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the model when done.")] = True,
     allow_unverified: Annotated[
         bool, typer.Option("--allow-unverified", help="Fetch the data even without a known SHA-256.")
