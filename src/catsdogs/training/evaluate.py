@@ -180,3 +180,15 @@ def evaluate_bundle(
         write_json_atomic(out_dir / "metrics.json", result.metrics)
         write_predictions_csv(out_dir / "predictions.csv", result.predictions)
     return result
+
+
+def evaluator_on_test_split(settings: Settings) -> Callable[[Path], dict[str, Any]]:
+    """``bundle folder -> metrics`` on the test split of ``settings``' manifest: how the promotion gate
+    re-tests a champion that was tested on other data (:func:`catsdogs.registry.promote`)."""
+
+    def evaluate(bundle_dir: Path) -> dict[str, Any]:
+        return evaluate_bundle(
+            find_bundle(bundle_dir), settings.manifest_path, split="test", progress=False
+        ).metrics
+
+    return evaluate
