@@ -51,7 +51,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "serve": frozenset({"catsdogs.registry.model_source"}),  # the one model-URI resolver, mlflow-skinny only
     "monitoring": frozenset({"data"}),
     "deploy": frozenset(),
-    "cli": frozenset({"data", "training", "registry", "serve", "monitoring", "deploy"}),
+    # `catsdogs quickstart`: the whole lifecycle on a sample, one step of each stage in order
+    "quickstart": frozenset({"data", "training", "registry", "serve"}),
+    "cli": frozenset({"data", "training", "registry", "serve", "monitoring", "deploy", "quickstart"}),
     "__main__": frozenset({"cli"}),
 }
 

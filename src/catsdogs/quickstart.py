@@ -109,23 +109,6 @@ class QuickstartResult:
         )
 
 
-def train_and_register(settings: Settings) -> tuple[TrainResult, int]:
-    """Train with ``settings``, log the run to MLflow and register the bundle as ``challenger``."""
-    from catsdogs.registry import MlflowTracker
-    from catsdogs.training.train import train
-
-    with MlflowTracker(settings, run_name=settings.run_name) as tracker:
-        result = train(settings, tracker=tracker)
-        version = tracker.finish(
-            bundle_dir=result.bundle_dir,
-            test_metrics=result.test_metrics,
-            artifacts_dir=result.artifacts_dir,
-            manifest_path=settings.manifest_path,
-            report_path=settings.report_path,
-        )
-    return result, version
-
-
 def quickstart(
     settings: Settings,
     *,
@@ -146,6 +129,7 @@ def quickstart(
     from catsdogs.data.fetch import fetch_archive
     from catsdogs.registry import promote
     from catsdogs.training.evaluate import evaluator_on_test_split
+    from catsdogs.training.workflow import train_and_register
 
     seconds: dict[str, float] = {}
     mark = time.monotonic()

@@ -18,20 +18,12 @@ models_app = typer.Typer(help="Inspect the registered model versions.", no_args_
 
 def _champion_evaluator(settings: Settings) -> Callable[[Path], dict] | None:
     """Re-tests a bundle on the current test split (when the champion was tested on another one);
-    None when the torch side (catsdogs.training.evaluate) is not installed."""
+    None when the torch side (catsdogs.training) is not installed."""
     try:
-        from catsdogs.training.evaluate import evaluate_bundle
+        from catsdogs.training.evaluate import evaluator_on_test_split
     except ImportError:
         return None
-    from catsdogs.bundle import find_bundle
-
-    def evaluate(bundle_dir: Path) -> dict:
-        result = evaluate_bundle(
-            find_bundle(bundle_dir), settings.manifest_path, split="test", progress=False
-        )
-        return result.metrics
-
-    return evaluate
+    return evaluator_on_test_split(settings)
 
 
 @app.command()
