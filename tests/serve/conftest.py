@@ -83,7 +83,8 @@ class Server:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(env: dict[str, str], *, wait: bool = True) -> Server:
+    def start(env: dict[str, str], *, wait: bool = True, host: str = "127.0.0.1") -> Server:
+        """``host`` is the address bound; the tests reach every one of them through 127.0.0.1."""
         port = free_port()
         log = tmp_path / f"server-{port}.log"
         full_env = {
@@ -95,7 +96,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         }
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "catsdogs", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                [sys.executable, "-m", "catsdogs", "serve", "--host", host, "--port", str(port)],
                 env=full_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
