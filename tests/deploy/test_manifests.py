@@ -13,7 +13,7 @@ import yaml
 
 from catsdogs import CatsdogsError
 from catsdogs.deploy import PLACEHOLDER_DIGEST, Kubectl, render
-from catsdogs.serve.smoke import INTERNAL_PATHS
+from catsdogs.serve.smoke import INTERNAL_PATHS, PUBLIC_PATHS
 
 from .conftest import PINNED_IMAGES, REPO, find, local_tool, pin_production, require_tool
 
@@ -21,8 +21,6 @@ pytestmark = pytest.mark.integration
 
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
 OVERLAY_NAMES = ("local", "production")
-#: What the production Ingress routes: the public API and what `catsdogs smoke --public` needs.
-PUBLIC_PATHS = ("/", "/predict", "/predict/batch", "/feedback", "/health", "/ready", "/samples")
 
 
 def write_docs(docs: list[dict], path: Path) -> Path:

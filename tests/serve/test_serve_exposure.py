@@ -3,11 +3,14 @@ details (registry URL, paths, tags, load errors) for anonymous callers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,7 @@ from serve_testing import free_port
 
 from catsdogs import CatsdogsError
 from catsdogs.serve.server import check_exposure
+from catsdogs.serve.smoke import PUBLIC_PATHS, run_smoke
 from catsdogs.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,3 +155,59 @@ def test_ready_hides_registry_urls_and_paths_from_anonymous_callers(
 
 def test_samples_lists_the_bundle_samples_for_the_smoke_test(client: TestClient) -> None:
     assert client.get("/samples").json() == {"samples": ["cat.0.jpg"]}
+
+
+# --- the public smoke test --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _public_entry_point(upstream: str) -> Iterator[str]:
+    """A loopback reverse proxy that routes what the production Ingress routes (PUBLIC_PATHS: exact
+    paths, ``/samples`` as a prefix) and answers 404 to everything else."""
+
+    class Proxy(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path not in PUBLIC_PATHS and not path.startswith("/samples/"):
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "content-length"}}
+            answer = httpx.request(
+                self.command, upstream + self.path, headers=headers, content=body, timeout=30
+            )
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", answer.headers.get("content-type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        do_GET = do_POST = _forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.integration
+def test_public_smoke_passes_through_the_public_routes_only(
+    start_server: Callable[..., object], smoke_bundle: Path
+) -> None:
+    server = start_server({"CATSDOGS_MODEL_URI": str(smoke_bundle), "CATSDOGS_API_KEYS": "k"})
+    url = server.url  # type: ignore[attr-defined]
+    direct = run_smoke(url, api_key="k", public=True)  # the service itself routes everything
+    failed = [check for check in direct.checks if not check.ok]
+    assert [check.name for check in failed] == ["internal endpoints not routed"]
+    assert "/metrics" in failed[0].detail and "/model-info" in failed[0].detail
+    with _public_entry_point(url) as public:
+        report = run_smoke(public, api_key="k", public=True)
+    assert report.ok, report.checks
+    assert "metrics" not in {check.name for check in report.checks}

@@ -16,6 +16,8 @@ import requests
 
 from catsdogs.bundle import IMAGE_SUFFIXES
 
+#: What a public entry point (the production Ingress) routes: exact paths, and ``/samples/...``.
+PUBLIC_PATHS = ("/", "/predict", "/predict/batch", "/feedback", "/health", "/ready", "/samples")
 #: Endpoints for operators and Prometheus only: the public Ingress must not route them (404).
 INTERNAL_PATHS = ("/metrics", "/model-info", "/stats", "/docs", "/openapi.json", "/admin/reload")
 
