@@ -80,6 +80,19 @@ def test_cli_on_every_interface_with_the_opt_in_starts_and_warns(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
+def test_workers_of_an_anonymous_public_service_show_no_details(
+    start_server: Callable[..., object], bundle_a: Path
+) -> None:
+    """Workers rebuild their settings from the environment: the --host flag must reach them."""
+    env = {"CATSDOGS_MODEL_URI": str(bundle_a), "CATSDOGS_ALLOW_ANONYMOUS": "true", "CATSDOGS_WORKERS": "2"}
+    server = start_server(env, host="0.0.0.0")
+    for _ in range(4):  # connections land on either worker
+        info = httpx.get(f"{server.url}/model-info", timeout=5).json()  # type: ignore[attr-defined]
+        assert info["uri"] is None
+
+
+@pytest.mark.integration
 def test_cli_on_every_interface_with_keys_starts_closed(
     start_server: Callable[..., object], bundle_a: Path, cat_jpeg: bytes
 ) -> None:

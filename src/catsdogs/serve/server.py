@@ -91,6 +91,7 @@ def serve(settings: Settings) -> None:
         # Workers are separate processes that build their own settings from the environment.
         os.environ[MULTIPROC_ENV] = _multiproc_dir()
         os.environ["CATSDOGS_MODEL_URI"] = settings.model_uri
+        os.environ["CATSDOGS_HOST"] = settings.host  # who may see details depends on it (security.py)
         os.environ["CATSDOGS_WORKERS"] = str(settings.workers)
         uvicorn.run("catsdogs.serve.server:worker_app", factory=True, workers=settings.workers, **options)
         return
