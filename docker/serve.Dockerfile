@@ -5,6 +5,9 @@
 #   docker build -f docker/serve.Dockerfile --build-arg MODEL_URI=models:/catsdogs-classifier@champion \
 #     --build-arg MLFLOW_TRACKING_URI=http://mlflow:5000 -t catsdogs-serve:baked .   # model baked in
 #
+# It serves on 0.0.0.0: run it with CATSDOGS_API_KEYS (or CATSDOGS_API_KEYS_FILE, a mounted secret),
+# or CATSDOGS_ALLOW_ANONYMOUS=true on purpose; without either it exits with one line saying so.
+#
 # Behind a TLS-intercepting proxy, pass its CA bundle as a secret: `--secret id=ca_bundle,src=/path/ca.crt`
 # (used only during `pip install`, through PIP_CERT; it never lands in a layer).
 ARG PYTHON_IMAGE=python:3.11-slim

@@ -31,6 +31,8 @@ DEFAULT_NAMESPACE = "catsdogs"
 DEFAULT_DEPLOYMENT = "catsdogs-api"
 
 _DIGEST = re.compile(r"^(?P<name>[^@]+)@(?P<digest>sha256:[0-9a-f]{64})$")
+#: A digest of one repeated hex digit (``sha256:000…``) is a placeholder, never a real image.
+PLACEHOLDER_DIGEST = re.compile(r"sha256:([0-9a-f])\1{63}\b")
 
 Smoke = Callable[[str], None]
 """A smoke check: takes the service's base URL, returns on success, raises on failure."""
@@ -151,6 +153,14 @@ def render(
         for container in _containers(doc):
             if ImageRef.parse(container["image"]).name == current:
                 container["image"] = image
+    placeholders = sorted(
+        {c["image"] for d in docs for c in _containers(d) if PLACEHOLDER_DIGEST.search(c["image"])}
+    )
+    if placeholders:
+        raise CatsdogsError(
+            f"{overlay} renders placeholder image digests ({', '.join(placeholders)}): pin real ones "
+            "(kustomize edit set image NAME=NAME@sha256:...) before deploying"
+        )
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
@@ -193,9 +203,10 @@ def rollback(
     logger.warning("deployment/%s in %s rolled back", deployment, namespace)
 
 
-def run_smoke_command(url: str, *, timeout_s: float = 120.0) -> None:
-    """The real smoke check: ``catsdogs smoke --url URL`` (the serving side owns what it checks)."""
-    command = [sys.executable, "-m", "catsdogs", "smoke", "--url", url]
+def run_smoke_command(url: str, *, timeout_s: float = 120.0, public: bool = False) -> None:
+    """The real smoke check: ``catsdogs smoke --url URL`` (the serving side owns what it checks);
+    ``public``: ``URL`` is the public Ingress, which must not route the internal endpoints."""
+    command = [sys.executable, "-m", "catsdogs", "smoke", "--url", url, *(["--public"] if public else [])]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:

@@ -10,6 +10,7 @@ Nothing happens at import time: call :func:`get_settings` (or build :class:`Sett
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -216,6 +217,8 @@ class Settings(BaseSettings):
     """ORT intra-op threads per call; ``None``: cores / inference workers."""
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Keys accepted in ``X-API-Key`` or ``Authorization: Bearer`` (comma-separated in the environment)."""
+    allow_anonymous: bool = False
+    """Serve a non-loopback ``host`` without ``api_keys`` (refused unless this says so on purpose)."""
     admin_token: SecretStr | None = None
     """Token of the ``/admin`` routes (``X-Admin-Token``); ``None``: those routes are not mounted."""
     feedback_secret: SecretStr | None = None
@@ -307,6 +310,17 @@ class Settings(BaseSettings):
         """The fields given as keyword overrides to :func:`get_settings` (the CLI's flags): a
         profile leaves them alone, so ``--profile best --members 3`` trains three models."""
         return self._explicit
+
+    @property
+    def loopback_only(self) -> bool:
+        """``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+        host = self.host.strip().strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name (or "" for every interface) may resolve to anything
+            return False
 
     # --- derived paths (pure, nothing is created here) -----------------------------------------
     @property

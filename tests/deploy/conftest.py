@@ -3,8 +3,11 @@ image built once per session and a container of it on a loopback port."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -98,17 +101,46 @@ def wait_for_http(url: str, *, timeout_s: float, alive: Callable[[], bool] | Non
 # --- Kubernetes -------------------------------------------------------------------------------------
 
 
+#: The images cd.yml pins in the production overlay before rendering it ("Pin the images").
+PINNED_IMAGES = (
+    "ghcr.io/catsdogs/catsdogs-serve",
+    "ghcr.io/catsdogs/catsdogs-train",
+    "ghcr.io/catsdogs/catsdogs-mlflow",
+)
+
+
+def kustomize(overlay: Path) -> list[dict]:
+    """An overlay rendered by `kubectl kustomize`, as parsed documents."""
+    out = subprocess.run(
+        [require_tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def pin_production(root: Path) -> Path:
+    """A copy of deploy/k8s whose production overlay has the images pinned as the pipeline pins
+    them: ``kustomize edit set image NAME=NAME@sha256:...`` adds ``{name, digest}`` entries (the
+    digests here are well-formed stand-ins, one per image)."""
+    shutil.copytree(REPO / "deploy" / "k8s", root / "k8s")
+    overlay = root / "k8s" / "overlays" / "production"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["images"] = [
+        {"name": name, "digest": f"sha256:{hashlib.sha256(name.encode()).hexdigest()}"}
+        for name in PINNED_IMAGES
+    ]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    return overlay
+
+
 @pytest.fixture(scope="session")
-def rendered() -> dict[str, list[dict]]:
-    """Every overlay rendered by `kubectl kustomize`, as parsed documents."""
-    kubectl = require_tool("kubectl")
-    result = {}
-    for name in ("local", "production"):
-        out = subprocess.run(
-            [kubectl, "kustomize", str(OVERLAYS / name)], capture_output=True, text=True, check=True
-        ).stdout
-        result[name] = [doc for doc in yaml.safe_load_all(out) if doc]
-    return result
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """Every overlay rendered by `kubectl kustomize`; production as the pipeline deploys it (images
+    pinned), ``production-committed`` as committed."""
+    return {
+        "local": kustomize(OVERLAYS / "local"),
+        "production": kustomize(pin_production(tmp_path_factory.mktemp("pinned"))),
+        "production-committed": kustomize(OVERLAYS / "production"),
+    }
 
 
 def find(docs: list[dict], kind: str, name: str) -> dict:
@@ -199,14 +231,22 @@ def serve_image(base_image: str) -> str:
 class Container:
     name: str
     url: str
+    api_key: str
 
 
 @pytest.fixture(scope="session")
-def serve_container(serve_image: str, tiny_bundle: Path) -> Iterator[Container]:
+def serve_container(
+    serve_image: str, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Container]:
     """The serving image as a hardened container (non-root, read-only root, no capabilities), the
-    tiny bundle mounted read-only; yields it once /ready answers."""
+    tiny bundle mounted read-only, its API key in a mounted secret file as docker-compose mounts it;
+    yields it once /ready answers."""
     port = free_port()
     name = f"catsdogs-test-{os.getpid()}"
+    api_key = secrets.token_urlsafe(24)
+    keys = tmp_path_factory.mktemp("secrets") / "api_keys"
+    keys.write_text(f"{api_key}\n")
+    keys.chmod(0o644)  # read by uid 10001, as a compose secret is
     podman(
         "run",
         "--detach",
@@ -221,8 +261,12 @@ def serve_container(serve_image: str, tiny_bundle: Path) -> Iterator[Container]:
         f"127.0.0.1:{port}:8000",
         "--volume",
         f"{tiny_bundle}:/models/bundle:ro",
+        "--volume",
+        f"{keys}:/run/secrets/api_keys:ro",
         "--env",
         "CATSDOGS_MODEL_URI=/models/bundle",
+        "--env",
+        "CATSDOGS_API_KEYS_FILE=/run/secrets/api_keys",
         serve_image,
     )
     url = f"http://127.0.0.1:{port}"
@@ -240,7 +284,7 @@ def serve_container(serve_image: str, tiny_bundle: Path) -> Iterator[Container]:
             tail = f"{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
             raise AssertionError(f"{exc}; container logs:\n{tail}") from None
         MEASUREMENTS["container start to /ready"] = f"{time.monotonic() - started:.1f} s"
-        yield Container(name=name, url=url)
+        yield Container(name=name, url=url, api_key=api_key)
     finally:
         podman("rm", "--force", "--time", "5", name, check=False)
 

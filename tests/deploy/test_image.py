@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from catsdogs.bundle import SAMPLES
+
 from .conftest import MEASUREMENTS, REPO, Container, podman
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -86,19 +88,46 @@ def test_root_filesystem_can_be_read_only(serve_image: str) -> None:
     assert "Read-only file system" in done.stderr, done.stderr
 
 
-def test_container_serves_and_passes_the_smoke_test(serve_container: Container) -> None:
+def test_container_serves_and_passes_the_smoke_test(serve_container: Container, tiny_bundle: Path) -> None:
     """Non-root, read-only root, no capabilities, model mounted read-only: /health, /ready, /metrics
-    answer, and `catsdogs smoke` passes against the container."""
+    answer, predictions need the key from the mounted secret file, and `catsdogs smoke` passes."""
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(f"{serve_container.url}{path}", timeout=5).status_code == 200
+    sample = (tiny_bundle / SAMPLES / "cat.0.jpg").read_bytes()
+    files = {"file": ("cat.jpg", sample)}
+    assert httpx.post(f"{serve_container.url}/predict", files=files, timeout=10).status_code == 401
     done = subprocess.run(
         [sys.executable, "-m", "catsdogs", "smoke", "--url", serve_container.url],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO / "src"),
+            "CATSDOGS_SMOKE_API_KEY": serve_container.api_key,
+        },
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_container_without_api_keys_refuses_to_start_in_one_line(serve_image: str, tiny_bundle: Path) -> None:
+    """The image binds 0.0.0.0: without keys (or CATSDOGS_ALLOW_ANONYMOUS=true) it exits at once."""
+    done = podman(
+        # --no-healthcheck: without systemd, podman itself would print lines about the timer.
+        "run", "--rm", "--no-healthcheck", "--read-only", "--user", "10001:10001", "--cap-drop=ALL",
+        "--volume", f"{tiny_bundle}:/models/bundle:ro", "--env", "CATSDOGS_MODEL_URI=/models/bundle",
+        serve_image,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("error: refusing to serve 0.0.0.0 without API keys")
+
+
+def test_serving_image_has_the_sleep_that_pre_stop_runs(serve_image: str) -> None:
+    done = podman("run", "--rm", "--read-only", "--entrypoint", "sleep", serve_image, "0", check=False)
+    assert done.returncode == 0, done.stderr
 
 
 def test_container_health_check_reports_healthy(serve_container: Container) -> None:

@@ -173,3 +173,19 @@ def test_compose_mounts_only_files_the_repository_has() -> None:
     missing = [source for source in sources if not (REPO / source).exists()]
     assert missing == []
     assert (REPO / "deploy" / "prometheus" / "prometheus.yml").is_file()
+
+
+def test_compose_api_is_closed_by_default() -> None:
+    """The api container binds 0.0.0.0: its keys come from a secret file, anonymous access only when
+    .env says CATSDOGS_ALLOW_ANONYMOUS=true."""
+    done = run(require_tool("docker-compose"), "config")
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(done.stdout)
+    api = config["services"]["api"]
+    environment = api["environment"]
+    assert environment["CATSDOGS_ALLOW_ANONYMOUS"] == "false"
+    assert "CATSDOGS_API_KEYS" not in environment
+    assert environment["CATSDOGS_API_KEYS_FILE"] == "/run/secrets/api_keys"
+    assert [secret["source"] for secret in api["secrets"]] == ["api_keys"]
+    assert config["secrets"]["api_keys"]["file"].endswith("/secrets/api_keys")
+    assert "CATSDOGS_API_KEYS_FILE" in (REPO / "docker" / "serve-entrypoint.sh").read_text()

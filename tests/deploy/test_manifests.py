@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, find, local_tool, require_tool
+from catsdogs import CatsdogsError
+from catsdogs.deploy import PLACEHOLDER_DIGEST, Kubectl, render
+from catsdogs.serve.smoke import INTERNAL_PATHS, PUBLIC_PATHS
+
+from .conftest import PINNED_IMAGES, REPO, find, local_tool, pin_production, require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -196,3 +200,148 @@ def test_checkov_finds_no_failed_check_and_every_skip_is_justified(
         reason = skipped["check_result"].get("suppress_comment", "")
         assert len(reason) > 20, f"{skipped['check_id']} on {skipped['resource']} is skipped without a reason"
     assert done.returncode == 0
+
+
+# --- closed by default, drained before killed, denied egress, no placeholder digests -------------
+
+
+def _k8s_files() -> list[Path]:
+    return sorted((REPO / "deploy" / "k8s").rglob("*.yaml"))
+
+
+def test_committed_overlays_hold_no_placeholder_digest(rendered: dict[str, list[dict]]) -> None:
+    """The pipeline pins real digests; a committed all-zero one would be pulled (and fail) or be taken
+    for a release."""
+    placeholders = [str(path) for path in _k8s_files() if PLACEHOLDER_DIGEST.search(path.read_text())]
+    assert placeholders == []
+    images = {c["image"] for d in rendered["production-committed"] for c in _all_containers(d)}
+    assert images and not [image for image in images if PLACEHOLDER_DIGEST.search(image)]
+    # Every image production runs is one the pipeline pins (cd.yml: "Pin the images").
+    assert {image.split("@")[0].rsplit(":", 1)[0] for image in images} <= set(PINNED_IMAGES)
+
+
+def test_deploy_refuses_to_render_a_placeholder_digest(tmp_path: Path) -> None:
+    overlay = pin_production(tmp_path)
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["images"][1]["digest"] = "sha256:" + "0" * 64  # the train image
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    good = "ghcr.io/catsdogs/catsdogs-serve@sha256:" + "ab" * 32
+    with pytest.raises(CatsdogsError, match="placeholder image digests"):
+        render(overlay, good, kubectl=Kubectl(require_tool("kubectl")))
+    with pytest.raises(CatsdogsError, match="placeholder image digests"):  # the API's own, given by hand
+        render(pin_production(tmp_path / "again"), good.split("@")[0] + "@sha256:" + "0" * 64)
+
+
+def _all_containers(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    if doc["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec.get("template", {}).get("spec", {}).get("containers", [])
+
+
+def _matches(rule_path: str, path_type: str, path: str) -> bool:
+    """Kubernetes Ingress path matching (Exact, or Prefix by path elements)."""
+    if path_type == "Exact":
+        return path == rule_path
+    prefix = rule_path.rstrip("/")
+    return path == rule_path or path.startswith(prefix + "/") or (prefix == "" and path.startswith("/"))
+
+
+def test_public_ingress_routes_only_the_public_api(rendered: dict[str, list[dict]]) -> None:
+    from fastapi.testclient import TestClient
+
+    from catsdogs.serve.app import create_app
+    from catsdogs.settings import Settings
+
+    ingress = find(rendered["production"], "Ingress", "catsdogs-api")
+    rules = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert {path for path, _ in rules} == set(PUBLIC_PATHS)
+    assert all(kind == "Exact" or path == "/samples" for path, kind in rules)
+    # Every routed path is one the app answers (no model loaded here: 503 and 405 are answers too).
+    client = TestClient(create_app(Settings(model_uri="unused", feedback_secret="s")))
+    for path in [*PUBLIC_PATHS, "/samples/cat.0.jpg"]:
+        assert 404 not in {client.get(path).status_code, client.post(path).status_code}, path
+    internal = [*INTERNAL_PATHS, "/admin", "/stats", "/metrics/", "/docs/oauth2-redirect"]
+    routed = [path for path in internal for rule, kind in rules if _matches(rule, kind, path)]
+    assert routed == []
+
+
+def test_secret_references_are_required_and_every_key_is_documented(rendered: dict[str, list[dict]]) -> None:
+    """A misnamed Secret or key stops the pod (never an open API); the guide creates every key."""
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    for overlay in ("local", "production"):
+        refs = [
+            env["valueFrom"]["secretKeyRef"]
+            for doc in rendered[overlay]
+            for container in _all_containers(doc)
+            for env in container.get("env", [])
+            if "secretKeyRef" in env.get("valueFrom", {})
+        ]
+        assert {ref["key"] for ref in refs} >= {"api-keys", "admin-token", "feedback-secret", "eval-api-key"}
+        for ref in refs:
+            assert ref.get("optional") is not True, ref
+            assert ref["name"] == "catsdogs-secrets"
+            assert f"--from-literal={ref['key']}=" in guide, (
+                f"docs/deployment.md does not create {ref['key']}"
+            )
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_api_pods_drain_before_they_are_killed(rendered: dict[str, list[dict]], overlay: str) -> None:
+    from catsdogs.settings import Settings
+
+    pod = find(rendered[overlay], "Deployment", "catsdogs-api")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    drain = float(env.get("CATSDOGS_GRACEFUL_TIMEOUT_S") or Settings().graceful_timeout_s)
+    assert drain >= Settings().request_timeout_s  # a request admitted before SIGTERM can finish
+    assert pod["terminationGracePeriodSeconds"] > float(command[1]) + drain
+
+
+def _egress_destinations(docs: list[dict], pod_labels: dict[str, str]) -> set[tuple[str, int]]:
+    """What a pod with these labels may reach: ``(app name or "dns", port)``; ipBlocks fail the test."""
+    allowed = set()
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        if not selector.items() <= pod_labels.items():
+            continue
+        for rule in policy["spec"].get("egress", []):
+            for peer in rule["to"]:
+                assert "ipBlock" not in peer, policy["metadata"]["name"]
+                labels = peer.get("podSelector", {}).get("matchLabels", {})
+                name = "dns" if labels.get("k8s-app") == "kube-dns" else labels["app.kubernetes.io/name"]
+                allowed |= {(name, port["port"]) for port in rule["ports"]}
+    return allowed
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_egress_is_denied_by_default_with_a_few_destinations(
+    rendered: dict[str, list[dict]], overlay: str
+) -> None:
+    docs = rendered[overlay]
+    deny = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"] == {}
+        and "Egress" in d["spec"]["policyTypes"]
+        and not d["spec"].get("egress")
+    ]
+    assert deny, "no default-deny egress policy"
+    dns = {("dns", 53)}
+    expected = {
+        "catsdogs-api": dns | {("catsdogs-mlflow", 5000)},
+        "catsdogs-mlflow": dns,
+        "catsdogs-evaluate": dns | {("catsdogs-api", 8000), ("catsdogs-mlflow", 5000)},
+        "catsdogs-train": dns | {("catsdogs-mlflow", 5000)},
+    }
+    seen = set()
+    for doc in (d for d in docs if d["kind"] in {"Deployment", "Job", "CronJob"}):
+        spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+        labels = spec["template"]["metadata"]["labels"]
+        name = labels["app.kubernetes.io/name"]
+        seen.add(name)
+        assert _egress_destinations(docs, labels) == expected[name], name
+    assert seen == set(expected)

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import free_port, read_dataset, wait_ready
+from serve_testing import expected_probabilities, free_port, read_dataset, wait_ready
 
 from catsdogs.serve.app import create_app
 from catsdogs.settings import Settings
@@ -36,6 +37,27 @@ def cat_jpeg(images: list[tuple[str, str, bytes]]) -> bytes:
 @pytest.fixture
 def bundle_a(tmp_path: Path, images: list[tuple[str, str, bytes]]) -> Path:
     return build_bundle(tmp_path / "bundle_a", WEIGHTS_A, samples={"cat.0.jpg": images[0][2]})
+
+
+@pytest.fixture
+def smoke_bundle(tmp_path: Path, images: list[tuple[str, str, bytes]]) -> Path:
+    """A bundle whose samples are a cat and a dog its tiny model labels correctly.
+
+    The tiny model only sees mean colour, so pick the "doggiest" dog and the "cattiest" cat by its
+    score and put the decision threshold (the bias) between them.
+    """
+
+    def score(data: bytes) -> float:
+        probs = expected_probabilities(WEIGHTS_A, data)
+        return float(np.log(probs[1] / probs[0]))
+
+    cats = sorted((score(d), n, d) for n, label, d in images if label == "cat")
+    dogs = sorted((score(d), n, d) for n, label, d in images if label == "dog")
+    cat, dog = cats[0], dogs[-1]
+    assert dog[0] > cat[0], "need one dog that scores above one cat"
+    bias = np.array([(cat[0] + dog[0]) / 2, 0.0], dtype=np.float32)
+    samples = {cat[1]: cat[2], dog[1]: dog[2]}
+    return build_bundle(tmp_path / "smoke_bundle", WEIGHTS_A, samples=samples, bias=bias)
 
 
 @pytest.fixture
@@ -83,7 +105,8 @@ class Server:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(env: dict[str, str], *, wait: bool = True) -> Server:
+    def start(env: dict[str, str], *, wait: bool = True, host: str = "127.0.0.1") -> Server:
+        """``host`` is the address bound; the tests reach every one of them through 127.0.0.1."""
         port = free_port()
         log = tmp_path / f"server-{port}.log"
         full_env = {
@@ -95,7 +118,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         }
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "catsdogs", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                [sys.executable, "-m", "catsdogs", "serve", "--host", host, "--port", str(port)],
                 env=full_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -19,13 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
-from serve_testing import expected_probabilities
 
 from catsdogs.serve.smoke import run_smoke
-from fakes import WEIGHTS_A, build_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,27 +69,6 @@ def test_sigterm_finishes_requests_in_flight_then_exits(
     assert results == [(200, 0)] * 3
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=2)
-
-
-@pytest.fixture
-def smoke_bundle(tmp_path: Path, images: list[tuple[str, str, bytes]]) -> Path:
-    """A bundle whose samples are a cat and a dog its tiny model labels correctly.
-
-    The tiny model only sees mean colour, so pick the "doggiest" dog and the "cattiest" cat by its
-    score and put the decision threshold (the bias) between them.
-    """
-
-    def score(data: bytes) -> float:
-        probs = expected_probabilities(WEIGHTS_A, data)
-        return float(np.log(probs[1] / probs[0]))
-
-    cats = sorted((score(d), n, d) for n, label, d in images if label == "cat")
-    dogs = sorted((score(d), n, d) for n, label, d in images if label == "dog")
-    cat, dog = cats[0], dogs[-1]
-    assert dog[0] > cat[0], "need one dog that scores above one cat"
-    bias = np.array([(cat[0] + dog[0]) / 2, 0.0], dtype=np.float32)
-    samples = {cat[1]: cat[2], dog[1]: dog[2]}
-    return build_bundle(tmp_path / "smoke_bundle", WEIGHTS_A, samples=samples, bias=bias)
 
 
 @pytest.mark.integration

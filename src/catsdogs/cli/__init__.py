@@ -67,7 +67,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except CatsdogsError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # soft_wrap: one line whatever the width (rich wraps at 80 columns when stderr is no terminal).
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[bold red]aborted[/]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,12 @@ def deploy_command(
         str | None,
         typer.Option("--smoke-url", help="Base URL of the deployed API; `catsdogs smoke` runs against it."),
     ] = None,
+    public_smoke: Annotated[
+        bool,
+        typer.Option(
+            "--public-smoke", help="The smoke URL is the public Ingress: internal endpoints must be 404."
+        ),
+    ] = False,
     namespace: NamespaceOption = None,
     timeout: TimeoutOption = None,
     dry_run: Annotated[
@@ -52,6 +59,7 @@ def deploy_command(
         overlay,
         image,
         smoke_url=smoke_url,
+        smoke=partial(deploy.run_smoke_command, public=public_smoke),
         namespace=settings.deploy_namespace,
         deployment=settings.deploy_deployment,
         timeout_s=settings.deploy_timeout_s,

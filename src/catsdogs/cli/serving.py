@@ -39,11 +39,17 @@ def smoke_command(
     api_key: Annotated[
         str | None, typer.Option("--api-key", envvar="CATSDOGS_SMOKE_API_KEY", help="API key, if required.")
     ] = None,
+    public: Annotated[
+        bool,
+        typer.Option(
+            "--public", help="URL is the public entry point: /metrics, /docs, ... must be 404 there."
+        ),
+    ] = False,
 ) -> None:
     """Check a running service end to end; exit code 1 on any failure."""
     from catsdogs.serve.smoke import run_smoke
 
-    report = run_smoke(url, images_dir=images, api_key=api_key)
+    report = run_smoke(url, images_dir=images, api_key=api_key, public=public)
     for check in report.checks:
         mark = "[green]ok[/]" if check.ok else "[bold red]FAIL[/]"
         console.print(f"{mark} {check.name}: {check.detail}", highlight=False)

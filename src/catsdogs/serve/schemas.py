@@ -52,19 +52,29 @@ class ReadyOut(BaseModel):
     detail: str | None = None
 
 
+class SamplesOut(BaseModel):
+    samples: list[str] = Field(
+        description="Labelled sample images shipped in the served bundle (`/samples/{name}`)."
+    )
+
+
 class ModelInfoOut(BaseModel):
     name: str
     version: str
     alias: str
     architecture: str
-    uri: str
+    uri: str | None = Field(description="The served model URI or folder (`null` for anonymous callers).")
     source: str = Field(description="`registry`, `cache` (registry unreachable at load) or `local`.")
-    note: str = Field(description="Why the cache is served, when it is.")
+    note: str | None = Field(
+        description="Why the cache is served, when it is (`null` for anonymous callers)."
+    )
     loaded_at: float
     metrics: dict[str, Any] = Field(
         description="The bundle's evaluation metrics (what it was promoted with)."
     )
-    registry: dict[str, Any] = Field(description="Registry facts: run id, version tags.")
+    registry: dict[str, Any] | None = Field(
+        description="Registry facts: run id, version tags (`null` for anonymous callers)."
+    )
     preprocessing: dict[str, Any]
     input_shape: list[int | str | None]
     onnx_file: str

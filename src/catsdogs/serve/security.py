@@ -1,4 +1,5 @@
-"""API keys for the prediction endpoints and the admin token, as FastAPI dependencies.
+"""API keys for the prediction endpoints and the admin token, as FastAPI dependencies, and who may
+see the service's operational details.
 
 Keys are read from ``X-API-Key`` or ``Authorization: Bearer``; comparison is constant-time and
 nothing secret is ever logged.
@@ -65,3 +66,18 @@ async def require_admin(request: Request) -> None:
         )
     if token is None or not _matches(presented, [token]):
         raise ApiError(403, "forbidden", "the admin token is not valid")
+
+
+def sees_details(request: Request) -> bool:
+    """Whether the caller may read operational details (registry URL, version tags, paths, errors).
+
+    With API keys configured: only a caller presenting a valid key or the admin token. Without keys:
+    only when the service listens on loopback (a developer's own machine); a service opened to anyone
+    on purpose (``allow_anonymous``) shows them to nobody.
+    """
+    service = request.app.state.service
+    if not service.api_keys:
+        return bool(service.settings.loopback_only)
+    secrets_ = [*service.api_keys, *([service.admin_token] if service.admin_token else [])]
+    presented = {presented_key(request, "x-api-key"), presented_key(request, "x-admin-token")}
+    return any(_matches(key, secrets_) for key in presented if key)

@@ -11,6 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from catsdogs import CatsdogsError
 from catsdogs.serve.access_log import JsonFormatter
 from catsdogs.serve.metrics import MULTIPROC_ENV
 from catsdogs.settings import Settings, get_settings
@@ -50,11 +51,33 @@ def worker_app() -> FastAPI:
     return create_app(settings)
 
 
+def check_exposure(settings: Settings) -> None:
+    """Closed by default: a service reachable from other machines needs API keys, or an explicit
+    ``allow_anonymous`` (a misnamed Secret must not leave a public service open to anyone).
+
+    Raises:
+        CatsdogsError: ``host`` is not loopback, no API key is configured and no opt-in was given.
+    """
+    if settings.loopback_only or settings.api_keys:
+        return
+    if not settings.allow_anonymous:
+        raise CatsdogsError(
+            f"refusing to serve {settings.host or 'every interface'} without API keys: set "
+            "CATSDOGS_API_KEYS (comma-separated), or CATSDOGS_ALLOW_ANONYMOUS=true to serve anyone on purpose"
+        )
+    logger.warning(
+        "serving %s without API keys (CATSDOGS_ALLOW_ANONYMOUS=true): anyone who reaches it can predict "
+        "and send feedback",
+        settings.host,
+    )
+
+
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, finish in-flight requests, exit."""
     import uvicorn
 
     configure_logging(settings.log_level)
+    check_exposure(settings)
     options = {
         "host": settings.host,
         "port": settings.port,
@@ -68,6 +91,7 @@ def serve(settings: Settings) -> None:
         # Workers are separate processes that build their own settings from the environment.
         os.environ[MULTIPROC_ENV] = _multiproc_dir()
         os.environ["CATSDOGS_MODEL_URI"] = settings.model_uri
+        os.environ["CATSDOGS_HOST"] = settings.host  # who may see details depends on it (security.py)
         os.environ["CATSDOGS_WORKERS"] = str(settings.workers)
         uvicorn.run("catsdogs.serve.server:worker_app", factory=True, workers=settings.workers, **options)
         return

@@ -2,7 +2,8 @@
 
 Checks ``/health``, ``/ready`` (waiting a little for the model), a known cat and a known dog (the
 labelled samples shipped in the served bundle, or ``<label>.<anything>.jpg`` files from a folder),
-that a bad upload is refused with a 4xx error body, and that ``/metrics`` exports predictions.
+that a bad upload is refused with a 4xx error body, and that ``/metrics`` exports predictions; or,
+against a public entry point (``public=True``), that the internal endpoints are not routed there.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from pathlib import Path
 import requests
 
 from catsdogs.bundle import IMAGE_SUFFIXES
+
+#: What a public entry point (the production Ingress) routes: exact paths, and ``/samples/...``.
+PUBLIC_PATHS = ("/", "/predict", "/predict/batch", "/feedback", "/health", "/ready", "/samples")
+#: Endpoints for operators and Prometheus only: the public Ingress must not route them (404).
+INTERNAL_PATHS = ("/metrics", "/model-info", "/stats", "/docs", "/openapi.json", "/admin/reload")
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,10 @@ def _folder_images(folder: Path) -> list[tuple[str, str, bytes]]:
 
 
 def _bundle_images(session: requests.Session, url: str, timeout: float) -> list[tuple[str, str, bytes]]:
-    info = session.get(f"{url}/model-info", timeout=timeout)
-    info.raise_for_status()
+    listing = session.get(f"{url}/samples", timeout=timeout)
+    listing.raise_for_status()
     images = []
-    for name in info.json().get("samples", []):
+    for name in listing.json().get("samples", []):
         response = session.get(f"{url}/samples/{name}", timeout=timeout)
         response.raise_for_status()
         images.append((name, name.split(".", 1)[0], response.content))
@@ -81,8 +87,13 @@ def run_smoke(
     labels: tuple[str, ...] = ("cat", "dog"),
     timeout: float = 10.0,
     ready_wait_s: float = 30.0,
+    public: bool = False,
 ) -> SmokeReport:
-    """Run every check against ``url``; never raises for a failing service (see ``report.ok``)."""
+    """Run every check against ``url``; never raises for a failing service (see ``report.ok``).
+
+    ``public``: ``url`` is the public entry point, where :data:`INTERNAL_PATHS` must answer 404
+    (checked instead of ``/metrics``).
+    """
     url = url.rstrip("/")
     report = SmokeReport(url)
     session = requests.Session()
@@ -107,12 +118,22 @@ def run_smoke(
         )
         body_ok = bad.headers.get("content-type", "").startswith("application/json") and "error" in bad.json()
         report.add("bad upload refused", 400 <= bad.status_code < 500 and body_ok, f"HTTP {bad.status_code}")
-        metrics = session.get(f"{url}/metrics", timeout=timeout)
-        report.add(
-            "metrics",
-            metrics.status_code == 200 and "catsdogs_predictions_total" in metrics.text,
-            f"HTTP {metrics.status_code}",
-        )
+        if public:
+            routed = [
+                path
+                for path in INTERNAL_PATHS
+                if session.get(f"{url}{path}", timeout=timeout).status_code != 404
+            ]
+            report.add(
+                "internal endpoints not routed", not routed, f"routed: {routed}" if routed else "all 404"
+            )
+        else:
+            metrics = session.get(f"{url}/metrics", timeout=timeout)
+            report.add(
+                "metrics",
+                metrics.status_code == 200 and "catsdogs_predictions_total" in metrics.text,
+                f"HTTP {metrics.status_code}",
+            )
     except (requests.RequestException, ValueError) as exc:
         report.add("connection", False, f"{type(exc).__name__}: {exc}")
     return report

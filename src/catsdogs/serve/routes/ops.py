@@ -1,14 +1,20 @@
-"""Operations: ``/health``, ``/ready``, ``/model-info``, ``/stats``, ``/metrics``, ``/samples/{name}``."""
+"""Operations: ``/health``, ``/ready``, ``/model-info``, ``/stats``, ``/metrics``, ``/samples``.
+
+Where the model comes from (registry URL, version tags, cache paths, load errors) is shown only to
+callers who may see details (:func:`~catsdogs.serve.security.sees_details`); the public ingress routes
+none of these but ``/health``, ``/ready`` and ``/samples``.
+"""
 
 from __future__ import annotations
 
 import os
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from catsdogs.serve.errors import ApiError
-from catsdogs.serve.schemas import ErrorBody, HealthOut, ModelInfoOut, ReadyOut, StatsOut
+from catsdogs.serve.schemas import ErrorBody, HealthOut, ModelInfoOut, ReadyOut, SamplesOut, StatsOut
+from catsdogs.serve.security import sees_details
 from catsdogs.serve.service import ServiceDep
 
 router = APIRouter(tags=["operations"])
@@ -25,10 +31,12 @@ async def health() -> HealthOut:
     responses={503: {"model": ReadyOut}},
     summary="A model is loaded and warmed up (503 before)",
 )
-async def ready(service: ServiceDep) -> Response:
+async def ready(request: Request, service: ServiceDep) -> Response:
     model = service.store.current
     if model is None:
         detail = service.store.last_error or "the model is loading"
+        if service.store.last_error and not sees_details(request):
+            detail = "the model could not be loaded yet (the service log says why)"
         return JSONResponse(
             ReadyOut(ready=False, detail=detail).model_dump(), status_code=503, headers={"Retry-After": "2"}
         )
@@ -41,10 +49,10 @@ async def ready(service: ServiceDep) -> Response:
     responses={503: {"model": ErrorBody}},
     summary="What is served: name, version, alias, metrics, preprocessing, input shape",
 )
-async def model_info(service: ServiceDep) -> ModelInfoOut:
+async def model_info(request: Request, service: ServiceDep) -> ModelInfoOut:
     model = service.predictor.model()
     resolved = model.resolved
-    return ModelInfoOut(
+    info = ModelInfoOut(
         name=resolved.name,
         version=model.version,
         alias=resolved.alias,
@@ -60,6 +68,9 @@ async def model_info(service: ServiceDep) -> ModelInfoOut:
         onnx_file=resolved.bundle.onnx_path(int8=service.settings.serve_int8).name,
         samples=[path.name for path, _ in resolved.bundle.samples()],
     )
+    if sees_details(request):
+        return info
+    return info.model_copy(update={"uri": None, "note": None, "registry": None})
 
 
 @router.get(
@@ -80,6 +91,12 @@ async def metrics(service: ServiceDep) -> Response:
     service.drift.publish_now()  # drift scores as of this scrape (the drift thread only updates)
     body, content_type = service.metrics.render()
     return Response(content=body, media_type=content_type)
+
+
+@router.get("/samples", response_model=SamplesOut, summary="Names of the served bundle's sample images")
+async def samples(service: ServiceDep) -> SamplesOut:
+    model = service.predictor.model()
+    return SamplesOut(samples=[path.name for path, _ in model.resolved.bundle.samples()])
 
 
 @router.get(
