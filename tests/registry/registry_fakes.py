@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from catsdogs.preprocessing import PreprocessConfig
+from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME
 from catsdogs.settings import Settings
 
 IMAGE_SIZE = 32
@@ -25,14 +26,14 @@ def tiny_onnx(path: Path, *, bias: tuple[float, float] = (0.0, 0.0)) -> None:
     weights = np.array([[2.0, -2.0], [0.0, 0.0], [-2.0, 2.0]], dtype=np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
             helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
             helper.make_node("MatMul", ["features", "W"], ["scores"]),
-            helper.make_node("Add", ["scores", "b"], ["logits"]),
+            helper.make_node("Add", ["scores", "b"], [OUTPUT_NAME]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 2])],
         initializer=[
             numpy_helper.from_array(weights, "W"),
             numpy_helper.from_array(np.array(bias, dtype=np.float32), "b"),

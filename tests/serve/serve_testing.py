@@ -18,7 +18,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
+from catsdogs.preprocessing import PreprocessConfig, decode_for_model, preprocess_batch
+from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME
 from support import free_port  # noqa: F401
 
 IMAGE_SIZE = 64
@@ -33,10 +34,10 @@ def build_onnx(
     bias = np.zeros(2, dtype=np.float32) if bias is None else bias.astype(np.float32)
     crop = (
         [
-            helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["region"]),
+            helper.make_node("Slice", [INPUT_NAME, "starts", "ends", "axes"], ["region"]),
         ]
         if top_half
-        else [helper.make_node("Identity", ["input"], ["region"])]
+        else [helper.make_node("Identity", [INPUT_NAME], ["region"])]
     )
     extra = (
         [
@@ -53,11 +54,11 @@ def build_onnx(
             helper.make_node("GlobalAveragePool", ["region"], ["pooled"]),
             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
             helper.make_node("MatMul", ["flat", "W"], ["scores"]),
-            helper.make_node("Add", ["scores", "b"], ["logits"]),
+            helper.make_node("Add", ["scores", "b"], [OUTPUT_NAME]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 2])],
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b"), *extra],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -73,8 +74,9 @@ def config() -> PreprocessConfig:
 
 
 def expected_probabilities(weights: np.ndarray, data: bytes, bias: np.ndarray | None = None) -> np.ndarray:
-    """What the model must answer for these bytes, computed without the service."""
-    image = decode_image(data)
+    """What the model must answer for these bytes, computed without the service (but with the one
+    decode step every consumer of a bundle shares, draft included)."""
+    image = decode_for_model(data, config())
     batch = preprocess_batch([image], config())
     logits = batch.mean(axis=(2, 3)) @ weights + (0 if bias is None else bias)
     shifted = np.exp(logits - logits.max())

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from catsdogs import CatsdogsError
 from catsdogs.bundle import ModelBundle, find_bundle, write_json_atomic
-from catsdogs.preprocessing import ImageError, PreprocessConfig, decode_image, preprocess, softmax
+from catsdogs.preprocessing import ImageError, PreprocessConfig, decode_for_model, preprocess, softmax
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def predict_probabilities(
 
     def load(item: LabeledImage) -> np.ndarray | None:
         try:
-            return preprocess(decode_image(item.read()), config)
+            return preprocess(decode_for_model(item.read(), config), config)
         except ImageError as exc:
             logger.warning("skipping %s: %s", item.name, exc)
             return None
@@ -320,11 +320,11 @@ def evaluate_bundle(
 
     Writes ``metrics.json`` and ``predictions.csv`` to ``out_dir`` when given.
     """
-    from catsdogs.training.features import ort_session
+    from catsdogs.runtime import open_model
 
     config = bundle.preprocessing
     images = labeled_images(source, config.class_names, split=split, limit=limit)
-    session = ort_session(bundle.onnx_path(int8=int8))
+    session = open_model(bundle.onnx_path(int8=int8), config)
     result = evaluate_session(session, config, images, tta=tta, split=split or source.name, progress=progress)
     if out_dir is not None:
         write_json_atomic(out_dir / "metrics.json", result.metrics)
