@@ -43,10 +43,11 @@ import torch
 
 from catsdogs.bundle import write_json_atomic
 from catsdogs.settings import Settings
+from catsdogs.training.config import apply_profile, preprocess_config, preprocess_config_for
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import Dist, freed_memory_kept, train_one_epoch, validate
 from catsdogs.training.models import FinetuneTop, ModelSpec, build_model
-from catsdogs.training.train import apply_profile, image_sources, preprocess_config_for
+from catsdogs.training.sources import image_sources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 PREFETCH = 2  # batches decoded ahead in the "prefetched" passes (the setting is off by default)
@@ -58,11 +59,13 @@ def _top(*, library: bool, bf16: bool = False, fold: bool = True) -> FinetuneTop
     ``train_bf16``; ``fold``: the trained blocks' batch norms folded."""
     torch.manual_seed(0)
     with (
-        mock.patch("catsdogs.training.models.fold_symmetric_padding", lambda net: net)
+        mock.patch("catsdogs.training.backbones.fold_symmetric_padding", lambda net: net)
         if library
         else nullcontext()
     ):
-        model = build_model(ModelSpec("efficientnet_lite2", image_size=280))
+        model = build_model(
+            ModelSpec("efficientnet_lite2"), preprocess_config("efficientnet_lite2", image_size=280)
+        )
     top = FinetuneTop(model, blocks=14, from_images=True, bf16=bf16, fold_batch_norms=fold and not library)
     if library:
         top._fused_trunk = (model.backbone,)

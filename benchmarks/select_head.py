@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 
 from catsdogs.settings import Settings
+from catsdogs.training.backbones import BACKBONES
+from catsdogs.training.config import preprocess_config_for
 from catsdogs.training.evaluate import wilson_interval
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import Dist, fit
-from catsdogs.training.models import BACKBONES, build_head
-from catsdogs.training.train import head_sources, preprocess_config_for
+from catsdogs.training.models import build_head
+from catsdogs.training.sources import head_sources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head_selection.json"
 
