@@ -84,6 +84,8 @@ class ModelBundle:
 
     @property
     def preprocessing(self) -> PreprocessConfig:
+        """The model's preprocessing; an older ``format_version`` is migrated, an unknown one or a
+        missing key refused (:meth:`PreprocessConfig.load`)."""
         return PreprocessConfig.load(self.root / PREPROCESSING)
 
     @property
