@@ -202,6 +202,7 @@ def _write_artifacts(
     gallery: int = 12,
 ) -> None:
     """Figures and per-image predictions for the tracker and for humans."""
+    folder.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(folder / "predictions.csv", predictions)
     plot_confusion_matrix(folder / "confusion_matrix.png", metrics["confusion_matrix"], class_names)
     y = np.asarray([class_names.index(p["label"]) for p in predictions])
