@@ -47,7 +47,7 @@ from catsdogs.training.config import apply_profile, preprocess_config, preproces
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import Dist, freed_memory_kept, train_one_epoch, validate
 from catsdogs.training.models import FinetuneTop, ModelSpec, build_model
-from catsdogs.training.sources import image_sources
+from catsdogs.training.strategy_sources import image_sources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 PREFETCH = 2  # batches decoded ahead in the "prefetched" passes (the setting is off by default)

@@ -25,7 +25,7 @@ from catsdogs.training.evaluate import wilson_interval
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import Dist, fit
 from catsdogs.training.models import build_head
-from catsdogs.training.sources import head_sources
+from catsdogs.training.strategy_sources import head_sources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head_selection.json"
 

@@ -117,7 +117,7 @@ def test_the_recorded_validation_is_what_the_ensemble_computes_on_validation(ens
     from catsdogs.training.config import apply_profile, preprocess_config_for
     from catsdogs.training.features import read_manifest, split_samples
     from catsdogs.training.loop import validate
-    from catsdogs.training.sources import image_sources
+    from catsdogs.training.strategy_sources import image_sources
 
     result, _, settings = ensemble_run
     settings = apply_profile(settings)

@@ -215,7 +215,7 @@ def test_fine_tuning_learns_and_writes_a_bundle_whose_onnx_matches(finetune_run)
 
 
 def test_a_second_run_reads_the_trunk_activations_from_the_cache(finetune_run, monkeypatch) -> None:
-    from catsdogs.training import sources
+    from catsdogs.training import strategy_sources as sources
     from catsdogs.training.config import preprocess_config_for
     from catsdogs.training.features import read_manifest, split_samples
     from catsdogs.training.loop import Dist
@@ -275,7 +275,7 @@ def test_the_calibrated_temperature_is_folded_into_the_served_model(augmented_ru
     from catsdogs.training.config import preprocess_config_for
     from catsdogs.training.features import read_manifest, split_samples
     from catsdogs.training.loop import validate
-    from catsdogs.training.sources import image_sources
+    from catsdogs.training.strategy_sources import image_sources
 
     result, settings = augmented_run
     bundle = ModelBundle.open(result.bundle_dir)

@@ -111,7 +111,7 @@ def test_onnx_graph_has_named_io_and_a_dynamic_batch_axis(head_run) -> None:
 
 
 def test_second_run_reuses_the_feature_cache(head_run, monkeypatch) -> None:
-    from catsdogs.training import sources as sources_module
+    from catsdogs.training import strategy_sources as sources_module
     from catsdogs.training.config import preprocess_config_for
     from catsdogs.training.loop import Dist
 

@@ -15,8 +15,9 @@ Strategies:
 - ``scratch``: the ``simple_cnn`` baseline, trained on augmented images.
 
 Profiles, and the resolution of a configuration into a model and its preprocessing, are in
-:mod:`catsdogs.training.config`; each strategy's data in :mod:`catsdogs.training.sources`; the
-loop itself (checkpoints, exact resume, early stopping, DDP) in :mod:`catsdogs.training.loop`.
+:mod:`catsdogs.training.config`; each strategy's data in
+:mod:`catsdogs.training.strategy_sources`; the loop itself (checkpoints, exact resume, early
+stopping, DDP) in :mod:`catsdogs.training.loop`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from catsdogs.training.models import (
     mean_of_softmaxes,
     select_device,
 )
-from catsdogs.training.sources import cached_sources, head_sources, image_sources, labels_of
+from catsdogs.training.strategy_sources import cached_sources, head_sources, image_sources, labels_of
 
 __all__ = ["CHECKPOINT", "Dist", "Tracker", "TrainResult", "train"]
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""The training data of each strategy: cached backbone features, cached trunk activations, or
-images decoded (and augmented) on the fly.
+"""The batch sources each training strategy trains on: cached backbone features, cached trunk
+activations, or images decoded (and augmented) on the fly.
 
 Features and activations come from the frozen backbone exported once to ONNX and run through
 ONNX Runtime (several times faster than eager PyTorch on a CPU), cached on disk by
