@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from catsdogs.metrics import wilson_interval
 from catsdogs.settings import Settings
 from catsdogs.training.backbones import BACKBONES
 from catsdogs.training.config import preprocess_config_for
-from catsdogs.training.evaluate import wilson_interval
+from catsdogs.training.distributed import Dist
 from catsdogs.training.features import read_manifest, split_samples
-from catsdogs.training.loop import Dist, fit
+from catsdogs.training.loop import fit
 from catsdogs.training.models import build_head
 from catsdogs.training.strategy_sources import head_sources
 

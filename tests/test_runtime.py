@@ -22,24 +22,25 @@ from catsdogs.runtime import (
     run_logits,
     session_options,
 )
-from support import REPO, mean_colour_onnx
+from fakes import WEIGHTS_A, tiny_onnx
+from support import REPO
 
 
 def test_input_size_reads_the_graphs_height_and_width(tmp_path: Path) -> None:
-    assert input_size(open_session(mean_colour_onnx(tmp_path / "fixed.onnx", image_size=48))) == (48, 48)
-    assert input_size(open_session(mean_colour_onnx(tmp_path / "any.onnx", image_size="S"))) is None
+    assert input_size(open_session(tiny_onnx(tmp_path / "fixed.onnx", WEIGHTS_A, image_size=48))) == (48, 48)
+    assert input_size(open_session(tiny_onnx(tmp_path / "any.onnx", WEIGHTS_A, image_size="S"))) is None
 
 
 def test_a_graph_of_the_configured_size_opens_and_runs(tmp_path: Path) -> None:
     session = open_model(
-        mean_colour_onnx(tmp_path / "m.onnx", image_size=32), PreprocessConfig(image_size=32)
+        tiny_onnx(tmp_path / "m.onnx", WEIGHTS_A, image_size=32), PreprocessConfig(image_size=32)
     )
     logits = run_logits(session, np.zeros((3, 3, 32, 32), np.float32))
     assert logits.shape == (3, 2)
 
 
 def test_a_graph_sized_unlike_preprocessing_json_is_refused_in_one_line(tmp_path: Path) -> None:
-    path = mean_colour_onnx(tmp_path / "m.onnx", image_size=224)
+    path = tiny_onnx(tmp_path / "m.onnx", WEIGHTS_A, image_size=224)
     with pytest.raises(CatsdogsError) as info:
         open_model(path, PreprocessConfig(image_size=280))
     message = str(info.value)
@@ -49,7 +50,7 @@ def test_a_graph_sized_unlike_preprocessing_json_is_refused_in_one_line(tmp_path
 
 def test_a_graph_with_symbolic_height_and_width_takes_the_configured_size(tmp_path: Path) -> None:
     session = open_model(
-        mean_colour_onnx(tmp_path / "m.onnx", image_size="S"), PreprocessConfig(image_size=40)
+        tiny_onnx(tmp_path / "m.onnx", WEIGHTS_A, image_size="S"), PreprocessConfig(image_size=40)
     )
     assert run_logits(session, np.zeros((1, 3, 40, 40), np.float32)).shape == (1, 2)
 

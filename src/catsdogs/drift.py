@@ -32,7 +32,7 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -393,12 +393,3 @@ def drift_status(score: float) -> str:
     if math.isnan(score) or score < PSI_WATCH:
         return "ok"
     return "watch" if score < PSI_DRIFT else "drift"
-
-
-def reference_from_images(images: Iterable[Image.Image], **options: Any) -> dict[str, Any]:
-    """Convenience for pipelines holding Pillow images: :func:`build_reference` of their stats."""
-    return build_reference([image_stats(image) for image in images], **options)
-
-
-DriftWindow = DriftMonitor
-"""Alias under which the service looks the monitor up (``catsdogs.serve.drift``)."""

@@ -28,6 +28,11 @@ DEFAULT_DATA_SOURCE = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
     "kagglecatsanddogs_5340.zip"
 )
+#: Its published SHA-256 (824,887,076 bytes), the same in two independent places: the checksum
+#: Hugging Face's ``cats_vs_dogs`` loader recorded for this URL (huggingface/datasets,
+#: datasets/cats_vs_dogs/dataset_infos.json) and gomlx's dogsvscats example (DownloadChecksum).
+#: It applies to this URL only: another source has no default checksum.
+DEFAULT_DATA_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PARAMS_FILE_ENV = "CATSDOGS_PARAMS_FILE"
 
 
@@ -36,7 +41,11 @@ def _params_file() -> Path:
 
 
 class Settings(BaseSettings):
-    """Every tunable of the project: paths, data, training, registry, serving."""
+    """Every tunable of the project: paths, data, training, registry, serving.
+
+    Each field has a one-line help; why the defaults are what they are (with the measurements
+    behind them) is in ``docs/experiments.md``, "Settings rationale".
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="CATSDOGS_",
@@ -56,12 +65,17 @@ class Settings(BaseSettings):
 
     # --- data --------------------------------------------------------------------------------
     data_source: str = DEFAULT_DATA_SOURCE
+    """The data set to ingest: a zip archive, a folder or an http(s) URL."""
     data_sha256: str | None = None
-    """Expected SHA-256 of a downloaded archive; checked when set."""
+    """Expected SHA-256 of the archive; ``None``: the default URL's (others need ``--allow-unverified``)."""
     classes: tuple[str, ...] = ("cat", "dog")
+    """Class names, in the order of the model's outputs."""
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Train, validation and test shares of the de-duplicated images (they sum to 1)."""
     seed: int = 42
+    """Seed of the split, the shuffling, the augmentations and the initial weights."""
     min_image_side: int = 32
+    """Images with a shorter side are refused (by ingest and by the service)."""
     max_image_pixels: int = 50_000_000
     """Bigger decoded images are refused (decompression-bomb guard); 48 MP phone photos pass."""
     store_max_side: int = 512
@@ -77,99 +91,71 @@ class Settings(BaseSettings):
     model_name: str = "catsdogs-classifier"
     """Registered model name in the MLflow model registry."""
     architecture: str = "efficientnet_lite2"
+    """Backbone: ``efficientnet_lite0``/``1``/``2`` (pretrained) or ``simple_cnn`` (from scratch)."""
     strategy: Literal["head", "finetune", "scratch"] = "finetune"
-    """``finetune`` (the default) trains the backbone's last blocks on cached activations; ``head``
-    trains only a classifier on frozen features (faster; 13-14 validation errors of 2,077 against 10 for
-    Lite2: README, "Per backbone and profile"); ``scratch`` is the ``simple_cnn`` baseline."""
+    """``finetune``: last backbone blocks on cached activations; ``head``: frozen features; ``scratch``."""
     profile: Literal["default", "best"] = "default"
+    """``best`` replaces the training settings not given explicitly by the best known recipe."""
     image_size: int | None = None
-    """Input size; ``None`` means the architecture's default: its pretraining size, except Lite2 at 280
-    (better on validation than its native 260; 300 is better still but misses the serving p99
-    target: README, "Per backbone and profile")."""
+    """Input size; ``None`` means the architecture's default (its pretraining size; 280 for Lite2)."""
     batch_size: int = 64
+    """Training images per optimizer step (split across ranks under torchrun)."""
     eval_batch_size: int = 16
-    """Images per forward pass when validating. Small batches keep a Lite network's activations in
-    the CPU's cache: Lite2 at 280 px validates real photos at 60.0 images/s in batches of 16, 29.8
-    in batches of 128 (``benchmarks/bench_step.py --data-dir``; README, "Training")."""
+    """Images per forward pass when validating (small batches keep activations in the CPU cache)."""
     epochs: int | None = None
-    """Most epochs to train (early stopping may end sooner); ``None`` means the strategy's own
-    default (:data:`catsdogs.training.train.DEFAULT_EPOCHS`)."""
+    """Most epochs (early stopping may end sooner); ``None``: the strategy's ``DEFAULT_EPOCHS``."""
     learning_rate: float = 1e-3
+    """AdamW's peak learning rate (the schedule's maximum)."""
     weight_decay: float = 1e-4
+    """AdamW's decoupled weight decay."""
     early_stopping_patience: int = 5
+    """Epochs without a better validation loss before training stops."""
     prefetch_batches: int = Field(default=0, ge=0)
-    """Batches of images decoded ahead in a background thread while the model steps (0: decode
-    inline). Off by default: on this 2-core machine the thread competes with PyTorch's two and a
-    step got slower, 0.96-0.98x (README, "Training"); for machines with a core to spare."""
+    """Batches decoded ahead in a background thread while the model steps (0: decode inline)."""
     device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     keep_freed_memory: bool = True
-    """While training and validating, glibc's malloc keeps freed memory for reuse
-    (:func:`catsdogs.training.loop.freed_memory_kept`): faster on CPU, at a higher peak memory (README,
-    "Training"); false for a tight memory limit."""
+    """Keep freed memory in glibc's malloc while training (faster on CPU, higher peak memory)."""
     max_train_images: int | None = None
     """Cap on training images (for quick runs and tests); ``None`` uses the whole train split."""
     max_eval_images: int | None = None
     """Cap on validation and test images each (for quick runs and tests); ``None`` uses all."""
     head: Literal["linear", "mlp"] = "linear"
-    """Classifier on the frozen features: logistic regression or a one-hidden-layer MLP."""
+    """Classifier on the features: logistic regression or a one-hidden-layer MLP."""
     head_hidden: int = 256
+    """Hidden units of the ``mlp`` head."""
     head_dropout: float = 0.2
+    """Dropout before the head's linear layer(s)."""
     flip_features: bool = False
-    """Also train the head on the mirror image of every training image (a cached, fixed view).
-    Off by default: on the validation split it gained nothing for Lite2 (98.80% either way,
-    benchmarks/results/head_selection.json) and doubles the feature extraction time."""
+    """``head``: also train on the cached features of every training image's mirror image."""
     finetune_blocks: int = 2
     """``finetune``: how many of the backbone's last blocks are trained (with its head convolution)."""
     finetune_views: tuple[Literal["orig", "flip", "crop", "crop_flip"], ...] = ("orig", "flip")
     """``finetune``: the fixed views of each training image whose trunk activations are cached."""
     finetune_backbone_lr_scale: float = 0.1
-    """``finetune``: the unfrozen blocks learn at this fraction of ``learning_rate`` (the head at all of
-    it), so the pretrained weights move gently while the new head settles."""
+    """``finetune``: the unfrozen blocks learn at this fraction of ``learning_rate`` (the head at all)."""
     finetune_augment: bool = False
-    """``finetune``: train on random augmentations (crop, mirror, colour jitter, rotation:
-    :mod:`catsdogs.training.augment`) of every image, decoded each epoch and passed through the frozen trunk,
-    instead of on cached fixed views. Each epoch costs a pass through the trunk, but sees new views,
-    so it can train for several epochs (and deeper) without overfitting the views."""
+    """``finetune``: train on random augmentations decoded each epoch instead of cached fixed views."""
     train_image_size: int | None = Field(default=None, ge=32)
-    """Input size of the training images when they are decoded on the fly (``finetune_augment``,
-    ``scratch``); ``None`` means ``image_size``. A smaller size trains faster, and a model trained on
-    random-resized crops is more accurate served somewhat larger than it trained (Touvron et al.,
-    2019, "FixRes"). Cached strategies refuse it."""
+    """Size of training images decoded on the fly (augmented, ``scratch``); ``None``: ``image_size``."""
     train_bf16: bool = False
-    """``finetune``: while training, run the frozen trunk and the trained blocks' 1x1 convolutions in
-    bfloat16 (weights, gradients and optimizer stay float32; validation, export and serving float32).
-    Faster where the CPU multiplies bfloat16 in hardware (AMX: README, "Training"), slower elsewhere."""
+    """``finetune``: run the frozen trunk and trained 1x1 convolutions in bfloat16 while training."""
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Label smoothing of the training loss (validation loss stays plain cross-entropy)."""
     lr_schedule: Literal["cosine", "one_cycle"] = "cosine"
-    """``cosine``: stepped once per epoch; ``one_cycle``: stepped every batch, warm-up over the first
-    10% of the steps to ``learning_rate``, then cosine annealing (for runs of a few epochs)."""
+    """``cosine``: stepped per epoch; ``one_cycle``: per batch, 10% warm-up, then cosine annealing."""
     lr_schedule_epochs: int | None = Field(default=None, ge=1)
-    """Epochs the learning-rate schedule spans; ``None`` means ``epochs``. Longer than ``epochs``,
-    training ends while the rate is still falling, skipping the schedule's tail: with a weight
-    average, the model kept was never from that tail (README, "Per backbone and profile")."""
+    """Epochs the learning-rate schedule spans; ``None``: ``epochs`` (longer skips the schedule's tail)."""
     calibrate_temperature: bool = False
-    """Fit one temperature on the validation split after training and fold it into the classifier's
-    last layer, so the served probabilities are calibrated (label smoothing leaves them timid).
-    Predictions do not change; probabilities and log-loss do."""
+    """Fit a temperature on validation and fold it into the last layer (probabilities change, not labels)."""
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
-    """Keep an exponential moving average of the weights, updated after every optimizer step with
-    this decay; the average is what is validated, kept and served (the raw weights only train).
-    ``None``: no average."""
+    """Decay of an exponential moving average of the weights, which is what is validated and kept."""
     time_budget_minutes: float | None = Field(default=None, gt=0)
-    """Minutes of training (from the start of ``catsdogs train`` to the end of the last epoch): an
-    epoch that would end after them is not started, its length estimated from the slowest epoch so
-    far. Each ensemble member gets an equal share of what is left when it starts, and every member
-    trains at least one epoch. Writing the bundle and the test evaluation come after. A run then
-    takes about as long on a slower CPU, with fewer epochs; ``None``: no limit."""
+    """Minutes of training: no epoch is started that would end later (each model trains at least one)."""
     ensemble_members: int = Field(default=1, ge=1, le=8)
-    """Train this many models, each with its own seed (``seed``, ``seed + 1``, ...), and serve them
-    as one graph that averages their probabilities. Averaging removes part of each model's own
-    errors, at the price of training and serving time multiplied by the number of members."""
+    """Models trained with seeds ``seed``, ``seed + 1``, ... and served as one graph averaging them."""
     ensemble_architectures: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """One architecture per ensemble member (``efficientnet_lite2,efficientnet_lite1``), in place of
-    ``ensemble_members`` models of ``architecture``: members of different backbones share fewer
-    errors than seeds of one. They train with the same strategy and serve at the same input size."""
+    """One architecture per ensemble member (``efficientnet_lite2,efficientnet_lite1``)."""
     run_name: str | None = None
     """Folder under ``runs_dir`` for checkpoints and the bundle; default ``<architecture>-<strategy>``."""
     bundle_samples_per_class: int = 4
@@ -177,57 +163,75 @@ class Settings(BaseSettings):
     parity_images: int = 32
     """Validation images (besides the bundle samples) on which ONNX must match PyTorch."""
     int8_calibration_images: int = 256
+    """Training images that calibrate the INT8 quantization."""
     int8_max_accuracy_drop: float = 0.003
     """An INT8 model losing more validation accuracy than this (0.3 points) is refused."""
 
     # --- tracking and registry -----------------------------------------------------------------
     mlflow_tracking_uri: str = "sqlite:///mlruns.db"
+    """MLflow tracking store (a database URI or an http(s) tracking server)."""
     mlflow_registry_uri: str | None = None
+    """MLflow model registry; ``None``: the tracking store."""
     mlflow_experiment: str = "catsdogs"
+    """Experiment that training and ``evaluate-deployed`` runs are logged under."""
     mlflow_artifact_location: str | None = None
+    """Artifact root of a newly created experiment; ``None``: MLflow's default."""
     promotion_min_accuracy: float = 0.97
+    """The quality gate's floor on test accuracy."""
     promotion_min_class_recall: float = 0.95
+    """The quality gate's floor on every class's test recall."""
     promotion_max_recall_drop: float = 0.01
+    """How much lower than the champion's a class's recall may be."""
     actor: str | None = None
     """Who is recorded on model alias changes (e.g. a CI bot's name); ``None`` means user@host."""
 
     # --- serving -----------------------------------------------------------------------------
     model_uri: str = "models:/catsdogs-classifier@champion"
+    """The served model: ``models:/name@alias``, ``models:/name/version`` or a bundle folder."""
     host: str = "127.0.0.1"
+    """Interface the service binds."""
     port: int = 8000
+    """TCP port of the service."""
     workers: int = 1
+    """Service worker processes (sharing one socket)."""
     worker_start_wait_s: float = 60.0
-    """With ``workers > 1``, how long a worker's startup waits for its first model before it
-    accepts connections anyway. The workers share one socket, so a probe answered by a ready worker
-    says nothing of the others: a worker that accepted while still loading would answer 503."""
+    """With ``workers > 1``, how long a worker waits for its first model before accepting connections."""
     max_upload_bytes: int = 10 * 1024 * 1024
+    """Largest image accepted by ``/predict`` (413 above)."""
     max_batch_images: int = 32
+    """Most images in one ``/predict/batch`` request."""
     batch_max_size: int | None = None
-    """Largest micro-batch; ``None`` picks per machine: 1 (no batching, the leanest path) on up to
-    4 cores, where ORT's float32 per-image throughput does not grow with batch size, else 8. The
-    INT8 graph gets 8 on any machine: its quantized kernels are ~10 % cheaper per image at batch 8,
-    measured 5.9 vs 6.6 (Lite0) and 11.0 vs 11.7 (Lite2) server CPU-ms per request on 2 cores."""
+    """Largest micro-batch; ``None``: 1 on up to 4 cores (8 for the INT8 graph), else 8."""
     batch_max_wait_ms: float = 2.0
+    """How long a micro-batch waits for more images before it runs."""
     queue_max: int = 256
+    """Images admitted at once; more are refused at once with 503 and Retry-After."""
     request_timeout_s: float = 10.0
+    """A prediction not answered within this is answered 504."""
     reload_interval_s: float = 30.0
+    """How often the registry alias is polled for a new model version (0: only ``/admin/reload``)."""
     registry_timeout_s: float = 5.0
+    """Bound on MLflow's HTTP retries; past it, the cached bundle of the last resolution is used."""
     ort_intra_threads: int | None = None
     """ORT intra-op threads per call; ``None``: cores / inference workers."""
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Keys accepted in ``X-API-Key`` or ``Authorization: Bearer`` (comma-separated in the environment)."""
     admin_token: SecretStr | None = None
+    """Token of the ``/admin`` routes (``X-Admin-Token``); ``None``: those routes are not mounted."""
     feedback_secret: SecretStr | None = None
+    """Key that signs prediction ids; ``None``: a random key per process (set it for several workers)."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origins allowed by CORS (comma-separated in the environment); empty: no CORS headers."""
     store_uploads: bool = False
+    """Keep every upload in ``upload_dir``."""
     log_level: str = "INFO"
+    """Log level of the service (JSON lines)."""
     max_batch_upload_bytes: int = 64 * 1024 * 1024
     """Body limit of ``/predict/batch`` (each image still obeys ``max_upload_bytes``)."""
     decode_threads: int | None = None
     """Threads that decode uploads off the event loop; ``None`` means one per core."""
     inference_workers: int | None = None
-    """Concurrent ONNX Runtime calls (each runs one micro-batch); ``None`` picks per machine: one per
-    core without micro-batching (each call single-threaded: no intra-op synchronization, measured
-    ~20 % more throughput on 2 cores), else 1 call on all cores."""
+    """Concurrent ONNX Runtime calls; ``None``: one per core without micro-batching, else 1 on all cores."""
     ort_allow_spinning: bool = False
     """Let idle ORT threads spin: faster alone, but steals CPU from decoding on small machines."""
     ort_cpu_arena: bool = True
@@ -235,9 +239,7 @@ class Settings(BaseSettings):
     serve_int8: bool = False
     """Serve ``model.int8.onnx`` from the bundle instead of the float32 graph."""
     drift_max_images_per_s: float = Field(default=20.0, ge=0)
-    """Uploads per second (per worker) whose statistics feed drift detection once ``drift_window``
-    uploads have filled the window (those are all fed); above that rate, evenly spaced ones are
-    sampled (each costs ~0.8 ms of CPU, ~6 % of a Lite0 request). 0 feeds every upload."""
+    """Uploads per second (per worker) sampled for drift once the window is full; 0 feeds every upload."""
     upload_dir: Path = Path("uploads")
     """Where uploads are kept, only when ``store_uploads`` is on."""
     feedback_window: int = 500
@@ -253,7 +255,7 @@ class Settings(BaseSettings):
     drift_min_samples: int = Field(default=200, ge=1)
     """A drift feature gets a score only once its window holds this many images (PSI of fewer is noise)."""
     drift_reference_images: int = Field(default=1000, ge=50)
-    """Training images whose statistics make the bundle's drift reference (600+ keeps PSI noise low)."""
+    """Training images whose statistics make the bundle's drift reference."""
 
     # --- deployment --------------------------------------------------------------------------
     deploy_namespace: str = "catsdogs"

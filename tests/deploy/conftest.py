@@ -8,17 +8,20 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
+from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess
+from fakes import build_bundle
 from support import (
     REPO,
+    dataset_photos,
     free_port,
     require_tool,
 )
@@ -117,69 +120,45 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
 # --- model bundle ---------------------------------------------------------------------------------
 
 
-def _tiny_onnx(path: Path, samples: dict[str, bytes], config: object) -> None:
-    """A real ONNX graph with the bundle's I/O names: global average pool, then a linear layer fitted
-    so that it tells the two shipped samples apart (the smoke test predicts exactly those)."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from catsdogs.preprocessing import decode_image, preprocess
-
+def _separating_layer(samples: dict[str, bytes], config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and bias of the tiny model's linear layer, fitted so that it tells the two shipped
+    samples apart (the smoke test predicts exactly those)."""
     cat, dog = (preprocess(decode_image(samples[name]), config).mean(axis=(1, 2)) for name in ("cat", "dog"))
     direction = (dog - cat) / float(np.dot(dog - cat, dog - cat))
     midpoint = (cat + dog) / 2
     # logit_dog - logit_cat = 8 * (x - midpoint) . direction: -4 on the cat sample, +4 on the dog.
     weight = np.stack([-4 * direction, 4 * direction], axis=1).astype(np.float32)
     bias = np.array([4 * midpoint @ direction, -4 * midpoint @ direction], np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-            helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # readable by every onnxruntime the serving extra may pin
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    return weight, bias
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Path:
     """A complete, tiny model bundle (32x32 input) with two real sample photos, readable by any uid."""
-    from catsdogs.bundle import write_json_atomic
-    from catsdogs.preprocessing import PreprocessConfig
-
-    root = tmp_path_factory.mktemp("bundle")
-    config = PreprocessConfig(image_size=32)
-    config.save(root / "preprocessing.json")
-    with zipfile.ZipFile(dataset_zip) as archive:
-        samples = {label: archive.read(f"train/{label}.0.jpg") for label in ("cat", "dog")}
-    _tiny_onnx(root / "model.onnx", samples, config)
-    write_json_atomic(
-        root / "metadata.json",
-        {
-            "architecture": "tiny-test-graph",
-            "strategy": "head",
-            "profile": "default",
-            "num_classes": 2,
-            "class_names": ["cat", "dog"],
-            "created_at": "2026-01-01T00:00:00+00:00",
-            "package_version": "0.1.0",
-            "git_commit": None,
-            "data_version": None,
-            "run_id": None,
-            "onnx": {},
-        },
+    size = 32
+    samples = {label: dataset_photos(dataset_zip, label, 1)[0] for label in ("cat", "dog")}
+    weight, bias = _separating_layer(samples, PreprocessConfig(image_size=size))
+    metadata = {
+        "architecture": "tiny-test-graph",
+        "strategy": "head",
+        "profile": "default",
+        "num_classes": 2,
+        "class_names": ["cat", "dog"],
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "package_version": "0.1.0",
+        "git_commit": None,
+        "data_version": None,
+        "run_id": None,
+        "onnx": {},
+    }
+    root = build_bundle(
+        tmp_path_factory.mktemp("bundle"),
+        weight,
+        bias=bias,
+        image_size=size,
+        metadata=metadata,
+        samples={f"{label}.0.jpg": data for label, data in samples.items()},
     )
-    (root / "samples").mkdir()
-    for label, data in samples.items():
-        (root / "samples" / f"{label}.0.jpg").write_bytes(data)
     # The container runs as uid 10001: the mounted folder must be world-readable.
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -226,7 +205,6 @@ class Container:
 def serve_container(serve_image: str, tiny_bundle: Path) -> Iterator[Container]:
     """The serving image as a hardened container (non-root, read-only root, no capabilities), the
     tiny bundle mounted read-only; yields it once /ready answers."""
-    pytest.importorskip("catsdogs.serve", reason="needs the serving code (`catsdogs serve`) merged in")
     port = free_port()
     name = f"catsdogs-test-{os.getpid()}"
     podman(

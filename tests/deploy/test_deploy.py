@@ -200,7 +200,6 @@ def test_cli_deploy_rollback_undoes_the_rollout(fake_kubectl) -> None:
 def test_cli_failing_smoke_exits_nonzero_after_rolling_back(fake_kubectl, ready_service: str) -> None:
     """The real `catsdogs smoke` against a live service that is up and ready but cannot classify
     (it has no /model-info or /predict): the smoke test fails, the rollout is undone."""
-    pytest.importorskip("catsdogs.serve", reason="needs the serving code (`catsdogs smoke`) merged in")
     done = run_cli(
         "deploy", "--overlay", str(OVERLAYS / "production"), "--image", IMAGE, "--smoke-url", ready_service
     )
@@ -214,7 +213,6 @@ def test_cli_failing_smoke_exits_nonzero_after_rolling_back(fake_kubectl, ready_
 def test_cli_deploy_passes_the_real_smoke_test_against_the_real_service(
     fake_kubectl, tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("catsdogs.serve", reason="needs the serving code (`catsdogs serve`) merged in")
     from .conftest import free_port, wait_for_http
 
     port = free_port()

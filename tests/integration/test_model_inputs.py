@@ -6,9 +6,7 @@ with its preprocessing.json."""
 from __future__ import annotations
 
 import io
-import json
 import time
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,10 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from catsdogs import CatsdogsError, runtime
-from catsdogs.bundle import ModelBundle
+from catsdogs.bundle import ONNX, PREPROCESSING, ModelBundle
 from catsdogs.preprocessing import PreprocessConfig, decode_for_model, decode_image, preprocess
 from catsdogs.settings import Settings
-from support import mean_colour_onnx
+from fakes import WEIGHTS_A, build_bundle, tiny_onnx
+from support import dataset_photos
 
 IMAGE_SIZE = 280  # the default model's: drafts JPEGs to no less than 560 px a side
 
@@ -30,17 +29,16 @@ IMAGE_SIZE = 280  # the default model's: drafts JPEGs to no less than 560 px a s
 @pytest.fixture(scope="module")
 def photos(dataset_zip: Path) -> dict[str, bytes]:
     """A real photo of the dataset, and the same photo as a 4000×3000 phone JPEG."""
-    with zipfile.ZipFile(dataset_zip) as archive:
-        real = archive.read("train/cat.1.jpg")
+    (real,) = dataset_photos(dataset_zip, "cat", 1)
     buffer = io.BytesIO()
     decode_image(real).resize((4000, 3000), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
     return {"cat.1.jpg": real, "cat.phone.jpg": buffer.getvalue()}
 
 
 def _bundle(root: Path, *, graph_size: int = IMAGE_SIZE) -> Path:
-    mean_colour_onnx(root / "model.onnx", image_size=graph_size)
-    PreprocessConfig(image_size=IMAGE_SIZE).save(root / "preprocessing.json")
-    (root / "metadata.json").write_text(json.dumps({"architecture": "mean_colour"}))
+    build_bundle(root, image_size=IMAGE_SIZE)
+    if graph_size != IMAGE_SIZE:
+        tiny_onnx(root / ONNX, WEIGHTS_A, image_size=graph_size)
     return root
 
 
@@ -120,7 +118,7 @@ def test_evaluate_the_pyfunc_model_and_the_service_give_the_model_the_same_bytes
     photos: dict[str, bytes], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle_dir = _bundle(tmp_path / "bundle")
-    config = PreprocessConfig.load(bundle_dir / "preprocessing.json")
+    config = PreprocessConfig.load(bundle_dir / PREPROCESSING)
     phone = decode_for_model(photos["cat.phone.jpg"], config)
     assert phone.size == (1000, 750) and config.draft_size == 560  # the draft decode is at work
     recorder = _Recorder(monkeypatch)

@@ -17,7 +17,6 @@ import io
 import os
 import subprocess
 import sys
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,12 +24,9 @@ import numpy as np
 import pytest
 import requests
 from monitor_support import (
-    IMAGE_SIZE,
     RULES,
-    TINY_WEIGHTS,
     alert_rules,
     architecture_metrics,
-    build_tiny_bundle,
     dashboard_exprs,
     free_port,
     grafana_to_promql,
@@ -49,6 +45,9 @@ from catsdogs.drift import PSI_DRIFT
 from catsdogs.monitoring.evaluate_deployed import DeployedEvaluation, evaluate_deployed, log_to_mlflow
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
 from catsdogs.settings import Settings
+from fakes import IMAGE_SIZE, WEIGHTS_A
+from support import dataset_photos
+from tiny_bundle import build_tiny_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -91,9 +90,10 @@ PANELS_WITH_DATA = {
 N_PER_CLASS = 100
 
 
-def _images(archive: Path, label: str, indices: range) -> list[tuple[str, bytes]]:
-    with zipfile.ZipFile(archive) as zf:
-        return [(f"{label}.{i}.jpg", zf.read(f"train/{label}.{i}.jpg")) for i in indices]
+def _images(archive: Path, label: str, n: int, *, offset: int) -> list[tuple[str, bytes]]:
+    return [
+        (f"{label}.{i}.jpg", data) for i, data in enumerate(dataset_photos(archive, label, n, offset=offset))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Iter
     reference = [
         Image.open(io.BytesIO(data)).convert("RGB")
         for label in ("cat", "dog")
-        for _, data in _images(dataset_zip, label, range(150))
+        for _, data in _images(dataset_zip, label, 150, offset=0)
     ]
     bundle = build_tiny_bundle(workdir / "bundle", reference_images=reference)
     url, process = start_service(bundle, workdir)
@@ -117,7 +117,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Pat
     root = tmp_path_factory.mktemp("labelled")
     for label in ("cat", "dog"):
         (root / label).mkdir()
-        for name, data in _images(dataset_zip, label, range(9000, 9000 + N_PER_CLASS)):
+        for name, data in _images(dataset_zip, label, N_PER_CLASS, offset=9000):
             (root / label / name).write_bytes(data)
     return root
 
@@ -130,7 +130,7 @@ def hand_accuracy(labelled: Path) -> float:
     files = sorted(labelled.glob("*/*.jpg"))
     for path in files:
         batch = preprocess_batch([decode_image(path.read_bytes())], config)
-        predicted = ("cat", "dog")[int(np.argmax(batch.mean(axis=(2, 3)) @ TINY_WEIGHTS))]
+        predicted = ("cat", "dog")[int(np.argmax(batch.mean(axis=(2, 3)) @ WEIGHTS_A))]
         correct += predicted == path.parent.name
     return correct / len(files)
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from registry_fakes import hashes, metrics_payload, write_manifest
+from registry_fakes import hashes, write_manifest
 
 from catsdogs import CatsdogsError
 from catsdogs.registry import CHAMPION, alias_log, champion_history, list_versions, promote, rollback
 from catsdogs.settings import Settings
+from fakes import metrics_payload
 
 GOOD = {"cat": 0.98, "dog": 0.98}
 

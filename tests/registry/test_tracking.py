@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 from mlflow import MlflowClient
-from registry_fakes import build_bundle, hashes, metrics_payload, write_manifest, write_plots
+from registry_fakes import hashes, registry_bundle, write_manifest, write_plots
 
 from catsdogs import CatsdogsError, __version__
 from catsdogs.data.download import file_sha256
@@ -24,6 +24,7 @@ from catsdogs.registry import CHALLENGER, MlflowTracker, alias_log, flatten_metr
 from catsdogs.registry.lineage import dvc_data_version, split_fingerprint
 from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME
 from catsdogs.settings import Settings
+from fakes import metrics_payload
 
 EPOCH_METRICS = [
     "train_loss",
@@ -63,7 +64,7 @@ def logged(
         manifest = write_manifest(settings, hashes("t1", "t2", "t3"))
         report = settings.data_dir / "data_report.json"
         report.write_text(json.dumps({"counts": {"cat": 2, "dog": 2}}))
-        bundle = build_bundle(
+        bundle = registry_bundle(
             root / "trained", sample_jpegs, accuracy=0.981, recall={"cat": 0.975, "dog": 0.987}
         )
         metrics = json.loads((bundle / "metrics.json").read_text())

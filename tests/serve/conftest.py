@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import WEIGHTS_A, build_bundle, free_port, read_dataset, wait_ready
+from serve_testing import free_port, read_dataset, wait_ready
 
 from catsdogs.serve.app import create_app
 from catsdogs.settings import Settings
+from fakes import WEIGHTS_A, build_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_testing import WEIGHTS_A, build_bundle, expected_probabilities, jpeg_bytes
+from serve_testing import expected_probabilities, jpeg_bytes
+
+from fakes import WEIGHTS_A, build_bundle
 
 WEIGHTS_TOP = np.array([[-3.0, 3.0], [3.0, -3.0], [0.0, 0.0]], dtype=np.float32)
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import WEIGHTS_A, expected_probabilities
+from serve_testing import expected_probabilities
+
+from fakes import WEIGHTS_A
 
 METRIC_NAMES = [
     "catsdogs_http_requests_total",

@@ -1,4 +1,7 @@
-"""The real process: graceful SIGTERM drain, no torch on the serving path, `catsdogs smoke`."""
+"""The real process: graceful SIGTERM drain, `catsdogs smoke`, two workers.
+
+(That serving runs without torch and MLflow is tested in ``tests/test_architecture.py``.)
+"""
 
 from __future__ import annotations
 
@@ -19,49 +22,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_testing import WEIGHTS_A, build_bundle, expected_probabilities
+from serve_testing import expected_probabilities
 
 from catsdogs.serve.smoke import run_smoke
+from fakes import WEIGHTS_A, build_bundle
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_serving_imports_no_torch(bundle_a: Path, cat_jpeg: bytes, tmp_path: Path) -> None:
-    image = tmp_path / "cat.jpg"
-    image.write_bytes(cat_jpeg)
-    code = f"""
-import sys
-sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from fastapi.testclient import TestClient
-from catsdogs.serve.app import create_app
-from catsdogs.serve import server, smoke
-from catsdogs.registry import model_source
-import catsdogs.cli
-from catsdogs.settings import Settings
-app = create_app(Settings(model_uri={str(bundle_a)!r}, cache_dir={str(tmp_path / "c")!r}))
-with TestClient(app) as client:
-    import time
-    for _ in range(200):
-        if client.get("/ready").status_code == 200:
-            break
-        time.sleep(0.05)
-    r = client.post("/predict", files={{"file": ("c.jpg", open({str(image)!r}, "rb").read())}})
-    assert r.status_code == 200, r.text
-loaded = [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "catsdogs")]
-heavy = [m for m in loaded if m.split(".")[0] in ("torch", "torchvision") and sys.modules[m] is not None]
-assert not heavy, heavy
-training = ("catsdogs.training", "catsdogs.registry.tracking", "catsdogs.registry.promotion", "mlflow")
-loaded = [m for m in sys.modules if sys.modules[m] is not None]
-bad = [m for m in loaded if m in training or m.startswith(tuple(t + "." for t in training))]
-assert not bad, bad
-print("OK")
-"""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CATSDOGS_PARAMS_FILE": str(tmp_path / "none.yaml")}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("OK")
 
 
 def _big_png(seed: int) -> bytes:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import WEIGHTS_A, WEIGHTS_B, build_bundle, free_port, wait_ready
+from serve_testing import free_port, wait_ready
 
 from catsdogs.registry.model_source import REFS_FILE, parse_models_uri
 from catsdogs.settings import Settings
+from fakes import WEIGHTS_A, WEIGHTS_B, build_bundle
 
 NAME = "catsdogs-classifier"
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import WEIGHTS_A, WEIGHTS_B, build_bundle, expected_probabilities
+from serve_testing import expected_probabilities
 
 from catsdogs.bundle import ModelBundle
 from catsdogs.registry.model_source import local_version
+from fakes import WEIGHTS_A, WEIGHTS_B, build_bundle
 
 
 def _point(link: Path, target: Path) -> None:

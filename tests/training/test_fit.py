@@ -20,18 +20,11 @@ from catsdogs import CatsdogsError
 from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.settings import Settings
 from catsdogs.training import loop as train_module
+from catsdogs.training.distributed import Dist
 from catsdogs.training.features import Sample
-from catsdogs.training.loop import (
-    CHECKPOINT,
-    Dist,
-    ImageSource,
-    TensorSource,
-    fit,
-    prefetched,
-    steps_per_epoch,
-    validate,
-)  # fmt: skip
+from catsdogs.training.loop import CHECKPOINT, fit, validate
 from catsdogs.training.models import divide_logits
+from catsdogs.training.sources import ImageSource, TensorSource, prefetched, steps_per_epoch
 
 
 def _data(seed: int, n: int) -> TensorSource:
@@ -256,7 +249,7 @@ def test_a_deadline_stops_before_the_epoch_that_would_end_after_it_but_never_bef
 def test_training_keeps_freed_memory_so_large_tensors_stop_page_faulting_in_again() -> None:
     code = """
 import resource, torch
-from catsdogs.training.loop import freed_memory_kept
+from catsdogs.training.memory import freed_memory_kept
 
 def faults() -> int:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,9 +1,9 @@
 """``catsdogs data ingest``: source → validated, de-duplicated, split data set on disk.
 
-Steps: resolve the source (download a URL) → check every member (unsafe archives are refused
-before anything is written) → validate, hash and store each image in a process pool → group
-exact and near-duplicates → drop groups whose images carry both labels → assign splits → write
-``manifest.csv`` and ``data_report.json``.
+Steps: resolve the source (a URL is fetched: :mod:`catsdogs.data.fetch`) → check every member
+(unsafe archives are refused before anything is written) → validate, hash and store each image
+in a process pool → group exact and near-duplicates → drop groups whose images carry both labels
+→ assign splits → write ``manifest.csv`` and ``data_report.json``.
 
 Everything is built in a staging folder inside ``data_dir`` and swapped in at the end, so a
 failed or interrupted run leaves the previous data set untouched, and re-running is safe.
@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,10 @@ from tqdm import tqdm
 from catsdogs import CatsdogsError
 from catsdogs.data import validate
 from catsdogs.data.dedup import near_duplicate_groups
-from catsdogs.data.download import download, is_url
-from catsdogs.data.sources import Source, open_source
-from catsdogs.data.split import SPLITS, assign_splits
+from catsdogs.data.download import is_url
+from catsdogs.data.fetch import fetch_archive
+from catsdogs.data.sources import Member, Source, open_source
+from catsdogs.data.split import SPLITS, assign_splits, draw
 from catsdogs.data.validate import Accepted, Rejected, StoreConfig
 from catsdogs.settings import Settings
 
@@ -55,11 +56,27 @@ class IngestResult:
     seconds: float
 
 
-def resolve_source(source: str, settings: Settings, *, show_progress: bool) -> Path:
-    """Local path of the source, downloading (resumably, checksum-checked) a URL into ``raw_dir``."""
+def resolve_source(source: str, settings: Settings) -> Path:
+    """Local path of the source; a URL goes through :func:`fetch_archive` (downloaded once, verified)."""
     if is_url(source):
-        return download(source, settings.raw_dir, sha256=settings.data_sha256, show_progress=show_progress)
+        return fetch_archive(settings.model_copy(update={"data_source": source}))
     return Path(source).expanduser()
+
+
+def sample_members(source: Source, *, per_class: int, seed: int) -> Source:
+    """A balanced sample of ``source``: at most ``per_class`` members of each label, picked by a
+    seeded hash of their names, so the same archive and seed always give the same sample (a
+    quick demo or test needs a few hundred photos, not 25,000). Unlabelled members are left out."""
+    by_label: dict[str, list[Member]] = defaultdict(list)
+    for member in source.members:
+        if member.label is not None:
+            by_label[member.label].append(member)
+    chosen = [
+        member
+        for label, members in by_label.items()
+        for member in sorted(members, key=lambda m: draw(seed, label, m.name))[:per_class]
+    ]
+    return replace(source, members=tuple(sorted(chosen, key=lambda m: m.name)))
 
 
 def _process_all(
@@ -117,46 +134,40 @@ def manifest_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Exact/near-duplicate groups, label conflicts and splits → manifest rows and report sections."""
-    by_sha: dict[str, list[Accepted]] = defaultdict(list)
-    for item in sorted(accepted, key=lambda a: (a.sha256, a.source)):
-        by_sha[item.sha256].append(item)
-    groups = near_duplicate_groups(
-        {sha: items[0].phash for sha, items in by_sha.items()}, max_distance=settings.near_duplicate_distance
-    )
-    conflicts, kept_groups, near_groups = [], [], []
+def _split_conflicts(
+    groups: list[list[str]], by_sha: dict[str, list[Accepted]]
+) -> tuple[list[dict[str, Any]], list[tuple[str, list[str]]]]:
+    """Duplicate groups whose images carry more than one label (reported, dropped), and the
+    ``(label, group)`` pairs of the others (kept)."""
+    conflicts, kept = [], []
     for group in groups:
         labels = sorted({item.label for sha in group for item in by_sha[sha]})
         if len(labels) > 1:
-            conflicts.append(
-                {
-                    "labels": labels,
-                    "images": [
-                        {"sha256": sha, "label": item.label, "source": item.source}
-                        for sha in group
-                        for item in by_sha[sha]
-                    ],
-                }
-            )
+            images = [
+                {"sha256": sha, "label": item.label, "source": item.source}
+                for sha in group
+                for item in by_sha[sha]
+            ]
+            conflicts.append({"labels": labels, "images": images})
         else:
-            kept_groups.append((labels[0], group))
-    splits = assign_splits(kept_groups, seed=settings.seed, ratios=settings.split_ratios)
-    rows, exact = [], []
-    for label, group in kept_groups:
+            kept.append((labels[0], group))
+    return conflicts, kept
+
+
+def _manifest_rows(
+    kept: list[tuple[str, list[str]]], by_sha: dict[str, list[Accepted]], splits: dict[str, str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One manifest row per distinct image (the first file of identical ones), with the report's
+    exact-duplicate and near-duplicate sections."""
+    rows, exact, near = [], [], []
+    for label, group in kept:
         if len(group) > 1:
-            near_groups.append({"label": label, "split": splits[group[0]], "sha256": group})
+            near.append({"label": label, "split": splits[group[0]], "sha256": group})
         for sha in group:
             first, *others = by_sha[sha]
             if others:
-                exact.append(
-                    {
-                        "sha256": sha,
-                        "label": label,
-                        "kept": first.source,
-                        "removed": [o.source for o in others],
-                    }
-                )
+                removed = [o.source for o in others]
+                exact.append({"sha256": sha, "label": label, "kept": first.source, "removed": removed})
             rows.append(
                 {
                     "path": f"images/{label}/{sha}.jpg",
@@ -168,11 +179,21 @@ def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[s
                     "split": splits[sha],
                 }
             )
-    sections = {
-        "exact_duplicates": exact,
-        "near_duplicate_groups": near_groups,
-        "conflicting_labels": conflicts,
-    }
+    return rows, exact, near
+
+
+def _organize(accepted: list[Accepted], settings: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Exact/near-duplicate groups, label conflicts and splits → manifest rows and report sections."""
+    by_sha: dict[str, list[Accepted]] = defaultdict(list)
+    for item in sorted(accepted, key=lambda a: (a.sha256, a.source)):
+        by_sha[item.sha256].append(item)
+    groups = near_duplicate_groups(
+        {sha: items[0].phash for sha, items in by_sha.items()}, max_distance=settings.near_duplicate_distance
+    )
+    conflicts, kept = _split_conflicts(groups, by_sha)
+    splits = assign_splits(kept, seed=settings.seed, ratios=settings.split_ratios)
+    rows, exact, near = _manifest_rows(kept, by_sha, splits)
+    sections = {"exact_duplicates": exact, "near_duplicate_groups": near, "conflicting_labels": conflicts}
     return rows, sections
 
 
@@ -185,6 +206,7 @@ def _report(
     rejected: list[Rejected],
     accepted_count: int,
     sections: dict[str, Any],
+    sample_per_class: int | None,
 ) -> dict[str, Any]:
     per_class = {c: {s: 0 for s in (*SPLITS, "total")} for c in settings.classes}
     for row in rows:
@@ -195,6 +217,7 @@ def _report(
     return {
         "source": requested,
         "layout": source.layout,
+        "sample_per_class": sample_per_class,
         "seed": settings.seed,
         "split_ratios": list(settings.split_ratios),
         "near_duplicate_distance": settings.near_duplicate_distance,
@@ -240,10 +263,36 @@ def _remove_leftovers(data_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _store_images(
+    source: Source, images_dir: Path, settings: Settings, *, show_progress: bool
+) -> tuple[list[Accepted], list[Rejected]]:
+    """Validate, hash and store every member of ``source`` under ``images_dir/<label>/``."""
+    config = StoreConfig(
+        images_dir=images_dir,
+        max_pixels=settings.max_image_pixels,
+        min_side=settings.min_image_side,
+        store_max_side=settings.store_max_side,
+        max_bytes=settings.max_image_bytes,
+    )
+    for label in settings.classes:
+        (images_dir / label).mkdir(parents=True)
+    accepted: list[Accepted] = []
+    rejected: list[Rejected] = []
+    workers = settings.ingest_workers or os.cpu_count() or 1
+    for result in _process_all(source, config, workers=workers, show_progress=show_progress):
+        (accepted if isinstance(result, Accepted) else rejected).append(result)
+    return accepted, rejected
+
+
 def ingest(
-    settings: Settings, *, source: str | None = None, show_progress: bool = True, workers: int | None = None
+    settings: Settings,
+    *,
+    source: str | None = None,
+    show_progress: bool = True,
+    per_class: int | None = None,
 ) -> IngestResult:
-    """Build the data set in ``settings.data_dir`` from ``source`` (default ``settings.data_source``).
+    """Build the data set in ``settings.data_dir`` from ``source`` (default ``settings.data_source``);
+    with ``per_class``, from a balanced sample of that many files per class (:func:`sample_members`).
 
     Raises:
         UnsafeSourceError: the archive or folder holds an escaping member; nothing was written.
@@ -251,32 +300,20 @@ def ingest(
     """
     started = time.perf_counter()
     requested = source or settings.data_source
-    local = open_source(
-        resolve_source(requested, settings, show_progress=show_progress), classes=settings.classes
-    )
+    local = open_source(resolve_source(requested, settings), classes=settings.classes)
+    if per_class is not None:
+        local = sample_members(local, per_class=per_class, seed=settings.seed)
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(data_dir)
     staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=data_dir))
     try:
-        config = StoreConfig(
-            images_dir=staging / "images",
-            max_pixels=settings.max_image_pixels,
-            min_side=settings.min_image_side,
-            store_max_side=settings.store_max_side,
-            max_bytes=settings.max_image_bytes,
-        )
-        for label in settings.classes:
-            (config.images_dir / label).mkdir(parents=True)
-        accepted: list[Accepted] = []
-        rejected: list[Rejected] = []
-        n_workers = settings.ingest_workers or os.cpu_count() or 1
-        for result in _process_all(local, config, workers=n_workers, show_progress=show_progress):
-            (accepted if isinstance(result, Accepted) else rejected).append(result)
+        images_dir = staging / "images"
+        accepted, rejected = _store_images(local, images_dir, settings, show_progress=show_progress)
         rows, sections = _organize(accepted, settings)
         for conflict in sections["conflicting_labels"]:
             for image in conflict["images"]:
-                (config.images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
+                (images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
         report = _report(
             requested=requested,
             source=local,
@@ -285,6 +322,7 @@ def ingest(
             rejected=rejected,
             accepted_count=len(accepted),
             sections=sections,
+            sample_per_class=per_class,
         )
         _write_atomic(staging / "manifest.csv", manifest_text(rows))
         _write_atomic(staging / "data_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")

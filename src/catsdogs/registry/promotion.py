@@ -246,11 +246,7 @@ def promote(
     if current is not None and int(current.version) == candidate_no:
         raise CatsdogsError(f"version {candidate_no} of {name} is already the champion")
     challenger = _run_metrics(client, candidate)
-    champion: VersionMetrics | None = None
-    if current is not None:
-        champion = _run_metrics(client, current)
-        if champion.split is None or champion.split != challenger.split:
-            champion = _reevaluate_champion(settings, current, challenger, evaluate, client)
+    champion = _champion_metrics(settings, current, challenger, evaluate, client)
     decision = PromotionDecision(
         accepted=False,
         model_name=name,
@@ -267,17 +263,42 @@ def promote(
         )
         _logger.warning(decision.message)
         return decision
-    history = champion_history(client, name)
-    if current is not None and (not history or history[-1] != int(current.version)):
-        history.append(int(current.version))  # an alias moved by hand: keep it reachable by rollback
-    move_alias(client, settings, CHAMPION, candidate_no, reason=reason or "passed the quality gate")
-    set_champion_history(client, name, [*history, candidate_no])
+    _move_champion(client, settings, current, candidate_no, reason=reason or "passed the quality gate")
     decision.accepted = True
     decision.message = f"promoted {name} v{candidate_no} to {CHAMPION}" + (
         f" (was v{decision.champion_version})" if decision.champion_version else " (first champion)"
     )
     _logger.info(decision.message)
     return decision
+
+
+def _champion_metrics(
+    settings: Settings,
+    current: ModelVersion | None,
+    challenger: VersionMetrics,
+    evaluate: Callable[[Path], dict] | None,
+    client: MlflowClient,
+) -> VersionMetrics | None:
+    """The champion's metrics on the challenger's test split (re-tested when it was tested on
+    another one), or ``None`` when there is no champion yet."""
+    if current is None:
+        return None
+    champion = _run_metrics(client, current)
+    if champion.split is None or champion.split != challenger.split:
+        champion = _reevaluate_champion(settings, current, challenger, evaluate, client)
+    return champion
+
+
+def _move_champion(
+    client: MlflowClient, settings: Settings, current: ModelVersion | None, version: int, *, reason: str
+) -> None:
+    """Give ``version`` the champion alias and append it to the history that rollback walks back."""
+    name = settings.model_name
+    history = champion_history(client, name)
+    if current is not None and (not history or history[-1] != int(current.version)):
+        history.append(int(current.version))  # an alias moved by hand: keep it reachable by rollback
+    move_alias(client, settings, CHAMPION, version, reason=reason)
+    set_champion_history(client, name, [*history, version])
 
 
 @_bounded

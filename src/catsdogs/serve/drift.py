@@ -1,10 +1,10 @@
-"""The hook where per-image drift statistics are fed (the math lives in ``catsdogs.drift``).
+"""The hook where per-image drift statistics are fed (the math lives in :mod:`catsdogs.drift`).
 
-Contract assumed from the monitoring side: a drift window object with
-``update(image: PIL.Image.Image, probabilities) -> None`` and ``scores() -> dict[str, float]``, fed
-the *upload* (or its small statistics copy, ``catsdogs.drift.stats_image``), not the model input.
-:func:`default_window_factory` builds ``catsdogs.drift.DriftMonitor(reference)`` from the bundle's
-``drift_reference.json`` when both exist. The small copy is made on the decode thread (the full-size
+A drift window has ``update(image: PIL.Image.Image, probabilities) -> None`` and
+``scores() -> dict[str, float]``, and is fed the *upload* (or its small statistics copy,
+:func:`catsdogs.drift.stats_image`), not the model input. :func:`default_window_factory` builds a
+:class:`catsdogs.drift.DriftMonitor` from the bundle's ``drift_reference.json`` when it has one
+(tests pass other factories). The small copy is made on the decode thread (the full-size
 upload is dropped at once); updates run on one background thread through a bounded queue, so drift
 statistics never slow a prediction down (they are dropped under overload). Once ``fill`` uploads
 have filled a new model's window, at most ``max_images_per_s`` are fed, evenly spaced in time: a
@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from catsdogs.bundle import ModelBundle
+from catsdogs.drift import DriftMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -41,39 +42,15 @@ DriftWindowFactory = Callable[[ModelBundle], DriftWindow | None]
 
 
 def default_window_factory(bundle: ModelBundle) -> DriftWindow | None:
-    """``catsdogs.drift.DriftWindow(reference)`` for bundles that ship a drift reference."""
+    """A :class:`catsdogs.drift.DriftMonitor` for bundles that ship a drift reference, else ``None``."""
     reference = bundle.drift_reference
     if not reference:
         return None
     try:
-        from catsdogs import drift as monitor  # written by the monitoring side; optional here
-    except ImportError:
-        return None
-    window_cls = getattr(monitor, "DriftMonitor", None) or getattr(monitor, "DriftWindow", None)
-    if window_cls is None:
-        return None
-    try:
-        return window_cls(reference)  # type: ignore[no-any-return]
-    except Exception:
+        return DriftMonitor(reference)
+    except Exception:  # a broken reference costs the drift scores, never the service
         logger.exception("could not build the drift window from %s", bundle.root)
         return None
-
-
-ORIGINAL_SIZE = "original_size"
-_COPY_MAX_SIDE = 128
-
-
-def small_copy(image: Image.Image) -> Image.Image:
-    """The statistics copy of an upload: ``catsdogs.drift.stats_image`` when available, else a
-    thumbnail that remembers the upload's size in ``info["original_size"]`` (same convention)."""
-    try:
-        from catsdogs.drift import stats_image
-    except ImportError:
-        copy = image.copy()
-        copy.thumbnail((_COPY_MAX_SIDE, _COPY_MAX_SIDE), Image.Resampling.BILINEAR)
-        copy.info[ORIGINAL_SIZE] = image.size
-        return copy
-    return stats_image(image)  # type: ignore[no-any-return]
 
 
 class DriftFeed:

@@ -23,10 +23,11 @@ import numpy as np
 from PIL import Image
 
 from catsdogs.bundle import write_json_atomic
+from catsdogs.drift import stats_image
 from catsdogs.preprocessing import ImageError, decode_for_model, resize, to_array
 from catsdogs.runtime import available_cores
 from catsdogs.serve.batcher import MicroBatcher
-from catsdogs.serve.drift import DriftFeed, small_copy
+from catsdogs.serve.drift import DriftFeed
 from catsdogs.serve.errors import ApiError, image_error
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
@@ -144,7 +145,7 @@ class Predictor:
             min_side=self.settings.min_image_side,
         )
         # Drift statistics need the upload itself (its size, sharpness), as a small copy.
-        stats_copy = small_copy(image) if self.drift.wants_sample() else None
+        stats_copy = stats_image(image) if self.drift.wants_sample() else None
         resized = resize(image, model.config)
         del image  # a 48 MP upload is freed here, before the forward pass
         return to_array(resized, model.config), stats_copy

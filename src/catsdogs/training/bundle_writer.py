@@ -21,12 +21,13 @@ from torch import nn
 from catsdogs import __version__
 from catsdogs import bundle as bundle_files
 from catsdogs.data.download import file_sha256
+from catsdogs.data.labelled import LabelledImage
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
 from catsdogs.runtime import open_model
 from catsdogs.settings import Settings
 from catsdogs.training.backbones import BACKBONES
-from catsdogs.training.evaluate import EvaluationResult, LabeledImage, evaluate_session, write_predictions_csv
+from catsdogs.training.evaluate import EvaluationResult, evaluate_session, write_predictions_csv
 from catsdogs.training.export import export_verified
 from catsdogs.training.features import Sample, image_batches
 from catsdogs.training.loop import selection_loss
@@ -127,8 +128,7 @@ def _write_model_inputs(
 
 def _evaluate_test(staging: Path, config: PreprocessConfig, test: Sequence[Sample]) -> EvaluationResult:
     """Test metrics of the exported graph, opened and run exactly as ``catsdogs evaluate`` does."""
-    index = {name: i for i, name in enumerate(config.class_names)}
-    images = [LabeledImage(str(s.path), s.path.read_bytes, index[s.label]) for s in test]
+    images = [LabelledImage(str(s.path), s.label, s.path.read_bytes) for s in test]
     session = open_model(staging / bundle_files.ONNX, config)
     return evaluate_session(session, config, images, split="test")
 

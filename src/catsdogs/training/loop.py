@@ -3,42 +3,35 @@
 Resuming is exact: each epoch seeds its own shuffling, augmentation and dropout from
 ``(seed, epoch)``, and the checkpoint written after every epoch holds the model, optimizer,
 scheduler, weight-average and early-stopping state. Under ``torchrun`` each global batch is split
-across ranks (gloo on CPU, NCCL on GPU) and only rank 0 writes checkpoints or logs.
+across ranks (:mod:`catsdogs.training.distributed`) and only rank 0 writes checkpoints or logs.
+Batch sources are in :mod:`catsdogs.training.sources`, the optimizer, learning-rate schedule and
+weight average in :mod:`catsdogs.training.optimization`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import datetime
 import logging
-import os
-import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from catsdogs import CatsdogsError
-from catsdogs.preprocessing import PreprocessConfig, preprocess
+from catsdogs.metrics import classification_metrics
 from catsdogs.settings import Settings
-from catsdogs.training.augment import augment
-from catsdogs.training.evaluate import classification_metrics
-from catsdogs.training.features import Sample, load_image
+from catsdogs.training.distributed import Dist
+from catsdogs.training.optimization import Optimization, build_optimization
+from catsdogs.training.sources import BatchSource, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-T = TypeVar("T")
 
 
 class Tracker(Protocol):
@@ -51,184 +44,8 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
 
-# --- distributed -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (so that every rank takes the same decision)."""
-        if self.world == 1:
-            return flag
-        votes = torch.tensor([float(flag)])
-        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
-        return bool(votes.item())
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not torch.distributed.is_initialized():
-        # Rank 0 alone extracts the features while the others wait: allow it hours, not minutes.
-        torch.distributed.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3)
-        )
-    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
-
-
-# --- batches -----------------------------------------------------------------------------------
-
-
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
-
-
-def steps_per_epoch(n: int, batch_size: int, dist: Dist) -> int:
-    """How many batches :func:`_batch_indices` yields (a last batch smaller than the world is dropped)."""
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= max(dist.world, 1) else 0)
-
-
-def _batch_indices(
-    n: int, batch_size: int, rng: np.random.Generator | None, dist: Dist
-) -> Iterator[np.ndarray]:
-    """Global batches (shuffled when ``rng`` is given), each split across ranks."""
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    for start in range(0, n, batch_size):
-        batch = order[start : start + batch_size]
-        if len(batch) < dist.world:
-            return
-        yield batch[dist.rank :: dist.world]
-
-
-class TensorSource:
-    """Cached features (or any in-memory tensors) with labels; float16 storage is batched as float32."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
-        floating = x.dtype if x.dtype in (np.float16, np.float32) else np.float32
-        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=floating))
-        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
-        for index in _batch_indices(len(self), batch_size, rng, dist):
-            yield self.x[index].float(), self.y[index]
-
-
-class ImageSource:
-    """Images decoded on the fly; augmented when ``train`` (random draws from the epoch's rng).
-
-    ``prefetch`` batches are decoded ahead in a background thread (see :func:`prefetched`).
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        labels: np.ndarray,
-        config: PreprocessConfig,
-        *,
-        train: bool,
-        prefetch: int = 0,
-    ):
-        self.samples, self.labels, self.config, self.train = list(samples), labels, config, train
-        self.prefetch = prefetch
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def batches(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
-        return prefetched(self._decoded(batch_size, rng=rng, dist=dist), self.prefetch)
-
-    def _decoded(self, batch_size: int, *, rng: np.random.Generator | None, dist: Dist) -> Iterator[tuple]:
-        for index in _batch_indices(len(self), batch_size, rng, dist):
-            arrays = []
-            for i in index:
-                image = load_image(self.samples[i].path)
-                if self.train and rng is not None:
-                    image = augment(image, rng)
-                arrays.append(preprocess(image, self.config))
-            yield torch.from_numpy(np.stack(arrays)), torch.from_numpy(self.labels[index])
-
-
-_END = object()
-
-
-def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
-    """``items`` in order, the next ``depth`` of them produced ahead in one background thread.
-
-    Decoding JPEGs (Pillow releases the GIL) then overlaps the model's step: one thread, so the
-    items and any random draws they make come in the same order as inline; an exception raised
-    while producing an item is raised here, where that item would have been. ``depth`` 0 produces
-    them inline.
-    """
-    if depth <= 0:
-        yield from items
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-        pending = deque(pool.submit(next, items, _END) for _ in range(depth))
-        while (item := pending.popleft().result()) is not _END:
-            pending.append(pool.submit(next, items, _END))
-            yield item
-
-
-# --- memory --------------------------------------------------------------------------------------
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-
-
-def _glibc() -> Any | None:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else ``None``."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-@contextmanager
-def freed_memory_kept() -> Iterator[bool]:
-    """While open, glibc's malloc keeps freed memory for reuse instead of handing it back.
-
-    By default a large tensor is mmap-ed and unmapped when freed, so every forward and backward
-    pass page-faults its activations in again: on this 2-core machine that kernel time made a Lite2
-    forward pass 3.8× slower (README, "Training"). On exit the defaults come back and the kept
-    memory is returned, so what runs next (export, evaluation) does not add its peak to training's.
-    Yields False, changing nothing, where the C library is not glibc.
-    """
-    libc = _glibc()
-    largest = ctypes.c_int(2**31 - 1)
-    kept = libc is not None and all(libc.mallopt(p, largest) for p in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
-    try:
-        yield kept
-    finally:
-        if libc is not None:
-            for parameter in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD):
-                libc.mallopt(parameter, ctypes.c_int(_GLIBC_DEFAULT_THRESHOLD))
-            libc.malloc_trim(0)
-
-
-# --- loop --------------------------------------------------------------------------------------
 
 
 def _metrics(prefix: str, loss: float, labels: list[np.ndarray], probs: list[np.ndarray], names) -> dict:
@@ -324,15 +141,6 @@ def selection_loss(row: dict[str, float]) -> float:
     return row.get("val_loss_calibrated", row["val_loss"])
 
 
-def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
-    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics
-    included), or ``None`` without a decay. Averaging the last few hundred steps smooths out the
-    noise of the final updates, at the cost of one extra copy of the model."""
-    if decay is None:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -357,10 +165,121 @@ class FitResult(NamedTuple):
     val_logits: torch.Tensor
 
 
+def _epochs(settings: Settings) -> int:
+    if settings.epochs is None:
+        raise CatsdogsError("settings.epochs is unset: resolve it with catsdogs.training.config.apply_profile")
+    return settings.epochs
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class _Progress:
+    """Early stopping's memory: the history, and the best epoch's weights, loss and logits."""
+
+    best_state: dict[str, torch.Tensor]
+    best_loss: float = float("inf")
+    bad_epochs: int = 0
+    best_logits: torch.Tensor | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    next_epoch: int = 1
+
+    def record(self, row: dict[str, float], logits: torch.Tensor, evaluated: nn.Module) -> None:
+        """Add an epoch's row; keep its weights and logits when it is the best so far."""
+        if selection_loss(row) < self.best_loss - 1e-6:
+            self.best_loss, self.bad_epochs, self.best_logits = selection_loss(row), 0, logits
+            self.best_state = _copy_state(evaluated)
+        else:
+            self.bad_epochs += 1
+        self.history.append(row)
+        self.next_epoch = int(row["epoch"]) + 1
+
+    def checkpoint(self, fingerprint: str, model: nn.Module, optimization: Optimization) -> dict[str, Any]:
+        return {
+            "epoch": self.next_epoch - 1,
+            "fingerprint": fingerprint,
+            "model": model.state_dict(),
+            **optimization.state_dict(),
+            "best_model": self.best_state,
+            "best_val_loss": self.best_loss,
+            "best_val_logits": self.best_logits,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+        }
+
+
+def _resume(
+    checkpoint: Path, fingerprint: str, model: nn.Module, optimization: Optimization, device: torch.device
+) -> _Progress:
+    """Load a run's last checkpoint into the model and optimizer; its early-stopping state."""
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        raise CatsdogsError(
+            f"{checkpoint} was made with other settings; train without --resume to start over"
+        )
+    model.load_state_dict(state["model"])
+    optimization.load_state_dict(state)
+    logger.info("resuming %s after epoch %d", checkpoint.parent, state["epoch"])
+    return _Progress(
+        best_state=state["best_model"],
+        best_loss=state["best_val_loss"],
+        bad_epochs=state["bad_epochs"],
+        best_logits=state.get("best_val_logits"),
+        history=state["history"],
+        next_epoch=state["epoch"] + 1,
+    )
+
+
+def _epoch(
+    epoch: int,
+    wrapped: nn.Module,
+    sources: tuple[BatchSource, BatchSource],
+    optimization: Optimization,
+    *,
+    settings: Settings,
+    dist: Dist,
+    device: torch.device,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Train one epoch and validate what is kept; the epoch's row and its validation logits."""
+    train_source, val_source = sources
+    started = time.monotonic()
+    torch.manual_seed(settings.seed * 100_003 + epoch)  # dropout: same draws when resumed
+    rng = _epoch_rng(settings.seed, epoch)
+    row: dict[str, float] = {"epoch": epoch, "lr": optimization.optimizer.param_groups[0]["lr"]}
+    row |= train_one_epoch(
+        wrapped,
+        train_source,
+        optimization.optimizer,
+        batch_size=settings.batch_size,
+        rng=rng,
+        dist=dist,
+        device=device,
+        class_names=settings.classes,
+        label_smoothing=settings.label_smoothing,
+        after_step=optimization.after_step,
+    )
+    evaluated = optimization.evaluated
+    logits, labels = _logits(evaluated, val_source, batch_size=settings.eval_batch_size, device=device)
+    row |= validation_metrics(logits, labels, settings.classes, calibrated=settings.calibrate_temperature)
+    optimization.after_epoch()
+    row["epoch_seconds"] = time.monotonic() - started
+    return row, logits
+
+
+def _parallel(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """The model as trained: wrapped in DistributedDataParallel under torchrun, else itself."""
+    if dist.world == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def fit(
     model: nn.Module,
-    train_source,
-    val_source,
+    train_source: BatchSource,
+    val_source: BatchSource,
     *,
     settings: Settings,
     run_dir: Path,
@@ -382,117 +301,36 @@ def fit(
     Returns the model with its best (lowest validation loss) weights, the per-epoch history and
     that epoch's validation logits.
     """
-    if settings.epochs is None:
-        raise CatsdogsError("settings.epochs is unset: resolve it with catsdogs.training.train.apply_profile")
+    epochs = _epochs(settings)
     model.to(device)
-    wrapped = model
-    if dist.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    horizon = settings.lr_schedule_epochs or settings.epochs
-    if horizon < settings.epochs:
-        raise CatsdogsError(f"lr_schedule_epochs ({horizon}) must be at least epochs ({settings.epochs})")
-    groups = param_groups or [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    per_batch = settings.lr_schedule == "one_cycle"
-    if per_batch:
-        # At least 4 steps and a warm-up of 2, which OneCycleLR needs (tiny runs never finish it).
-        steps = max(4, horizon * steps_per_epoch(len(train_source), settings.batch_size, dist))
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=[group["lr"] for group in optimizer.param_groups],
-            total_steps=steps,
-            pct_start=max(0.1, 2 / steps),
-        )
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=horizon)
-    ema = weight_average(model, settings.ema_decay)
-    evaluated = model if ema is None else ema.module  # what is validated, kept and returned
-
-    def after_step() -> None:
-        if per_batch:
-            scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-
-    history: list[dict[str, float]] = []
-    best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-    best_loss, bad_epochs, start = float("inf"), 0, 1
-    best_logits: torch.Tensor | None = None
+    wrapped = _parallel(model, dist, device)
+    steps = steps_per_epoch(len(train_source), settings.batch_size, dist)
+    optimization = build_optimization(
+        model, settings, epochs=epochs, steps_per_epoch=steps, param_groups=param_groups
+    )
     checkpoint = run_dir / CHECKPOINT
+    progress = _Progress(best_state=_copy_state(optimization.evaluated))
     if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise CatsdogsError(
-                f"{checkpoint} was made with other settings; train without --resume to start over"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        best_state, best_loss, bad_epochs = state["best_model"], state["best_val_loss"], state["bad_epochs"]
-        best_logits = state.get("best_val_logits")
-        history, start = state["history"], state["epoch"] + 1
-        logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
-    names = settings.classes
-    for epoch in range(start, settings.epochs + 1):
-        if bad_epochs >= settings.early_stopping_patience:
+        progress = _resume(checkpoint, fingerprint, model, optimization, device)
+    for epoch in range(progress.next_epoch, epochs + 1):
+        if progress.bad_epochs >= settings.early_stopping_patience:
             break
-        if dist.any(_out_of_time(history, deadline)):
+        if dist.any(_out_of_time(progress.history, deadline)):
             logger.info("time budget: stopping before epoch %d", epoch)
             break
-        epoch_started = time.monotonic()
-        torch.manual_seed(settings.seed * 100_003 + epoch)  # dropout: same draws when resumed
-        rng = _epoch_rng(settings.seed, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch, "lr": lr}
-        row |= train_one_epoch(
-            wrapped,
-            train_source,
-            optimizer,
-            batch_size=settings.batch_size,
-            rng=rng,
-            dist=dist,
-            device=device,
-            class_names=names,
-            label_smoothing=settings.label_smoothing,
-            after_step=after_step,
-        )
-        logits, labels = _logits(evaluated, val_source, batch_size=settings.eval_batch_size, device=device)
-        row |= validation_metrics(logits, labels, names, calibrated=settings.calibrate_temperature)
-        if not per_batch:
-            scheduler.step()
-        row["epoch_seconds"] = time.monotonic() - epoch_started
-        if selection_loss(row) < best_loss - 1e-6:
-            best_loss, bad_epochs, best_logits = selection_loss(row), 0, logits
-            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-        else:
-            bad_epochs += 1
-        history.append(row)
+        row, logits = _epoch(
+            epoch, wrapped, (train_source, val_source), optimization,
+            settings=settings, dist=dist, device=device,
+        )  # fmt: skip
+        progress.record(row, logits, optimization.evaluated)
         if dist.main:
             logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
             if tracker is not None:
                 tracker.log_epoch(epoch, {k: float(v) for k, v in row.items() if k != "epoch"})
-            _save_checkpoint(
-                checkpoint,
-                {
-                    "epoch": epoch,
-                    "fingerprint": fingerprint,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    **({} if ema is None else {"ema": ema.state_dict()}),
-                    "best_model": best_state,
-                    "best_val_loss": best_loss,
-                    "best_val_logits": best_logits,
-                    "bad_epochs": bad_epochs,
-                    "history": history,
-                },
-            )
+            _save_checkpoint(checkpoint, progress.checkpoint(fingerprint, model, optimization))
         dist.barrier()
-    model.load_state_dict(best_state)
+    model.load_state_dict(progress.best_state)
+    best_logits = progress.best_logits
     if best_logits is None:  # resumed from a checkpoint written before they were kept
         best_logits, _ = _logits(model, val_source, batch_size=settings.eval_batch_size, device=device)
-    return FitResult(model.eval(), history, best_logits)
+    return FitResult(model.eval(), progress.history, best_logits)

@@ -18,8 +18,9 @@ from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.runtime import INPUT_NAME, open_session
 from catsdogs.settings import Settings
 from catsdogs.training.backbones import BACKBONES, LiteFeatures, LiteTrunk
+from catsdogs.training.distributed import Dist
 from catsdogs.training.features import FeatureCache, Sample, View
-from catsdogs.training.loop import Dist, ImageSource, TensorSource
+from catsdogs.training.sources import ImageSource, TensorSource
 
 
 def backbone_id(architecture: str, image_size: int) -> str:
