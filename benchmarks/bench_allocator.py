@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.training.memory import freed_memory_kept
 from catsdogs.training.models import ModelSpec, build_model
 
@@ -51,7 +52,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=280)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = build_model(ModelSpec("efficientnet_lite2", args.size), pretrained=False).eval()
+    config = PreprocessConfig(image_size=args.size)
+    model = build_model(ModelSpec("efficientnet_lite2"), config, pretrained=False).eval()
     model = model.to(memory_format=torch.channels_last)
     batch = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     default = timed_passes(model, batch, args.passes)

@@ -99,13 +99,15 @@ def _throughput(session: Any, batch: np.ndarray, threads: int, seconds: float) -
     the CPU-ms this process spent per image (robust to other jobs on the machine, unlike images/s)."""
     import threading
 
-    session.run(["logits"], {"input": batch})
+    from catsdogs.runtime import run_logits
+
+    run_logits(session, batch)
     counts = [0] * threads
     deadline = time.perf_counter() + seconds
 
     def call(k: int) -> None:
         while time.perf_counter() < deadline:
-            session.run(["logits"], {"input": batch})
+            run_logits(session, batch)
             counts[k] += len(batch)
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -121,7 +123,8 @@ def _throughput(session: Any, batch: np.ndarray, threads: int, seconds: float) -
 
 def raw_configs(settings: Any) -> dict[str, dict[str, int]]:
     """The bare-model layouts to try: the server's own, and the usual best ones on this machine."""
-    from catsdogs.serve.model_store import available_cores, batch_size, inference_workers
+    from catsdogs.runtime import available_cores
+    from catsdogs.serve.model_store import batch_size, inference_workers
 
     cores = available_cores()
     workers = inference_workers(settings)
@@ -154,10 +157,9 @@ def raw_ort(
     Every layout in :func:`raw_configs` is measured (or only ``only``); the best is the honest
     reference for the service, and ``server`` is the same thread layout the server uses.
     """
-    import onnxruntime as ort
-
     from catsdogs.bundle import find_bundle
     from catsdogs.preprocessing import decode_image, preprocess_batch
+    from catsdogs.runtime import open_session
     from catsdogs.serve.model_store import session_options
 
     bundle = find_bundle(bundle_dir)
@@ -173,9 +175,7 @@ def raw_ort(
         intra = config["intra_op_threads"]
         if intra not in sessions:
             options = session_options(settings.model_copy(update={"ort_intra_threads": intra}))
-            sessions[intra] = ort.InferenceSession(
-                str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            sessions[intra] = open_session(model_file, options)
         batch = np.ascontiguousarray(batch32[: config["batch"]])
         rate, cpu_ms = _throughput(sessions[intra], batch, config["callers"], seconds)
         measured[name] = {**config, "images_per_s": rate, "cpu_ms_per_image": cpu_ms}
@@ -197,17 +197,19 @@ def raw_ort(
     }
 
 
-def draft_parity(bundle_dir: Path, files: list[Path], factor: float, *, int8: bool) -> dict[str, object]:
-    """Reduced-size DCT decoding vs full decoding of phone photos: speed and prediction change."""
-    import onnxruntime as ort
-
+def draft_parity(bundle_dir: Path, files: list[Path], *, int8: bool) -> dict[str, object] | None:
+    """The bundle's reduced-size DCT decoding (``decode_draft_factor`` in its preprocessing.json) vs
+    full decoding of phone photos: speed and prediction change (``None``: the bundle does not draft)."""
     from catsdogs.bundle import find_bundle
     from catsdogs.preprocessing import decode_image, preprocess_batch, softmax
+    from catsdogs.runtime import open_model, run_logits
 
     bundle = find_bundle(bundle_dir)
     config = bundle.preprocessing
-    session = ort.InferenceSession(str(bundle.onnx_path(int8=int8)), providers=["CPUExecutionProvider"])
-    draft = round(config.image_size * factor)
+    session = open_model(bundle.onnx_path(int8=int8), config)
+    draft = config.draft_size
+    if draft is None:
+        return None
     diffs, agree, full_ms, draft_ms = [], 0, [], []
     for path in files:
         data = path.read_bytes()
@@ -216,8 +218,7 @@ def draft_parity(bundle_dir: Path, files: list[Path], factor: float, *, int8: bo
             t0 = time.perf_counter()
             image = decode_image(data, draft_size=size)
             times.append((time.perf_counter() - t0) * 1000)
-            (logits,) = session.run(["logits"], {"input": preprocess_batch([image], config)})
-            probs.append(softmax(logits)[0])
+            probs.append(softmax(run_logits(session, preprocess_batch([image], config)))[0])
         diffs.append(float(np.abs(probs[0] - probs[1]).max()))
         agree += int(np.argmax(probs[0]) == np.argmax(probs[1]))
     return {
@@ -574,16 +575,7 @@ def main() -> None:
         )
         settings = server_settings(env, tmp)
         raw = raw_ort(args.bundle, jpegs, seconds=3.0, settings=settings)
-        parity = (
-            draft_parity(
-                args.bundle,
-                phone_files,
-                float(env.get("CATSDOGS_DECODE_DRAFT_FACTOR", 2.0)),
-                int8=settings.serve_int8,
-            )
-            if phone_files
-            else None
-        )
+        parity = draft_parity(args.bundle, phone_files, int8=settings.serve_int8) if phone_files else None
         proc, url, ready_s = start_server(args.bundle, env, tmp)
         try:
             result: dict[str, object] = {

@@ -43,12 +43,13 @@ import torch
 
 from catsdogs.bundle import write_json_atomic
 from catsdogs.settings import Settings
+from catsdogs.training.config import apply_profile, preprocess_config, preprocess_config_for
 from catsdogs.training.distributed import Dist
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import train_one_epoch, validate
 from catsdogs.training.memory import freed_memory_kept
 from catsdogs.training.models import FinetuneTop, ModelSpec, build_model
-from catsdogs.training.train import apply_profile, image_sources, preprocess_config_for
+from catsdogs.training.strategy_sources import image_sources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 PREFETCH = 2  # batches decoded ahead in the "prefetched" passes (the setting is off by default)
@@ -60,11 +61,13 @@ def _top(*, library: bool, bf16: bool = False, fold: bool = True) -> FinetuneTop
     ``train_bf16``; ``fold``: the trained blocks' batch norms folded."""
     torch.manual_seed(0)
     with (
-        mock.patch("catsdogs.training.models.fold_symmetric_padding", lambda net: net)
+        mock.patch("catsdogs.training.backbones.fold_symmetric_padding", lambda net: net)
         if library
         else nullcontext()
     ):
-        model = build_model(ModelSpec("efficientnet_lite2", image_size=280))
+        model = build_model(
+            ModelSpec("efficientnet_lite2"), preprocess_config("efficientnet_lite2", image_size=280)
+        )
     top = FinetuneTop(model, blocks=14, from_images=True, bf16=bf16, fold_batch_norms=fold and not library)
     if library:
         top._fused_trunk = (model.backbone,)

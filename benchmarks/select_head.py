@@ -20,11 +20,13 @@ import torch
 
 from catsdogs.metrics import wilson_interval
 from catsdogs.settings import Settings
+from catsdogs.training.backbones import BACKBONES
+from catsdogs.training.config import preprocess_config_for
 from catsdogs.training.distributed import Dist
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import fit
-from catsdogs.training.models import BACKBONES, build_head
-from catsdogs.training.train import head_sources, preprocess_config_for
+from catsdogs.training.models import build_head
+from catsdogs.training.strategy_sources import head_sources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head_selection.json"
 

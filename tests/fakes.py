@@ -19,9 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from catsdogs.bundle import DRIFT_REFERENCE, METADATA, METRICS, MODEL_CARD, ONNX, PREPROCESSING, SAMPLES
 from catsdogs.preprocessing import PreprocessConfig
-
-# TODO(lead): take both names from catsdogs.runtime once it is merged (helper b owns the tensor names).
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME
 
 IMAGE_SIZE = 64
 #: Mean colour → logits: red-ish images lean "cat", green- and blue-ish ones "dog".
@@ -35,10 +33,11 @@ def tiny_onnx(
     weights: np.ndarray,
     *,
     bias: np.ndarray | None = None,
-    image_size: int = IMAGE_SIZE,
+    image_size: int | str = IMAGE_SIZE,
     top_half: bool = False,
 ) -> Path:
-    """Write the tiny graph; ``top_half`` pools only the upper half, so orientation changes the answer."""
+    """Write the tiny graph; ``top_half`` pools only the upper half, so orientation changes the answer.
+    A string ``image_size`` leaves the graph's height and width symbolic (any size)."""
     bias = np.zeros(weights.shape[1], dtype=np.float32) if bias is None else np.asarray(bias, np.float32)
     initializers = [numpy_helper.from_array(weights.astype(np.float32), "W")]
     initializers.append(numpy_helper.from_array(bias, "b"))

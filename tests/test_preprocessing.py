@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from catsdogs import CatsdogsError
 from catsdogs.preprocessing import (
+    FORMAT_VERSION,
+    V1_DECODE_DRAFT_FACTOR,
     ImageError,
     PreprocessConfig,
+    decode_for_model,
     decode_image,
+    migrate,
     preprocess,
     preprocess_batch,
     softmax,
     to_array,
 )
+
+#: preprocessing.json as every bundle before format 2 has it (written by the code of 4fb093b).
+V1_FILE = {
+    "channel_order": "RGB", "class_names": ["cat", "dog"], "crop_pct": 1.0, "image_size": 280,
+    "interpolation": "bilinear", "layout": "NCHW", "mean": [0.5, 0.5, 0.5], "resize": "squash",
+    "std": [0.5, 0.5, 0.5],
+}  # fmt: skip
 
 
 def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -127,7 +141,7 @@ def test_preprocess_gives_normalized_chw(photo: Image.Image, policy: str) -> Non
 
 def test_to_array_is_exactly_the_textbook_normalization(photo: Image.Image) -> None:
     """The in-place CHW fill must not move a single bit: training and serving share it."""
-    config = PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    config = PreprocessConfig(image_size=60, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     pixels = np.asarray(photo, dtype=np.float32) / 255.0
     mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
     expected = ((pixels - mean) / std).transpose(2, 0, 1)
@@ -146,9 +160,88 @@ def test_batch_of_none_has_the_right_shape() -> None:
 
 
 def test_config_round_trips_through_json(tmp_path) -> None:
-    config = PreprocessConfig(image_size=260, resize="shorter_side_crop", crop_pct=0.9)
+    config = PreprocessConfig(image_size=260, resize="shorter_side_crop", crop_pct=0.9, decode_draft_factor=3)
     config.save(tmp_path / "preprocessing.json")
     assert PreprocessConfig.load(tmp_path / "preprocessing.json") == config
+    saved = json.loads((tmp_path / "preprocessing.json").read_text())
+    assert saved["format_version"] == FORMAT_VERSION == 2 and saved["decode_draft_factor"] == 3
+
+
+def _write(path: Path, payload: dict) -> Path:
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_a_version_1_file_migrates_to_the_values_its_model_was_served_with(tmp_path: Path) -> None:
+    config = PreprocessConfig.load(_write(tmp_path / "preprocessing.json", V1_FILE))
+    assert config.format_version == 2
+    assert config.decode_draft_factor == V1_DECODE_DRAFT_FACTOR == 2.0  # the service's setting then
+    assert config.model_dump(mode="json", exclude={"format_version", "decode_draft_factor"}) == {
+        **V1_FILE,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
+    assert migrate({**V1_FILE, "format_version": 1}) == migrate(V1_FILE)  # explicit or implied
+
+
+def test_a_version_1_file_missing_one_of_its_own_keys_is_refused(tmp_path: Path) -> None:
+    payload = {key: value for key, value in V1_FILE.items() if key != "mean"}
+    with pytest.raises(CatsdogsError, match=r"\(format 1\) lacks mean"):
+        PreprocessConfig.load(_write(tmp_path / "preprocessing.json", payload))
+
+
+@pytest.mark.parametrize("key", ["decode_draft_factor", "image_size", "class_names"])
+def test_a_current_file_missing_a_key_is_an_error_not_a_default(tmp_path: Path, key: str) -> None:
+    payload = PreprocessConfig(image_size=224).model_dump(mode="json")
+    del payload[key]
+    with pytest.raises(CatsdogsError, match=f"lacks {key}"):
+        PreprocessConfig.load(_write(tmp_path / "preprocessing.json", payload))
+
+
+def test_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
+    payload = {**PreprocessConfig(image_size=224).model_dump(mode="json"), "format_version": 3}
+    with pytest.raises(CatsdogsError, match=r"format_version 3.*upgrade catsdogs"):
+        PreprocessConfig.load(_write(tmp_path / "preprocessing.json", payload))
+
+
+def test_an_unknown_key_or_a_bad_value_is_refused_in_one_line(tmp_path: Path) -> None:
+    payload = PreprocessConfig(image_size=224).model_dump(mode="json")
+    with pytest.raises(CatsdogsError, match="crop_size"):
+        PreprocessConfig.load(_write(tmp_path / "a.json", {**payload, "crop_size": 200}))
+    with pytest.raises(CatsdogsError, match="decode_draft_factor") as info:
+        PreprocessConfig.load(_write(tmp_path / "b.json", {**payload, "decode_draft_factor": -1}))
+    assert "\n" not in str(info.value)
+
+
+def _phone_jpeg() -> bytes:
+    """A 4000×3000 JPEG (a 12 MP phone photo's size) with detail at every scale."""
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8))
+    image = small.resize((4000, 3000), Image.Resampling.BICUBIC)
+    return _encode(image, "JPEG", quality=90)
+
+
+def test_the_model_decode_drafts_large_jpegs_to_the_configured_factor() -> None:
+    data = _phone_jpeg()
+    config = PreprocessConfig(image_size=280)  # draft to no less than 560 px a side
+    drafted = decode_for_model(data, config)
+    assert min(drafted.size) >= config.draft_size == 560 and drafted.size == (1000, 750)  # 1/4 scale
+    full = decode_for_model(data, config.model_copy(update={"decode_draft_factor": 0.0}))
+    assert (
+        full.size == (4000, 3000)
+        and config.model_copy(update={"decode_draft_factor": 0.0}).draft_size is None
+    )
+
+
+@pytest.mark.parametrize("size", [(512, 512), (512, 384), (375, 500)])
+@pytest.mark.parametrize("image_size", [129, 224, 280])
+def test_the_draft_leaves_images_of_the_store_as_they_are(size: tuple[int, int], image_size: int) -> None:
+    """Training decodes the image store (at most 512 px a side) without a draft: for any model above
+    128 px the draft is a no-op there, so training, evaluation and serving see the same pixels."""
+    rng = np.random.default_rng(2)
+    data = _encode(Image.fromarray(rng.integers(0, 256, size=(*size[::-1], 3), dtype=np.uint8)), "JPEG")
+    config = PreprocessConfig(image_size=image_size)
+    np.testing.assert_array_equal(np.asarray(decode_for_model(data, config)), np.asarray(decode_image(data)))
 
 
 def test_softmax_is_stable_for_large_logits() -> None:

@@ -5,9 +5,11 @@ Layout (every consumer reads through :class:`ModelBundle`, never by hard-coded n
     bundle/
       weights.pt              PyTorch state dict (torch.load(..., weights_only=True)); training side only
       model.onnx              float32 graph, input ``input`` (N, 3, H, W), output ``logits`` (N, classes)
+                              (names: :mod:`catsdogs.runtime`; H = W = preprocessing.json's image_size)
       model.int8.onnx         optional statically quantized variant
-      preprocessing.json      :class:`~catsdogs.preprocessing.PreprocessConfig`
-      metadata.json           architecture, strategy, versions, data version, ONNX parity, ...
+      preprocessing.json      :class:`~catsdogs.preprocessing.PreprocessConfig`: image size, resize,
+                              normalization, JPEG decode draft, class names
+      metadata.json           architecture, head, strategy, versions, data version, ONNX parity, ...
       metrics.json            evaluation metrics with 95% confidence intervals
       model_card.md           data, metrics per class, intended use, limits, licences
       drift_reference.json    reference statistics for drift monitoring (optional)
@@ -27,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs import CatsdogsError
-from catsdogs.preprocessing import PreprocessConfig
+from catsdogs.preprocessing import PREPROCESSING_FILE, PreprocessConfig
 
 WEIGHTS = "weights.pt"
 ONNX = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
-PREPROCESSING = "preprocessing.json"
+PREPROCESSING = PREPROCESSING_FILE
 METADATA = "metadata.json"
 METRICS = "metrics.json"
 MODEL_CARD = "model_card.md"
@@ -82,6 +84,8 @@ class ModelBundle:
 
     @property
     def preprocessing(self) -> PreprocessConfig:
+        """The model's preprocessing; an older ``format_version`` is migrated, an unknown one or a
+        missing key refused (:meth:`PreprocessConfig.load`)."""
         return PreprocessConfig.load(self.root / PREPROCESSING)
 
     @property

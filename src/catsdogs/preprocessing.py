@@ -10,17 +10,20 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from catsdogs import CatsdogsError
 
 #: Formats we are willing to parse at all; everything else is "not an image" (smaller attack surface).
 #: Multi-picture JPEGs from phones (MPO) open through the JPEG entry.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MIN_SIDE = 32
+PREPROCESSING_FILE = "preprocessing.json"
 
 # Pillow raises its own DecompressionBombError only at 2x this; we check sizes ourselves first.
 Image.MAX_IMAGE_PIXELS = None
@@ -36,12 +39,37 @@ class ImageError(ValueError):
         self.detail = detail
 
 
+FORMAT_VERSION = 2
+"""The ``preprocessing.json`` schema. Version 1 (the first bundles, no ``format_version`` key) had
+every key of version 2 except ``format_version`` and ``decode_draft_factor``."""
+
+DEFAULT_DECODE_DRAFT_FACTOR = 2.0
+"""New models' :attr:`PreprocessConfig.decode_draft_factor`: phone JPEGs decode 2.5-7x faster with
+labels unchanged and probabilities within 0.004 (``draft_decode_parity`` of every
+``benchmarks/results/serve*.json``: six phone photos per run, 448-600 px drafts)."""
+
+V1_DECODE_DRAFT_FACTOR = 2.0
+"""What version-1 bundles were served with (the service's ``decode_draft_factor`` setting, 2.0 then).
+Their training and ``evaluate`` decoded without a draft, which on the image store is the same decode
+whenever ``image_size`` is above 128 (stored images are at most 512 px, and a JPEG is only drafted
+once both its sides are at least twice the draft size); so the migrated bundles keep the
+predictions they were served with, and every figure measured on the store stands."""
+
+_V1_KEYS = (
+    "image_size", "resize", "crop_pct", "interpolation", "mean", "std", "channel_order", "layout",
+    "class_names",
+)  # fmt: skip
+
+
 class PreprocessConfig(BaseModel):
-    """How pixels become a model input. Saved next to the weights; read by every consumer."""
+    """Everything the model needs to see an image. Saved next to the weights as ``preprocessing.json``
+    and read by every consumer; the model's ONNX graph is checked against ``image_size`` at load."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    image_size: int = 224
+    format_version: Literal[2] = FORMAT_VERSION
+    image_size: int = Field(gt=0)
+    """The model input is image_size × image_size pixels (the network is built for it)."""
     resize: Literal["squash", "shorter_side_crop"] = "squash"
     """``squash``: resize straight to size×size (keeps the whole animal in frame);
     ``shorter_side_crop``: resize the shorter side to size/crop_pct, then center-crop."""
@@ -52,13 +80,65 @@ class PreprocessConfig(BaseModel):
     channel_order: Literal["RGB"] = "RGB"
     layout: Literal["NCHW"] = "NCHW"
     class_names: tuple[str, ...] = ("cat", "dog")
+    decode_draft_factor: float = Field(default=DEFAULT_DECODE_DRAFT_FACTOR, ge=0.0)
+    """JPEGs are DCT-decoded at no less than this × ``image_size`` on a side (0: full size). Applied
+    by :func:`decode_for_model`, i.e. by evaluation, the MLflow pyfunc model and the service alike."""
+
+    @property
+    def draft_size(self) -> int | None:
+        """The smallest side a JPEG is decoded at, or ``None`` for a full-size decode."""
+        factor = self.decode_draft_factor
+        return round(self.image_size * factor) if factor > 0 else None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> PreprocessConfig:
-        return cls.model_validate_json(path.read_text())
+        """Read a ``preprocessing.json`` of any known version (older ones through :func:`migrate`)."""
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CatsdogsError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = PREPROCESSING_FILE) -> PreprocessConfig:
+        """Validate a current-version payload: every key present, none unknown, no silent default."""
+        data = migrate(data, source=source)
+        missing = sorted(set(cls.model_fields) - set(data))
+        if missing:
+            raise CatsdogsError(
+                f"{source} (format {FORMAT_VERSION}) lacks {', '.join(missing)}: it was not written by "
+                "catsdogs; re-export the model or write the missing keys"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise CatsdogsError(f"{source} is not a valid preprocessing config: {problems}") from None
+
+
+def migrate(data: dict[str, Any], *, source: str = PREPROCESSING_FILE) -> dict[str, Any]:
+    """Bring a ``preprocessing.json`` payload of any known version to :data:`FORMAT_VERSION`.
+
+    Version 1 gets the keys it lacks with the values its models were served with; a version-1 file
+    missing one of its own keys, or an unknown version, is an error.
+    """
+    if not isinstance(data, dict):
+        raise CatsdogsError(f"{source} must hold a JSON object, not {type(data).__name__}")
+    version = data.get("format_version", 1)
+    if version == FORMAT_VERSION:
+        return data
+    if version != 1:
+        raise CatsdogsError(
+            f"{source} has format_version {version!r}; this catsdogs reads versions 1 to {FORMAT_VERSION}: "
+            "upgrade catsdogs to load this model"
+        )
+    missing = [key for key in _V1_KEYS if key not in data]
+    if missing:
+        raise CatsdogsError(f"{source} (format 1) lacks {', '.join(missing)}: it is not a catsdogs bundle's")
+    return {**data, "format_version": FORMAT_VERSION, "decode_draft_factor": V1_DECODE_DRAFT_FACTOR}
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -141,6 +221,22 @@ def decode_image(
         raise ImageError(code, f"the image data cannot be decoded: {message}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as exc:
         raise ImageError("decode_failed", f"the image data cannot be decoded: {exc}") from None
+
+
+def decode_for_model(
+    data: bytes,
+    config: PreprocessConfig,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> Image.Image:
+    """Decode an image for the model ``config`` belongs to, JPEG draft included.
+
+    The one decode step of evaluation, the MLflow pyfunc model and the service: given the same
+    bytes and config, all three hand the model the same pixels. ``max_pixels`` and ``min_side``
+    only decide what is refused (see :func:`decode_image`).
+    """
+    return decode_image(data, max_pixels=max_pixels, min_side=min_side, draft_size=config.draft_size)
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

@@ -239,8 +239,6 @@ class Settings(BaseSettings):
     """Let idle ORT threads spin: faster alone, but steals CPU from decoding on small machines."""
     ort_cpu_arena: bool = True
     """ORT's memory arena (grows to the largest batch run; batches are capped by ``batch_max_size``)."""
-    decode_draft_factor: float = 2.0
-    """JPEGs are DCT-decoded at no less than this × the model input size (0 turns the fast path off)."""
     serve_int8: bool = False
     """Serve ``model.int8.onnx`` from the bundle instead of the float32 graph."""
     drift_max_images_per_s: float = Field(default=20.0, ge=0)

@@ -19,9 +19,10 @@ from registry_fakes import hashes, registry_bundle, write_manifest, write_plots
 
 from catsdogs import CatsdogsError, __version__
 from catsdogs.data.download import file_sha256
-from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch, softmax
+from catsdogs.preprocessing import PreprocessConfig, decode_for_model, preprocess_batch, softmax
 from catsdogs.registry import CHALLENGER, MlflowTracker, alias_log, flatten_metrics
 from catsdogs.registry.lineage import dvc_data_version, split_fingerprint
+from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME
 from catsdogs.settings import Settings
 from fakes import metrics_payload
 
@@ -223,11 +224,11 @@ def test_logged_pyfunc_predicts_like_onnxruntime_on_real_images(
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@{CHALLENGER}")
     images = sample_jpegs["cat"] + sample_jpegs["dog"]
     result = model.predict(pd.DataFrame({"image": images}))
-    # The same numbers straight from ONNX Runtime on the same preprocessing.
-    config = PreprocessConfig(image_size=32)
-    batch = preprocess_batch([decode_image(blob) for blob in images], config)
+    # The same numbers straight from ONNX Runtime on the same preprocessing (JPEG draft included).
+    config = PreprocessConfig.load(logged["bundle"] / "preprocessing.json")
+    batch = preprocess_batch([decode_for_model(blob, config) for blob in images], config)
     session = ort.InferenceSession(str(logged["bundle"] / "model.onnx"))
-    expected = softmax(session.run(["logits"], {"input": batch})[0].astype(np.float64))
+    expected = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].astype(np.float64))
     assert list(result.columns) == ["label", "confidence", "p_cat", "p_dog"]
     np.testing.assert_allclose(result[["p_cat", "p_dog"]].to_numpy(), expected, atol=1e-6)
     assert list(result["label"]) == [("cat", "dog")[i] for i in expected.argmax(axis=1)]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
+from catsdogs.preprocessing import PreprocessConfig, decode_for_model, preprocess_batch
 from fakes import IMAGE_SIZE
 from support import dataset_photos, free_port  # noqa: F401
 
@@ -20,8 +20,9 @@ def config() -> PreprocessConfig:
 
 
 def expected_probabilities(weights: np.ndarray, data: bytes, bias: np.ndarray | None = None) -> np.ndarray:
-    """What the model must answer for these bytes, computed without the service."""
-    image = decode_image(data)
+    """What the model must answer for these bytes, computed without the service (but with the one
+    decode step every consumer of a bundle shares, draft included)."""
+    image = decode_for_model(data, config())
     batch = preprocess_batch([image], config())
     logits = batch.mean(axis=(2, 3)) @ weights + (0 if bias is None else bias)
     shifted = np.exp(logits - logits.max())

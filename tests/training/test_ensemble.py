@@ -12,10 +12,13 @@ from torch import nn
 
 from catsdogs import CatsdogsError
 from catsdogs.bundle import ModelBundle
+from catsdogs.preprocessing import PreprocessConfig
+from catsdogs.runtime import INPUT_NAME, open_session
 from catsdogs.settings import Settings
-from catsdogs.training.features import ort_session
 from catsdogs.training.loop import CHECKPOINT
 from catsdogs.training.models import Ensemble, ModelSpec, build_model, load_model
+
+SIZE_224 = PreprocessConfig(image_size=224)
 
 
 def test_the_ensemble_outputs_logits_whose_softmax_is_the_mean_of_its_members() -> None:
@@ -27,9 +30,9 @@ def test_the_ensemble_outputs_logits_whose_softmax_is_the_mean_of_its_members() 
 
 
 def test_a_spec_with_several_members_builds_an_ensemble_and_survives_its_round_trip() -> None:
-    spec = ModelSpec("efficientnet_lite0", image_size=224, members=2)
+    spec = ModelSpec("efficientnet_lite0", members=2)
     assert ModelSpec.from_dict(spec.to_dict()) == spec
-    model = build_model(spec, pretrained=False)
+    model = build_model(spec, SIZE_224, pretrained=False)
     assert isinstance(model, Ensemble) and len(model.members) == 2
     # Bundles written before ensembles existed hold one model.
     assert ModelSpec.from_dict({"architecture": "simple_cnn", "image_size": 128}).members == 1
@@ -37,25 +40,26 @@ def test_a_spec_with_several_members_builds_an_ensemble_and_survives_its_round_t
 
 def test_members_of_different_backbones_are_built_each_as_its_own_model() -> None:
     archs = ("efficientnet_lite0", "efficientnet_lite1")
-    spec = ModelSpec("efficientnet_lite0", image_size=224, members=2, member_architectures=archs)
+    spec = ModelSpec("efficientnet_lite0", members=2, member_architectures=archs)
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     assert [spec.member(i).architecture for i in (0, 1)] == list(archs)
-    model = build_model(spec, pretrained=False)
+    model = build_model(spec, SIZE_224, pretrained=False)
     for member, arch in zip(model.members, archs, strict=True):
-        alone = build_model(ModelSpec(arch, image_size=224), pretrained=False)
+        alone = build_model(ModelSpec(arch), SIZE_224, pretrained=False)
         assert member.state_dict().keys() == alone.state_dict().keys()
         assert all(v.shape == alone.state_dict()[k].shape for k, v in member.state_dict().items())
     with pytest.raises(CatsdogsError, match="do not fit"):
-        ModelSpec("efficientnet_lite0", image_size=224, members=3, member_architectures=archs)
+        ModelSpec("efficientnet_lite0", members=3, member_architectures=archs)
 
 
 def test_member_architectures_set_the_ensemble_and_refuse_a_contradicting_member_count() -> None:
-    from catsdogs.training.train import resolve_spec
+    from catsdogs.training.config import preprocess_config_for, resolve_spec
 
     archs = ["efficientnet_lite2", "efficientnet_lite1"]
-    spec, strategy = resolve_spec(Settings(ensemble_architectures=archs, image_size=256))
+    settings = Settings(ensemble_architectures=archs, image_size=256)
+    spec, strategy = resolve_spec(settings)
     assert (spec.architecture, spec.members, spec.member_architectures) == (archs[0], 2, tuple(archs))
-    assert strategy == "finetune" and spec.member(1).image_size == 256  # one input for all members
+    assert strategy == "finetune" and preprocess_config_for(settings).image_size == 256  # one input for all
     same, _ = resolve_spec(Settings(ensemble_architectures=["efficientnet_lite0"] * 2))
     assert (same.members, same.member_architectures) == (2, ())  # plain seeds of one model
     with pytest.raises(CatsdogsError, match="3 ensemble members but 2"):
@@ -69,6 +73,7 @@ def test_the_cli_trains_one_member_per_comma_separated_model(monkeypatch) -> Non
 
     from catsdogs.cli import app
     from catsdogs.training import train as train_module
+    from catsdogs.training.config import resolve_spec
 
     seen: list[Settings] = []
 
@@ -80,7 +85,7 @@ def test_the_cli_trains_one_member_per_comma_separated_model(monkeypatch) -> Non
     args = ["train", "--model", "efficientnet_lite2, efficientnet_lite1", "--no-track"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    spec, _ = train_module.resolve_spec(seen[0])
+    spec, _ = resolve_spec(seen[0])
     assert spec.member_architectures == ("efficientnet_lite2", "efficientnet_lite1")
 
 
@@ -100,16 +105,19 @@ def test_members_train_with_their_own_seeds_and_the_bundle_serves_their_mean(ens
     x = np.random.default_rng(0).normal(size=(4, 3, 224, 224)).astype(np.float32)
     with torch.inference_mode():
         mean = torch.stack([torch.softmax(m(torch.from_numpy(x)), 1) for m in model.members]).mean(0)
-    served = torch.softmax(torch.from_numpy(ort_session(bundle.onnx_path()).run(None, {"input": x})[0]), 1)
+    served = torch.softmax(
+        torch.from_numpy(open_session(bundle.onnx_path()).run(None, {INPUT_NAME: x})[0]), 1
+    )
     np.testing.assert_allclose(served.numpy(), mean.numpy(), atol=1e-4)
 
 
 @pytest.mark.slow
 def test_the_recorded_validation_is_what_the_ensemble_computes_on_validation(ensemble_run) -> None:
     """It is combined from the members' validation logits of training, not by running them again."""
+    from catsdogs.training.config import apply_profile, preprocess_config_for
     from catsdogs.training.features import read_manifest, split_samples
     from catsdogs.training.loop import validate
-    from catsdogs.training.train import apply_profile, image_sources, preprocess_config_for
+    from catsdogs.training.strategy_sources import image_sources
 
     result, _, settings = ensemble_run
     settings = apply_profile(settings)
@@ -182,7 +190,7 @@ def test_a_time_budget_too_short_for_more_still_trains_every_member_one_epoch(en
 
 def _load(bundle_dir):
     bundle = ModelBundle.open(bundle_dir)
-    return load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    return load_model(bundle)
 
 
 @pytest.mark.slow
@@ -202,5 +210,5 @@ def test_an_ensemble_of_two_backbones_trains_each_on_its_own_features(ensemble_r
     )
     assert result.test_metrics["accuracy"] >= 0.9
     lite1 = _load(result.bundle_dir).members[1].backbone.state_dict()
-    pretrained = build_model(ModelSpec("efficientnet_lite1", image_size=224)).backbone.state_dict()
+    pretrained = build_model(ModelSpec("efficientnet_lite1"), SIZE_224).backbone.state_dict()
     assert all(torch.equal(lite1[key], pretrained[key]) for key in pretrained)  # frozen Lite1

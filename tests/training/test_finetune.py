@@ -10,17 +10,13 @@ import pytest
 import torch
 
 from catsdogs.bundle import ModelBundle
+from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.settings import Settings
-from catsdogs.training.models import (
-    FinetuneTop,
-    LiteFeatures,
-    ModelSpec,
-    build_model,
-    fold_symmetric_padding,
-    load_model,
-)
+from catsdogs.training.backbones import LiteFeatures, fold_symmetric_padding
+from catsdogs.training.models import FinetuneTop, ModelSpec, build_model, load_model
 
 pytestmark = pytest.mark.slow
+SIZE_224 = PreprocessConfig(image_size=224)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def test_padding_moved_into_the_convolutions_computes_exactly_what_the_library_c
 
 
 def test_only_the_last_blocks_the_head_conv_and_the_head_require_gradients() -> None:
-    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    model = build_model(ModelSpec("efficientnet_lite0"), SIZE_224)
     top = FinetuneTop(model, blocks=2)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     allowed = ("head.", "backbone.net._blocks.14.", "backbone.net._blocks.15.",
@@ -66,7 +62,7 @@ def test_only_the_last_blocks_the_head_conv_and_the_head_require_gradients() -> 
 
 
 def test_training_steps_leave_batch_norm_statistics_and_the_trunk_untouched() -> None:
-    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    model = build_model(ModelSpec("efficientnet_lite0"), SIZE_224)
     top = FinetuneTop(model, blocks=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     groups = top.param_groups(1e-2, backbone_lr_scale=0.1)
@@ -88,7 +84,7 @@ def test_training_steps_leave_batch_norm_statistics_and_the_trunk_untouched() ->
 
 
 def test_from_images_the_frozen_trunk_runs_in_eval_mode_and_gets_no_gradient() -> None:
-    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    model = build_model(ModelSpec("efficientnet_lite0"), SIZE_224)
     top = FinetuneTop(model, blocks=3, from_images=True).train()
     net = model.backbone.net
     assert not any(block.training for block in net._blocks[: top.start])
@@ -103,7 +99,7 @@ def test_from_images_the_frozen_trunk_runs_in_eval_mode_and_gets_no_gradient() -
 
 
 def test_from_images_the_trunk_runs_with_batch_norm_folded_in_yet_computes_the_same() -> None:
-    model = build_model(ModelSpec("efficientnet_lite0", 224)).eval()
+    model = build_model(ModelSpec("efficientnet_lite0"), SIZE_224).eval()
     top = FinetuneTop(model, blocks=4, from_images=True)
     (fused,) = top._fused_trunk
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
@@ -122,7 +118,7 @@ def test_from_images_the_trunk_runs_with_batch_norm_folded_in_yet_computes_the_s
 
 def test_the_trained_blocks_batch_norms_folded_into_their_convolutions_give_the_same_gradients() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    model = build_model(ModelSpec("efficientnet_lite0"), SIZE_224)
     for module in model.modules():  # batch norms that are not the identity at initialisation
         if isinstance(module, torch.nn.BatchNorm2d):
             module.weight.data.uniform_(0.5, 1.5), module.bias.data.uniform_(-0.5, 0.5)
@@ -145,7 +141,7 @@ def test_the_trained_blocks_batch_norms_folded_into_their_convolutions_give_the_
 
 def test_bf16_trains_the_float32_weights_and_evaluates_exactly_in_float32() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelSpec("efficientnet_lite0", 224))
+    model = build_model(ModelSpec("efficientnet_lite0"), SIZE_224)
     reference = copy.deepcopy(model).eval()
     top = FinetuneTop(model, blocks=3, from_images=True, bf16=True).train()
     assert len(top._fused_trunk) == 2 and next(top._fused_trunk[1].parameters()).dtype == torch.bfloat16
@@ -173,7 +169,7 @@ def test_more_blocks_than_the_backbone_has_are_refused() -> None:
     from catsdogs import CatsdogsError
 
     with pytest.raises(CatsdogsError, match="finetune_blocks must be between 0 and 16"):
-        FinetuneTop(build_model(ModelSpec("efficientnet_lite0", 224)), blocks=17)
+        FinetuneTop(build_model(ModelSpec("efficientnet_lite0"), SIZE_224), blocks=17)
 
 
 def _train_lite0(data_dir, cache_dir, tmp_path_factory, **settings):
@@ -207,7 +203,7 @@ def test_fine_tuning_learns_and_writes_a_bundle_whose_onnx_matches(finetune_run)
     bundle = ModelBundle.open(result.bundle_dir)
     assert bundle.metadata["strategy"] == "finetune" and bundle.metadata["onnx"]["passed"]
     assert "training views: orig, crop_flip" in (result.bundle_dir / "model_card.md").read_text()
-    model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    model = load_model(bundle)
     pretrained = LiteFeatures("efficientnet_lite0", image_size=224)
     trained = model.backbone.net
     assert torch.equal(
@@ -219,26 +215,28 @@ def test_fine_tuning_learns_and_writes_a_bundle_whose_onnx_matches(finetune_run)
 
 
 def test_a_second_run_reads_the_trunk_activations_from_the_cache(finetune_run, monkeypatch) -> None:
-    from catsdogs.training import train as train_module
+    from catsdogs.training import strategy_sources as sources
+    from catsdogs.training.config import preprocess_config_for
     from catsdogs.training.features import read_manifest, split_samples
+    from catsdogs.training.loop import Dist
 
     _, settings = finetune_run
 
     def refuse(*args, **kwargs):
         raise AssertionError("activations should come from the cache")
 
-    monkeypatch.setattr(train_module, "feature_extractor", lambda *a, **k: refuse)
+    monkeypatch.setattr(sources, "feature_extractor", lambda *a, **k: refuse)
     samples = read_manifest(settings.data_dir)
-    train_src, val_src = train_module.cached_sources(
+    train_src, val_src = sources.cached_sources(
         settings,
-        train_module.preprocess_config_for(settings),
+        preprocess_config_for(settings),
         split_samples(samples, "train"),
         split_samples(samples, "val"),
-        train_module.Dist(),
+        Dist(),
         views=settings.finetune_views,
         stop=15,
     )
-    x, _ = next(train_src.batches(4, rng=None, dist=train_module.Dist()))
+    x, _ = next(train_src.batches(4, rng=None, dist=Dist()))
     assert len(train_src) == 2 * 160 and len(val_src) == 40
     assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (192, 7, 7)  # block 15's input
 
@@ -263,7 +261,7 @@ def test_fine_tuning_on_random_augmentations_learns_and_serves_at_its_own_size(a
     assert bundle.preprocessing.image_size == 224 and bundle.metadata["onnx"]["passed"]
     assert bundle.metadata["ema_decay"] == 0.5 == result.params["ema_decay"]
     assert "training views: random augmentation" in (result.bundle_dir / "model_card.md").read_text()
-    model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    model = load_model(bundle)
     pretrained = LiteFeatures("efficientnet_lite0", image_size=224).net
     assert torch.equal(
         model.backbone.net._blocks[12]._project_conv.weight, pretrained._blocks[12]._project_conv.weight
@@ -274,9 +272,10 @@ def test_fine_tuning_on_random_augmentations_learns_and_serves_at_its_own_size(a
 
 
 def test_the_calibrated_temperature_is_folded_into_the_served_model(augmented_run) -> None:
+    from catsdogs.training.config import preprocess_config_for
     from catsdogs.training.features import read_manifest, split_samples
     from catsdogs.training.loop import validate
-    from catsdogs.training.train import image_sources, preprocess_config_for
+    from catsdogs.training.strategy_sources import image_sources
 
     result, settings = augmented_run
     bundle = ModelBundle.open(result.bundle_dir)
@@ -289,7 +288,7 @@ def test_the_calibrated_temperature_is_folded_into_the_served_model(augmented_ru
         split_samples(samples, "train"),
         split_samples(samples, "val"),
     )
-    served = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    served = load_model(bundle)
 
     def fitted_temperature(model) -> float:
         row = validate(

@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
-from catsdogs.training.models import (
-    IMAGENET_CAT_CLASSES,
-    IMAGENET_DOG_CLASSES,
-    load_imagenet_model,
-    preprocess_config,
-)
+from catsdogs.training.backbones import IMAGENET_CAT_CLASSES, IMAGENET_DOG_CLASSES, load_imagenet_model
+from catsdogs.training.config import preprocess_config
 from support import dataset_photos
 
 

@@ -5,20 +5,22 @@ from __future__ import annotations
 import pytest
 
 from catsdogs import CatsdogsError
+from catsdogs.preprocessing import DEFAULT_DECODE_DRAFT_FACTOR
 from catsdogs.settings import Settings, get_settings
-from catsdogs.training.train import (
+from catsdogs.training.config import (
     BEST_PROFILE,
     DEFAULT_EPOCHS,
     apply_profile,
     preprocess_config_for,
     resolve_spec,
+    train_params,
 )
 
 
 def test_the_default_fine_tunes_lite2s_last_two_blocks_for_one_epoch_above_its_native_size() -> None:
     settings = Settings()
     spec, strategy = resolve_spec(settings)
-    assert (spec.architecture, strategy, spec.head, spec.image_size) == (
+    assert (spec.architecture, strategy, spec.head, preprocess_config_for(settings).image_size) == (
         "efficientnet_lite2",
         "finetune",
         "linear",
@@ -35,8 +37,9 @@ def test_an_unset_epoch_count_becomes_the_strategys_own() -> None:
 
 
 def test_simple_cnn_always_trains_from_scratch() -> None:
-    spec, strategy = resolve_spec(Settings(architecture="simple_cnn"))
-    assert strategy == "scratch" and spec.image_size == 128
+    settings = Settings(architecture="simple_cnn")
+    _, strategy = resolve_spec(settings)
+    assert strategy == "scratch" and preprocess_config_for(settings).image_size == 128
 
 
 def test_a_pretrained_backbone_is_not_trained_from_scratch() -> None:
@@ -99,6 +102,18 @@ def test_preprocessing_follows_the_architecture_and_the_size_override() -> None:
     assert preprocess_config_for(Settings(image_size=260)).image_size == 260
     config = preprocess_config_for(Settings(architecture="efficientnet_lite0", image_size=192))
     assert config.image_size == 192 and config.mean == config.std == (0.5, 0.5, 0.5)
+    assert config.decode_draft_factor == DEFAULT_DECODE_DRAFT_FACTOR  # what serving will decode with
+
+
+def test_the_image_size_is_resolved_once_into_the_preprocessing_not_the_model_spec() -> None:
+    """The network is built from the preprocessing config; neither the spec nor the run's
+    parameters hold a second, independent copy of the size."""
+    settings = Settings(profile="best")  # the profile sets image_size 280 and trains at 224
+    spec, strategy = resolve_spec(settings)
+    config = preprocess_config_for(settings)
+    assert "image_size" not in spec.to_dict() and config.image_size == 280
+    params = train_params(apply_profile(settings), spec, strategy, config)
+    assert params["image_size"] == config.image_size and params["train_image_size"] == 224
 
 
 def test_the_cli_passes_its_schedule_flags_past_the_profile(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from catsdogs.bundle import ModelBundle
-from catsdogs.training.features import ort_session
-from catsdogs.training.models import ModelSpec, load_model
+from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME, open_session
+from catsdogs.training.models import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -87,43 +87,42 @@ def test_tracker_receives_params_every_epoch_and_artifacts(head_run) -> None:
 def test_weights_reload_with_weights_only_and_match_the_onnx_graph(head_run) -> None:
     result, _, _ = head_run
     bundle = ModelBundle.open(result.bundle_dir)
-    model = load_model(bundle.path("weights.pt"), ModelSpec.from_dict(bundle.metadata))
+    model = load_model(bundle)
     size = bundle.preprocessing.image_size
     x = np.random.default_rng(0).normal(size=(3, 3, size, size)).astype(np.float32)
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()
-    session = ort_session(bundle.onnx_path())
-    np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=1e-4)
+    session = open_session(bundle.onnx_path())
+    np.testing.assert_allclose(session.run(None, {INPUT_NAME: x})[0], expected, atol=1e-4)
 
 
 def test_onnx_graph_has_named_io_and_a_dynamic_batch_axis(head_run) -> None:
     result, _, _ = head_run
     graph = onnx.load(result.bundle_dir / "model.onnx").graph
-    assert [i.name for i in graph.input] == ["input"]
-    assert [o.name for o in graph.output] == ["logits"]
+    assert [i.name for i in graph.input] == [INPUT_NAME] == ["input"]  # the names clients rely on
+    assert [o.name for o in graph.output] == [OUTPUT_NAME] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed number
     parity = json.loads((result.bundle_dir / "metadata.json").read_text())["onnx"]
     assert parity["passed"] and parity["max_abs_prob_diff"] <= 1e-4 and parity["labels_identical"]
-    session = ort_session(result.bundle_dir / "model.onnx")
+    session = open_session(result.bundle_dir / "model.onnx")
     for batch in (1, 5):
         x = np.zeros((batch, 3, 224, 224), np.float32)
-        assert session.run(None, {"input": x})[0].shape == (batch, 2)
+        assert session.run(None, {INPUT_NAME: x})[0].shape == (batch, 2)
 
 
 def test_second_run_reuses_the_feature_cache(head_run, monkeypatch) -> None:
-    from catsdogs.training import train as train_module
+    from catsdogs.training import strategy_sources as sources_module
+    from catsdogs.training.config import preprocess_config_for
+    from catsdogs.training.loop import Dist
 
     _, _, settings = head_run
 
     def refuse(*args, **kwargs):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(train_module, "feature_extractor", lambda *a, **k: refuse)
-    sources = train_module.head_sources(
-        settings,
-        train_module.preprocess_config_for(settings),
-        *_splits(settings),
-        train_module.Dist(),
+    monkeypatch.setattr(sources_module, "feature_extractor", lambda *a, **k: refuse)
+    sources = sources_module.head_sources(
+        settings, preprocess_config_for(settings), *_splits(settings), Dist()
     )
     assert len(sources[0]) == 2 * 160  # each training image and its mirror image
 

@@ -48,18 +48,16 @@ def _column(model_input: Any) -> list[Any]:
 
 
 class CatsdogsOnnxModel(PythonModel):
-    """Runs the bundle's ``model.onnx`` with ONNX Runtime on images decoded by ``catsdogs.preprocessing``."""
+    """Runs the bundle's ``model.onnx`` (:mod:`catsdogs.runtime`) on images decoded and preprocessed by
+    :mod:`catsdogs.preprocessing` with the bundle's own config, as the service and ``evaluate`` do."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        import onnxruntime as ort
-
         from catsdogs.bundle import find_bundle
+        from catsdogs.runtime import open_model
 
         self._bundle = find_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
         self._config = self._bundle.preprocessing
-        self._session = ort.InferenceSession(
-            str(self._bundle.onnx_path()), providers=["CPUExecutionProvider"]
-        )
+        self._session = open_model(self._bundle.onnx_path(), self._config)
 
     # ``model_input`` is left unannotated on purpose: MLflow turns a type hint into its own input
     # validation, which would fight the logged signature (binary ``image`` column).
@@ -67,11 +65,12 @@ class CatsdogsOnnxModel(PythonModel):
         import numpy as np
         import pandas as pd
 
-        from catsdogs.preprocessing import decode_image, preprocess_batch, softmax
+        from catsdogs.preprocessing import decode_for_model, preprocess_batch, softmax
+        from catsdogs.runtime import run_logits
 
-        images = [decode_image(_as_bytes(value)) for value in _column(model_input)]
+        images = [decode_for_model(_as_bytes(value), self._config) for value in _column(model_input)]
         batch = preprocess_batch(images, self._config)
-        logits = self._session.run(["logits"], {"input": batch})[0]
+        logits = run_logits(self._session, batch)
         probabilities = softmax(logits.astype(np.float64))
         names = list(self._config.class_names)
         best = probabilities.argmax(axis=1) if len(images) else np.zeros(0, dtype=int)

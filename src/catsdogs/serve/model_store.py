@@ -7,7 +7,6 @@ mixes two models in one answer: old requests finish on the old session, new ones
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -16,19 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs import runtime
 from catsdogs.preprocessing import PreprocessConfig, softmax
 from catsdogs.registry.model_source import ResolvedBundle, current_version, resolve
+from catsdogs.runtime import available_cores, run_logits
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (the affinity mask, not the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def batch_size(settings: Settings) -> int:
@@ -46,22 +39,12 @@ def inference_workers(settings: Settings) -> int:
 
 
 def session_options(settings: Settings) -> Any:
-    """ORT options sized for the core count: one inter-op thread, the cores shared by the workers."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.ort_intra_threads or max(
-        1, available_cores() // inference_workers(settings)
+    """ORT options sized for the core count: the cores shared by the workers, spinning as configured."""
+    return runtime.session_options(
+        intra_threads=settings.ort_intra_threads or max(1, available_cores() // inference_workers(settings)),
+        allow_spinning=settings.ort_allow_spinning,
+        cpu_arena=settings.ort_cpu_arena,
     )
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_cpu_mem_arena = settings.ort_cpu_arena
-    options.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0"
-    )
-    options.log_severity_level = 3
-    return options
 
 
 @dataclass
@@ -71,7 +54,6 @@ class LoadedModel:
     resolved: ResolvedBundle
     session: Any
     config: PreprocessConfig
-    draft_size: int | None
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -92,8 +74,7 @@ class LoadedModel:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 → (N, classes) probabilities."""
-        (logits,) = self.session.run(["logits"], {"input": batch})
-        return softmax(logits.astype(np.float32, copy=False))
+        return softmax(run_logits(self.session, batch).astype(np.float32, copy=False))
 
     def warm_up(self, max_batch: int) -> None:
         """Run the sizes the service will run, so the first requests and the arena hold no surprise."""
@@ -103,21 +84,11 @@ class LoadedModel:
 
 
 def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
-    """Open the bundle's ONNX graph in ORT, check its contract, and warm it up."""
-    import onnxruntime as ort
-
+    """Open the bundle's ONNX graph in ORT (checked against its preprocessing), and warm it up."""
     bundle = resolved.bundle
     config = bundle.preprocessing
     path = bundle.onnx_path(int8=settings.serve_int8)
-    session = ort.InferenceSession(
-        str(path), sess_options=session_options(settings), providers=["CPUExecutionProvider"]
-    )
-    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    if names[0] != ["input"] or "logits" not in names[1]:
-        raise ValueError(f"{path} must have input 'input' and output 'logits', has {names}")
-    factor = settings.decode_draft_factor
-    draft = round(config.image_size * factor) if factor > 0 else None
-    model = LoadedModel(resolved, session, config, draft)
+    model = LoadedModel(resolved, runtime.open_model(path, config, options=session_options(settings)), config)
     model.warm_up(batch_size(settings))
     return model
 

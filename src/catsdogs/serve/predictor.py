@@ -24,19 +24,14 @@ from PIL import Image
 
 from catsdogs.bundle import write_json_atomic
 from catsdogs.drift import stats_image
-from catsdogs.preprocessing import ImageError, decode_image, resize, to_array
+from catsdogs.preprocessing import ImageError, decode_for_model, resize, to_array
+from catsdogs.runtime import available_cores
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.drift import DriftFeed
 from catsdogs.serve.errors import ApiError, image_error
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
-from catsdogs.serve.model_store import (
-    LoadedModel,
-    ModelStore,
-    available_cores,
-    batch_size,
-    inference_workers,
-)
+from catsdogs.serve.model_store import LoadedModel, ModelStore, batch_size, inference_workers
 from catsdogs.serve.stats import RunningStats
 from catsdogs.settings import Settings
 
@@ -143,11 +138,11 @@ class Predictor:
     def _prepare(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, Image.Image | None]:
         if self.settings.store_uploads:
             self._store(data)
-        image = decode_image(
+        image = decode_for_model(
             data,
+            model.config,
             max_pixels=self.settings.max_image_pixels,
             min_side=self.settings.min_image_side,
-            draft_size=model.draft_size,
         )
         # Drift statistics need the upload itself (its size, sharpness), as a small copy.
         stats_copy = stats_image(image) if self.drift.wants_sample() else None

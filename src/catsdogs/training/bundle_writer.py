@@ -1,8 +1,8 @@
 """Assemble a model bundle after training: weights, preprocessing, verified ONNX, test metrics, card.
 
-The bundle is built in a temporary folder next to its destination and renamed into place, so a
-reader never sees half a bundle. Test metrics come from the exported ONNX graph through ONNX
-Runtime: exactly what serving runs.
+The bundle is built in a temporary folder next to its destination and moved into place by
+:func:`catsdogs.bundle.replace_folder`, so a reader never sees half a bundle. Test metrics come
+from the exported ONNX graph, opened and run as evaluation and serving do.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from catsdogs.data.download import file_sha256
 from catsdogs.data.labelled import LabelledImage
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
+from catsdogs.runtime import open_model
 from catsdogs.settings import Settings
-from catsdogs.training.evaluate import evaluate_session, write_predictions_csv
+from catsdogs.training.backbones import BACKBONES
+from catsdogs.training.evaluate import EvaluationResult, evaluate_session, write_predictions_csv
 from catsdogs.training.export import export_verified
-from catsdogs.training.features import Sample, image_batches, ort_session
+from catsdogs.training.features import Sample, image_batches
 from catsdogs.training.loop import selection_loss
-from catsdogs.training.models import BACKBONES, ModelSpec
+from catsdogs.training.models import ModelSpec
 from catsdogs.training.reports import (
     model_card,
     plot_confusion_matrix,
@@ -83,34 +85,58 @@ def write_bundle(
     """
     staging = bundle_dir.with_name(f".{bundle_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / bundle_files.SAMPLES).mkdir(parents=True)
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    _save_weights(model, staging / bundle_files.WEIGHTS)
-    config.save(staging / bundle_files.PREPROCESSING)
-
-    shipped = pick_samples(samples["test"], config.class_names, per_class=settings.bundle_samples_per_class)
-    for sample in shipped:
-        shutil.copyfile(
-            sample.path,
-            staging / bundle_files.SAMPLES / f"{sample.label}.{sample.sha256[:12]}{sample.path.suffix}",
-        )
-    parity_set = shipped + list(samples["val"][: settings.parity_images])
+    shipped = _write_model_inputs(model, staging, config, samples["test"], settings)
     parity = export_verified(
         model,
         staging / bundle_files.ONNX,
         image_size=config.image_size,
-        parity_batch=parity_images(parity_set, config),
+        parity_batch=parity_images(shipped + list(samples["val"][: settings.parity_images]), config),
     )
-
-    test_images = [LabelledImage(str(s.path), s.label, s.path.read_bytes) for s in samples["test"]]
-    result = evaluate_session(ort_session(staging / bundle_files.ONNX), config, test_images, split="test")
-    metrics = result.metrics
-    bundle_files.write_json_atomic(staging / bundle_files.METRICS, metrics)
-
-    manifest = settings.manifest_path
+    result = _evaluate_test(staging, config, samples["test"])
+    bundle_files.write_json_atomic(staging / bundle_files.METRICS, result.metrics)
     best = val_metrics if val_metrics is not None else min(history, key=selection_loss) if history else {}
     metadata = {
+        **_metadata(spec, strategy, config, settings),
+        "onnx": parity.to_dict(),
+        "epochs_trained": len(history),
+        "best_epoch": best.get("epoch"),
+        "val_metrics": best,
+        "temperature": temperature,
+    }
+    _write_descriptions(staging, metadata, result, samples, settings, strategy)
+    bundle_files.replace_folder(staging, bundle_dir)
+    _write_artifacts(artifacts_dir, result.predictions, result.metrics, history, config.class_names)
+    accuracy = result.metrics["accuracy"]
+    logger.info("bundle %s: test accuracy %.4f %s", bundle_dir, accuracy, result.metrics["accuracy_ci95"])
+    return result.metrics
+
+
+def _write_model_inputs(
+    model: nn.Module, staging: Path, config: PreprocessConfig, test: Sequence[Sample], settings: Settings
+) -> list[Sample]:
+    """Weights, ``preprocessing.json`` and the shipped sample images; returns those samples."""
+    (staging / bundle_files.SAMPLES).mkdir(parents=True)
+    _save_weights(model, staging / bundle_files.WEIGHTS)
+    config.save(staging / bundle_files.PREPROCESSING)
+    shipped = pick_samples(test, config.class_names, per_class=settings.bundle_samples_per_class)
+    for sample in shipped:
+        name = f"{sample.label}.{sample.sha256[:12]}{sample.path.suffix}"
+        shutil.copyfile(sample.path, staging / bundle_files.SAMPLES / name)
+    return shipped
+
+
+def _evaluate_test(staging: Path, config: PreprocessConfig, test: Sequence[Sample]) -> EvaluationResult:
+    """Test metrics of the exported graph, opened and run exactly as ``catsdogs evaluate`` does."""
+    images = [LabelledImage(str(s.path), s.label, s.path.read_bytes) for s in test]
+    session = open_model(staging / bundle_files.ONNX, config)
+    return evaluate_session(session, config, images, split="test")
+
+
+def _metadata(spec: ModelSpec, strategy: str, config: PreprocessConfig, settings: Settings) -> dict[str, Any]:
+    """What the model is and where it came from (the input size is in ``preprocessing.json`` only)."""
+    manifest = settings.manifest_path
+    return {
         **spec.to_dict(),
         "strategy": strategy,
         "profile": settings.profile,
@@ -121,39 +147,35 @@ def write_bundle(
         "git_commit": git_commit(cwd=Path(__file__).resolve().parent),  # the source tree's
         "data_version": file_sha256(manifest) if manifest.is_file() else None,
         "run_id": None,
-        "onnx": parity.to_dict(),
-        "epochs_trained": len(history),
-        "best_epoch": best.get("epoch"),
-        "val_metrics": best,
-        "temperature": temperature,
         "ema_decay": settings.ema_decay,  # the weights are this moving average of the trained ones
         "weights_licence": BACKBONES[spec.architecture].licence
         if spec.architecture in BACKBONES
         else SIMPLE_CNN_LICENCE,
     }
+
+
+def _write_descriptions(
+    staging: Path,
+    metadata: dict[str, Any],
+    result: EvaluationResult,
+    samples: dict[str, list[Sample]],
+    settings: Settings,
+    strategy: str,
+) -> None:
+    """``metadata.json``, the model card and the drift reference."""
     bundle_files.write_json_atomic(staging / bundle_files.METADATA, metadata)
     data_info = {
         "n_train": len(samples["train"]),
         "n_val": len(samples["val"]),
         "views": _training_views(settings, strategy),
     }
-    (staging / bundle_files.MODEL_CARD).write_text(
-        model_card(metadata=metadata, metrics=metrics, data=data_info)
+    card = model_card(metadata=metadata, metrics=result.metrics, data=data_info)
+    (staging / bundle_files.MODEL_CARD).write_text(card)
+    class_names = metadata["class_names"]
+    reference = drift_reference(
+        samples["train"], result.predictions, class_names, limit=settings.drift_reference_images
     )
-
-    bundle_files.write_json_atomic(
-        staging / bundle_files.DRIFT_REFERENCE,
-        drift_reference(
-            samples["train"], result.predictions, config.class_names, limit=settings.drift_reference_images
-        ),
-    )
-
-    if bundle_dir.exists():
-        shutil.rmtree(bundle_dir)
-    staging.replace(bundle_dir)
-    _write_artifacts(artifacts_dir, result.predictions, metrics, history, config.class_names)
-    logger.info("bundle %s: test accuracy %.4f %s", bundle_dir, metrics["accuracy"], metrics["accuracy_ci95"])
-    return metrics
+    bundle_files.write_json_atomic(staging / bundle_files.DRIFT_REFERENCE, reference)
 
 
 def drift_reference(
@@ -180,6 +202,7 @@ def _write_artifacts(
     gallery: int = 12,
 ) -> None:
     """Figures and per-image predictions for the tracker and for humans."""
+    folder.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(folder / "predictions.csv", predictions)
     plot_confusion_matrix(folder / "confusion_matrix.png", metrics["confusion_matrix"], class_names)
     y = np.asarray([class_names.index(p["label"]) for p in predictions])

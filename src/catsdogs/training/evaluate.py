@@ -22,7 +22,7 @@ from catsdogs import CatsdogsError
 from catsdogs.bundle import ModelBundle, find_bundle, write_json_atomic
 from catsdogs.data.labelled import LabelledImage, balanced, read_labelled
 from catsdogs.metrics import classification_metrics
-from catsdogs.preprocessing import ImageError, PreprocessConfig, decode_image, preprocess, softmax
+from catsdogs.preprocessing import ImageError, PreprocessConfig, decode_for_model, preprocess, softmax
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def predict_probabilities(
 
     def load(item: LabelledImage) -> np.ndarray | None:
         try:
-            return preprocess(decode_image(item.read()), config)
+            return preprocess(decode_for_model(item.read(), config), config)
         except ImageError as exc:
             logger.warning("skipping %s: %s", item.name, exc)
             return None
@@ -170,11 +170,11 @@ def evaluate_bundle(
 
     Writes ``metrics.json`` and ``predictions.csv`` to ``out_dir`` when given.
     """
-    from catsdogs.training.features import ort_session
+    from catsdogs.runtime import open_model
 
     config = bundle.preprocessing
     images = labelled_source(source, config.class_names, split=split, limit=limit)
-    session = ort_session(bundle.onnx_path(int8=int8))
+    session = open_model(bundle.onnx_path(int8=int8), config)
     result = evaluate_session(session, config, images, tta=tta, split=split or source.name, progress=progress)
     if out_dir is not None:
         write_json_atomic(out_dir / "metrics.json", result.metrics)

@@ -1,7 +1,9 @@
 """ONNX export, verified where it happens: checker, dynamic batch, parity with PyTorch, INT8 gate.
 
-Serving runs ``model.onnx`` (input ``input`` (N, 3, H, W) float32, output ``logits``), so every
-export is compared with the PyTorch model on real images before it is accepted.
+Serving runs ``model.onnx`` (input :data:`~catsdogs.runtime.INPUT_NAME` (N, 3, H, W) float32,
+output :data:`~catsdogs.runtime.OUTPUT_NAME`), so every export is compared with the PyTorch model on
+real images before it is accepted. A bundle's model is rebuilt and exported at the one image size
+of its ``preprocessing.json``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from torch import nn
 
 from catsdogs import CatsdogsError
 from catsdogs.preprocessing import softmax
+from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME, open_session
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 PARITY_MAX_PROB_DIFF = 1e-4
 INT8_MAX_DROP_POINTS = 0.3
 
@@ -67,9 +68,8 @@ def export_onnx(model: nn.Module, path: Path, *, image_size: int, output_name: s
 
 
 def onnx_logits(session: Any, batch: np.ndarray, *, chunk: int = 64) -> np.ndarray:
-    """Run an ONNX Runtime session over a batch in chunks (bounded memory)."""
-    input_name = session.get_inputs()[0].name
-    outputs = [session.run(None, {input_name: batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)]
+    """Run an ONNX Runtime session over a batch in chunks (bounded memory); its first output."""
+    outputs = [session.run(None, {INPUT_NAME: batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
@@ -100,13 +100,11 @@ class ParityReport:
 
 def check_parity(model: nn.Module, onnx_path: Path, batch: np.ndarray) -> ParityReport:
     """Compare PyTorch and ONNX Runtime on preprocessed real images (the same array goes to both)."""
-    from catsdogs.training.features import ort_session
-
     if len(batch) == 0:
         raise CatsdogsError("parity needs at least one real image")
     with torch.inference_mode():
         torch_logits = model.eval().cpu()(torch.from_numpy(batch)).numpy()
-    ort_logits = onnx_logits(ort_session(onnx_path), batch)
+    ort_logits = onnx_logits(open_session(onnx_path), batch)
     torch_prob, ort_prob = softmax(torch_logits), softmax(ort_logits)
     return ParityReport(
         n_images=len(batch),
@@ -193,9 +191,9 @@ def _accuracies(
     paths: Sequence[Path], samples: Sequence[Any], labels: np.ndarray, config: Any
 ) -> list[float]:
     """Accuracy of several ONNX models on the same images, streamed batch by batch (bounded memory)."""
-    from catsdogs.training.features import image_batches, ort_session
+    from catsdogs.training.features import image_batches
 
-    sessions = [ort_session(path) for path in paths]
+    sessions = [open_session(path) for path in paths]
     correct = np.zeros(len(paths), dtype=np.int64)
     batches = image_batches([s.path for s in samples], config, batch_size=64)
     for start, batch in zip(range(0, len(samples), 64), batches, strict=True):
@@ -243,11 +241,10 @@ def _export_in_place(bundle: Any, *, settings: Any, int8: bool) -> ExportReport:
     from catsdogs import bundle as bundle_files
     from catsdogs.preprocessing import preprocess
     from catsdogs.training.features import load_image, read_manifest, split_samples
-    from catsdogs.training.models import ModelSpec, load_model
+    from catsdogs.training.models import load_model
 
     config = bundle.preprocessing
-    spec = ModelSpec.from_dict(bundle.metadata)
-    model = load_model(bundle.path(bundle_files.WEIGHTS), spec)
+    model = load_model(bundle)  # built for config.image_size, exported at it below
     shipped = [preprocess(load_image(path), config) for path, _ in bundle.samples()]
     samples = read_manifest(settings.data_dir) if settings.manifest_path.is_file() else []
     val = split_samples(samples, "val", limit=settings.max_eval_images)

@@ -65,7 +65,12 @@ def split_samples(samples: Sequence[Sample], split: str, *, limit: int | None = 
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode a stored image through the shared, safe decoder."""
+    """Decode a stored image through the shared, safe decoder, at full size.
+
+    No JPEG draft (:func:`catsdogs.preprocessing.decode_for_model`): the image store holds images of
+    at most ``store_max_side`` (512) px, which the draft of any model above 128 px leaves as they
+    are, and training keeps decoding exactly as the figures in the README were measured.
+    """
     return decode_image(path.read_bytes())
 
 
@@ -103,18 +108,13 @@ def image_batches(
             yield np.stack(list(pool.map(one, paths[start : start + batch_size])))
 
 
-def ort_session(onnx_path: Path, *, threads: int | None = None):
-    """An ONNX Runtime CPU session (threads default to every core)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+#: Config fields that do not change a stored image's features: training decodes the image store
+#: without a draft (:func:`load_image`), so caches written before a field existed stay valid.
+_NOT_IN_FEATURES = {"class_names", "format_version", "decode_draft_factor"}
 
 
 def _config_digest(config: PreprocessConfig) -> str:
-    payload = json.dumps(config.model_dump(mode="json", exclude={"class_names"}), sort_keys=True)
+    payload = json.dumps(config.model_dump(mode="json", exclude=_NOT_IN_FEATURES), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

@@ -9,14 +9,15 @@ from PIL import ImageEnhance, ImageOps
 
 from catsdogs.bundle import ModelBundle
 from catsdogs.preprocessing import preprocess_batch, softmax
-from catsdogs.training.features import load_image, ort_session, read_manifest, split_samples
+from catsdogs.runtime import open_model, run_logits
+from catsdogs.training.features import load_image, read_manifest, split_samples
 
 pytestmark = pytest.mark.slow
 
 
 def _predict(bundle: ModelBundle, images) -> np.ndarray:
-    session = ort_session(bundle.onnx_path())
-    return softmax(session.run(None, {"input": preprocess_batch(images, bundle.preprocessing)})[0])
+    config = bundle.preprocessing
+    return softmax(run_logits(open_model(bundle.onnx_path(), config), preprocess_batch(images, config)))
 
 
 def _confident_test_images(head_run, label: str):
