@@ -197,8 +197,7 @@ class Unimportable:
 sys.meta_path.insert(0, Unimportable())
 
 import time
-import catsdogs.preprocessing, catsdogs.bundle
-# TODO(lead): add `import catsdogs.runtime` here once helper b's runtime.py is merged.
+import catsdogs.preprocessing, catsdogs.bundle, catsdogs.runtime
 import catsdogs.serve.app
 from catsdogs.serve import server, smoke
 from catsdogs.registry import model_source

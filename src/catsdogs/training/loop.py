@@ -167,7 +167,7 @@ class FitResult(NamedTuple):
 
 def _epochs(settings: Settings) -> int:
     if settings.epochs is None:
-        raise CatsdogsError("settings.epochs is unset: resolve it with catsdogs.training.config.apply_profile")
+        raise CatsdogsError("settings.epochs is unset: resolve it with training.config.apply_profile")
     return settings.epochs
 
 
