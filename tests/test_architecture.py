@@ -31,6 +31,7 @@ SHARED = frozenset(
         "catsdogs.runtime",
         "catsdogs.metrics",
         "catsdogs.drift",
+        "catsdogs.files",
     }
 )
 

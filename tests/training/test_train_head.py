@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from catsdogs.bundle import ModelBundle
+from catsdogs.files import default_file_mode
 from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME, open_session
 from catsdogs.training.models import load_model
 
@@ -56,6 +57,15 @@ def test_bundle_holds_every_file_of_the_contract(head_run) -> None:
     card = (result.bundle_dir / "model_card.md").read_text()
     for section in ("## Data", "## Metrics", "## Intended use", "## Limits", "## Licences"):
         assert section in card
+
+
+def test_every_bundle_file_has_the_mode_the_umask_gives(head_run) -> None:
+    """Another user (the serving image's uid 10001, a read-only mount) can read every file."""
+    result, _, _ = head_run
+    files = [p for p in result.bundle_dir.rglob("*") if p.is_file()]
+    assert files
+    modes = {p.relative_to(result.bundle_dir).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(default_file_mode())}, modes
 
 
 def test_evaluation_artifacts_are_written(head_run) -> None:

@@ -38,6 +38,7 @@ from catsdogs.data.fetch import fetch_archive
 from catsdogs.data.sources import Member, Source, open_source
 from catsdogs.data.split import SPLITS, assign_splits, draw
 from catsdogs.data.validate import Accepted, Rejected, StoreConfig
+from catsdogs.files import write_text_atomic
 from catsdogs.settings import Settings
 
 _logger = logging.getLogger(__name__)
@@ -116,13 +117,6 @@ def _process_all(
     finally:
         bar.close()
         validate.close_worker()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-    Path(tmp).replace(path)
 
 
 def manifest_text(rows: list[dict[str, Any]]) -> str:
@@ -324,8 +318,8 @@ def ingest(
             sections=sections,
             sample_per_class=per_class,
         )
-        _write_atomic(staging / "manifest.csv", manifest_text(rows))
-        _write_atomic(staging / "data_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(staging / "manifest.csv", manifest_text(rows))
+        write_text_atomic(staging / "data_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         _swap_in(staging, data_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

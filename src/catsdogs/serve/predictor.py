@@ -24,6 +24,7 @@ from PIL import Image
 
 from catsdogs.bundle import write_json_atomic
 from catsdogs.drift import stats_image
+from catsdogs.files import atomic_path
 from catsdogs.preprocessing import ImageError, decode_for_model, resize, to_array
 from catsdogs.runtime import available_cores
 from catsdogs.serve.batcher import MicroBatcher
@@ -162,9 +163,8 @@ class Predictor:
         digest = hashlib.sha256(data).hexdigest()
         folder = self.settings.upload_dir / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{digest}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(folder / f"{digest}.bin")
+        with atomic_path(folder / f"{digest}.bin") as tmp:
+            tmp.write_bytes(data)
         write_json_atomic(folder / f"{digest}.json", {"received_at": time.time(), "bytes": len(data)})
 
     # --- event loop side -----------------------------------------------------------------------------

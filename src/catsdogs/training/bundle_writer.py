@@ -22,6 +22,7 @@ from catsdogs import __version__
 from catsdogs import bundle as bundle_files
 from catsdogs.data.download import file_sha256
 from catsdogs.data.labelled import LabelledImage
+from catsdogs.files import atomic_path
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
 from catsdogs.runtime import open_model
@@ -58,9 +59,8 @@ def parity_images(samples: Sequence[Sample], config: PreprocessConfig) -> np.nda
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
 
 
 def write_bundle(

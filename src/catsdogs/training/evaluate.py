@@ -21,6 +21,7 @@ from tqdm import tqdm
 from catsdogs import CatsdogsError
 from catsdogs.bundle import ModelBundle, find_bundle, write_json_atomic
 from catsdogs.data.labelled import LabelledImage, balanced, read_labelled
+from catsdogs.files import write_text_atomic
 from catsdogs.metrics import classification_metrics
 from catsdogs.preprocessing import ImageError, PreprocessConfig, decode_for_model, preprocess, softmax
 from catsdogs.settings import Settings
@@ -117,10 +118,7 @@ def write_predictions_csv(path: Path, predictions: Sequence[dict[str, Any]]) -> 
         writer = csv.DictWriter(buffer, fieldnames=list(predictions[0]))
         writer.writeheader()
         writer.writerows(predictions)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def labelled_source(

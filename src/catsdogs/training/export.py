@@ -9,7 +9,6 @@ of its ``preprocessing.json``.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from catsdogs import CatsdogsError
+from catsdogs.files import atomic_path
 from catsdogs.preprocessing import softmax
 from catsdogs.runtime import INPUT_NAME, OUTPUT_NAME, open_session
 
@@ -40,29 +40,21 @@ def export_onnx(model: nn.Module, path: Path, *, image_size: int, output_name: s
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     model = model.eval().cpu()
     example = torch.zeros(2, 3, image_size, image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                tmp,
-                input_names=[INPUT_NAME],
-                output_names=[output_name],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                dynamo=True,
-                external_data=False,
-                optimize=True,
-                verbose=False,
-            )
+    with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            tmp,
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
         onnx.checker.check_model(onnx.load(tmp), full_check=True)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     logger.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 

@@ -11,8 +11,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from catsdogs import CatsdogsError
+from catsdogs.files import atomic_path
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess
 
 logger = logging.getLogger(__name__)
@@ -119,16 +118,8 @@ def _config_digest(config: PreprocessConfig) -> str:
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with Path(tmp).open("wb") as handle:
-            np.savez(handle, **arrays)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, **arrays)
 
 
 class FeatureCache:

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from catsdogs import CatsdogsError
+from catsdogs.files import atomic_path
 from catsdogs.metrics import classification_metrics
 from catsdogs.settings import Settings
 from catsdogs.training.distributed import Dist
@@ -142,10 +143,8 @@ def selection_loss(row: dict[str, float]) -> float:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _out_of_time(history: Sequence[dict[str, float]], deadline: float | None) -> bool:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from catsdogs.files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,9 +24,8 @@ def _figure():
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     return path
 
 
