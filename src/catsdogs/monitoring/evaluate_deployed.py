@@ -90,6 +90,16 @@ def _error_code(response: requests.Response) -> str:
         return str(response.status_code)
 
 
+def _send_feedback(
+    session: requests.Session, base: str, prediction_id: str, label: str, timeout_s: float
+) -> str | None:
+    """Tell the service the true label of one of its answers; the failure's key, or None."""
+    response = session.post(
+        f"{base}/feedback", json={"prediction_id": prediction_id, "label": label}, timeout=timeout_s
+    )
+    return None if response.status_code == 200 else f"feedback:{_error_code(response)}"
+
+
 def evaluate_deployed(
     url: str,
     source: Path,
@@ -134,15 +144,11 @@ def evaluate_deployed(
         y_pred.append(str(answer["label"]))
         versions[str(answer.get("model_version"))] += 1
         if send_feedback:
-            feedback = session.post(
-                f"{base}/feedback",
-                json={"prediction_id": answer["prediction_id"], "label": image.label},
-                timeout=timeout_s,
-            )
-            if feedback.status_code == 200:
+            failure = _send_feedback(session, base, answer["prediction_id"], image.label, timeout_s)
+            if failure is None:
                 feedback_sent += 1
             else:
-                failures[f"feedback:{_error_code(feedback)}"] += 1
+                failures[failure] += 1
     labels = list(classes)
     unknown = sorted(set(y_pred) - set(labels))
     if unknown:

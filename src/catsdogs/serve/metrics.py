@@ -37,7 +37,13 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # the *_created series only double the scrape size
         self.registry = CollectorRegistry(auto_describe=True)
-        reg = self.registry
+        self._declare_traffic(self.registry)
+        self._declare_model(self.registry)
+        self._declare_quality(self.registry)
+        self._info_labels: tuple[str, str, str, str] | None = None
+
+    def _declare_traffic(self, reg: CollectorRegistry) -> None:
+        """Requests, their latency, the batcher's queue and what was refused."""
         self.http_requests = Counter(
             "catsdogs_http_requests", "HTTP requests answered.", ["route", "method", "status"], registry=reg
         )
@@ -71,6 +77,9 @@ class Metrics:
         self.rejected_inputs = Counter(
             "catsdogs_rejected_inputs", "Uploads refused, by reason.", ["reason"], registry=reg
         )
+
+    def _declare_model(self, reg: CollectorRegistry) -> None:
+        """What the model answered, and which model is loaded."""
         self.predictions = Counter(
             "catsdogs_predictions", "Predictions made, by label.", ["label"], registry=reg
         )
@@ -97,6 +106,9 @@ class Metrics:
         self.model_reloads = Counter(
             "catsdogs_model_reloads", "Model swaps attempted, by result.", ["result"], registry=reg
         )
+
+    def _declare_quality(self, reg: CollectorRegistry) -> None:
+        """Feedback, live accuracy and drift: how good the answers are."""
         self.feedback = Counter(
             "catsdogs_feedback", "Feedback labels received.", ["correct", "model_version"], registry=reg
         )
@@ -113,7 +125,6 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=reg,
         )
-        self._info_labels: tuple[str, str, str, str] | None = None
 
     def set_model(self, *, name: str, version: str, alias: str, architecture: str) -> None:
         """Point ``catsdogs_model_info`` at the new model (the old label set drops to 0)."""
