@@ -7,7 +7,7 @@
 #   image    python:3.11-slim (scripts/build-base-image.sh makes a stand-in where no registry is
 #            reachable), plus make and git, which every hosted runner has; runs as root (sudo's role)
 #   network  the host's: Debian, PyPI and npm, and the dataset archive served on loopback as the
-#            repository variables CATSDOGS_DATA_SOURCE / CATSDOGS_DATA_SHA256 (scripts/lib/dataset-server.sh)
+#            repository secrets CATSDOGS_DATA_SOURCE / CATSDOGS_DATA_SHA256 (scripts/lib/dataset-server.sh)
 #   torch    the CPU wheel on this machine's disk as a pip --find-links source (PyPI's torch is the
 #            CUDA build, and PyTorch's own index is out of reach here)
 #   podman   privileged, with its own storage, so the tests can build and run images inside (NESTED=0:

@@ -106,7 +106,10 @@ torch_pip_args() {
 step_venv() {
   python_ok || die "Python 3.11 with venv and pip is needed (pyproject.toml: requires-python);" \
     "install python3.11 and python3.11-venv, or point PYTHON at one"
-  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip # Debian's is old
+  fi
   local torch_args
   mapfile -t torch_args < <(torch_pip_args)
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${torch_args[@]}" -e ".[train,serve,dev]"
