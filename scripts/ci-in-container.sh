@@ -6,8 +6,9 @@
 # nothing). The runner stand-in:
 #   image    python:3.11-slim (scripts/build-base-image.sh makes a stand-in where no registry is
 #            reachable), plus make and git, which every hosted runner has; runs as root (sudo's role)
-#   network  the host's: Debian, PyPI and npm, and the dataset archive served on loopback as the
-#            repository secrets CATSDOGS_DATA_SOURCE / CATSDOGS_DATA_SHA256 (scripts/lib/dataset-server.sh)
+#   network  the host's, trusting the CAs the host adds: Debian, PyPI and npm, and the dataset archive
+#            served on loopback as the repository secrets CATSDOGS_DATA_SOURCE / CATSDOGS_DATA_SHA256
+#            (scripts/lib/dataset-server.sh)
 #   torch    the CPU wheel on this machine's disk as a pip --find-links source (PyPI's torch is the
 #            CUDA build, and PyTorch's own index is out of reach here)
 #   podman   privileged, with its own storage, so the tests can build and run images inside (NESTED=0:
@@ -24,7 +25,7 @@ archive="${2:-/work/shared/datasets/dogs-vs-cats/train.zip}"
 BASE_TAG="${BASE_TAG:-docker.io/library/python:3.11-slim}"
 TORCH_WHEELS="${TORCH_WHEELS:-/opt/wheels}"
 OUT="${OUT:-/tmp/catsdogs-ci-$kind-$(date +%Y%m%d-%H%M%S)}"
-HOST_CA=/etc/ssl/certs/ca-certificates.crt # a TLS-intercepting proxy's CA is in the host's bundle
+LOCAL_CAS=/usr/local/share/ca-certificates # CAs this host adds, e.g. a TLS-intercepting proxy's
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$here/deploy/podman/containers.conf}"
 # shellcheck source=scripts/lib/dataset-server.sh
 source "$here/scripts/lib/dataset-server.sh"
@@ -61,15 +62,17 @@ python=("$here/.venv/bin/python")
 
 run_args=(--rm --network=host -v "$work/repo:/workspace" -w /workspace -v "$work/steps:/ci-steps:ro"
   -v "$TORCH_WHEELS:/wheels:ro" -e PIP_FIND_LINKS=/wheels -e EXTRA_PYTEST_ADDOPTS)
-if [[ -f "$HOST_CA" ]]; then
-  run_args+=(-v "$HOST_CA:/host-ca.crt:ro" -e PIP_CERT=/host-ca.crt -e SSL_CERT_FILE=/host-ca.crt
-    -e REQUESTS_CA_BUNDLE=/host-ca.crt -e NODE_EXTRA_CA_CERTS=/host-ca.crt)
+runner='apt-get update -qq && apt-get install -y -qq --no-install-recommends make git >/dev/null'
+if compgen -G "$LOCAL_CAS/*.crt" >/dev/null; then # the container trusts them too, as the host does
+  bundle=/etc/ssl/certs/ca-certificates.crt
+  run_args+=(-v "$LOCAL_CAS:/host-cas:ro" -e "PIP_CERT=$bundle" -e "NODE_EXTRA_CA_CERTS=$bundle")
+  runner="cp /host-cas/*.crt $LOCAL_CAS/ && update-ca-certificates >/dev/null && $runner"
 fi
 if [[ "${NESTED:-1}" == 1 ]]; then
   mkdir -p "$work/containers"
   run_args+=(--privileged --device /dev/fuse -v "$work/containers:/var/lib/containers")
 fi
-runner='apt-get update -qq && apt-get install -y -qq --no-install-recommends make git >/dev/null && /ci-steps/run.sh'
+runner="$runner && /ci-steps/run.sh"
 started=$SECONDS
 rc=0
 podman run "${run_args[@]}" "$BASE_TAG" bash -c "$runner" 2>&1 | tee "$OUT/run.log" || rc=$?

@@ -44,12 +44,15 @@ python_ok() {
   "$PYTHON" -c 'import sys, ensurepip, venv; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null
 }
 
-# The packages of APT_PACKAGES (plus Python when it is unusable) that dpkg does not list as installed.
+# The packages of APT_PACKAGES (plus Python when it is unusable) that are neither installed nor have
+# their command on PATH from elsewhere (hosted runners get runc from Docker's containerd.io, which
+# conflicts with Debian's runc package).
 missing_packages() {
   local pkg
   python_ok || printf '%s\n' python3 python3-venv python3-pip
   for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || printf '%s\n' "$pkg"
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' && continue
+    type -P "$pkg" >/dev/null || printf '%s\n' "$pkg"
   done
 }
 
