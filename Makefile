@@ -3,7 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-SOURCE ?= ../shared/datasets/dogs-vs-cats/train.zip
+# Data source: empty means params.yaml's data_source (the public download); SOURCE=path or URL overrides.
+SOURCE ?=
+SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup install lint format test test-fast data train serve bench check-monitoring image stack manifests
@@ -37,8 +39,9 @@ test: lint ## The full check CI runs: lint, then every test (unit, data, model, 
 test-fast: $(PY) ## Only the quick tests (no `slow` or `integration` marker).
 	$(RUN) $(BIN)/pytest -m "not slow and not integration"
 
-data: ## Ingest the dataset (SOURCE=path or URL).
-	$(BIN)/catsdogs data ingest --source $(SOURCE)
+data: ## Fetch the dataset once (verified; SOURCE=path or URL) and ingest it into data/.
+	$(BIN)/catsdogs data fetch $(SOURCE_FLAG)
+	$(BIN)/catsdogs data ingest $(SOURCE_FLAG)
 
 train: ## Train with params.yaml and register the model.
 	$(BIN)/catsdogs train
@@ -49,7 +52,7 @@ serve: ## Serve the champion model on 127.0.0.1:8000.
 BUNDLE ?= runs/efficientnet_lite2-finetune/bundle
 
 bench: ## Full-size benchmarks (minutes): ingest → train → evaluate from nothing, then serving BUNDLE.
-	$(PY) benchmarks/bench_pipeline.py --source $(SOURCE)
+	$(PY) benchmarks/bench_pipeline.py $(SOURCE_FLAG)
 	$(PY) benchmarks/bench_serve.py --bundle $(BUNDLE)
 
 check-monitoring: ## Check the Prometheus rules and config, run the rules' unit tests, check Alertmanager's config.

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from catsdogs.metrics import wilson_interval
 from catsdogs.settings import Settings
-from catsdogs.training.evaluate import wilson_interval
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import Dist, fit
 from catsdogs.training.models import BACKBONES, build_head

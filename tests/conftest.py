@@ -1,4 +1,7 @@
-"""Shared fixtures: settings isolated in tmp_path, and access to the real dataset archive."""
+"""Shared fixtures: settings isolated in tmp_path, and access to the real dataset archive.
+
+Importing ``support`` here reads the dataset variables (CATSDOGS_TEST_DATASET, CATSDOGS_DATA_SOURCE,
+...) before :func:`_isolated_settings` hides every CATSDOGS_* variable from the tests."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from catsdogs.settings import Settings
-from support import DATASET_ZIP, require_tool  # noqa: F401  (re-exported for older imports)
+from support import dataset_archive, require_tool  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +45,9 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def dataset_zip() -> Path:
-    if not DATASET_ZIP.is_file():
-        pytest.fail(f"the real dataset archive is missing at {DATASET_ZIP}")
-    return DATASET_ZIP
+def dataset_zip(request: pytest.FixtureRequest) -> Path:
+    """The real dataset archive (:func:`support.dataset_archive`); pick photos from it with
+    :func:`support.dataset_photos`, never by member name (layouts differ)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # a first download shows its progress
+        return dataset_archive()

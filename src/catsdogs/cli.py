@@ -60,6 +60,32 @@ def _settings(**overrides: object) -> Settings:
 # --- data --------------------------------------------------------------------------------------
 
 
+@data_app.command("fetch")
+def data_fetch(
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Zip, folder or http(s) URL (default: settings data_source)."),
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", help="Expected SHA-256 (default: CATSDOGS_DATA_SHA256).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Also put the archive here (the DVC fetch stage's output)."),
+    ] = None,
+    allow_unverified: Annotated[
+        bool, typer.Option("--allow-unverified", help="Download a URL that has no known SHA-256.")
+    ] = False,
+) -> None:
+    """Download the data source once into the cache (verified), or check a local one; print its path."""
+    from catsdogs.data.download import is_url
+    from catsdogs.data.fetch import fetch_archive, place
+
+    settings = _settings(data_source=source, data_sha256=sha256)
+    path = fetch_archive(settings, allow_unverified=allow_unverified)
+    typer.echo(place(path, out, link=is_url(settings.data_source)) if out is not None else path)
+
+
 @data_app.command("ingest")
 def data_ingest(
     source: Annotated[

@@ -28,6 +28,11 @@ DEFAULT_DATA_SOURCE = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
     "kagglecatsanddogs_5340.zip"
 )
+#: Its published SHA-256 (824,887,076 bytes), the same in two independent places: the checksum
+#: Hugging Face's ``cats_vs_dogs`` loader recorded for this URL (huggingface/datasets,
+#: datasets/cats_vs_dogs/dataset_infos.json) and gomlx's dogsvscats example (DownloadChecksum).
+#: It applies to this URL only: another source has no default checksum.
+DEFAULT_DATA_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PARAMS_FILE_ENV = "CATSDOGS_PARAMS_FILE"
 
 
@@ -57,7 +62,8 @@ class Settings(BaseSettings):
     # --- data --------------------------------------------------------------------------------
     data_source: str = DEFAULT_DATA_SOURCE
     data_sha256: str | None = None
-    """Expected SHA-256 of a downloaded archive; checked when set."""
+    """Expected SHA-256 of the source archive; ``None`` means :data:`DEFAULT_DATA_SHA256` for the
+    default source and no known checksum for any other (a download then needs ``--allow-unverified``)."""
     classes: tuple[str, ...] = ("cat", "dog")
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 42

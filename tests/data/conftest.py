@@ -1,19 +1,15 @@
-"""Fixtures for data tests: a few real photos from the Kaggle archive."""
+"""Fixtures for data tests: a few real photos from the dataset archive."""
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from support import dataset_photos
+
 
 @pytest.fixture(scope="session")
 def real_photos(dataset_zip: Path) -> dict[str, list[bytes]]:
-    """The first 40 cat and 40 dog JPEGs of the real archive (200×200, baseline RGB)."""
-    photos: dict[str, list[bytes]] = {"cat": [], "dog": []}
-    with zipfile.ZipFile(dataset_zip) as archive:
-        for label in photos:
-            names = [f"train/{label}.{i}.jpg" for i in range(40)]
-            photos[label] = [archive.read(name) for name in names]
-    return photos
+    """The first 40 ordinary cat and 40 dog JPEGs of the real archive (whatever its layout)."""
+    return {label: dataset_photos(dataset_zip, label, 40) for label in ("cat", "dog")}

@@ -52,6 +52,20 @@ def convertible_files(photos: list[bytes]) -> dict[str, bytes]:
     }
 
 
+def generated_photos(
+    per_class: int, *, seed: int = 0, size: tuple[int, int] = (64, 48)
+) -> dict[str, list[bytes]]:
+    """Distinct random-noise JPEGs per class, for tests where what the picture shows does not matter."""
+    rng = np.random.default_rng(seed)
+    return {
+        label: [
+            encode(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)), "JPEG")
+            for _ in range(per_class)
+        ]
+        for label in ("cat", "dog")
+    }
+
+
 def broken_files(photo: bytes) -> dict[str, tuple[bytes, str]]:
     """Files ingest must reject, with the reason it must give."""
     tiny = encode(Image.new("RGB", (16, 16), (200, 10, 10)), "PNG")

@@ -3,79 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from datafiles import kaggle_members, read_manifest, write_zip
+from datafiles import generated_photos, kaggle_members, read_manifest, write_zip
+from range_server import RangeServer, serve, url_of
 
 from catsdogs import CatsdogsError
 from catsdogs.data import ingest
 from catsdogs.data.download import download
+from catsdogs.data.fetch import download_dir
 from catsdogs.settings import Settings
 
 
-class RangeServer(ThreadingHTTPServer):
-    """Serves one file at /<name>, honouring ``Range: bytes=N-``; records the Range headers it saw."""
-
-    def __init__(self, payload: bytes, *, honour_range: bool = True) -> None:
-        super().__init__(("127.0.0.1", 0), RangeHandler)
-        self.payload = payload
-        self.honour_range = honour_range
-        self.ranges: list[str | None] = []
-
-
-class RangeHandler(BaseHTTPRequestHandler):
-    server: RangeServer
-
-    def do_GET(self) -> None:
-        if not self.path.endswith(".zip"):
-            self.send_error(404)
-            return
-        payload = self.server.payload
-        header = self.headers.get("Range")
-        self.server.ranges.append(header)
-        match = re.fullmatch(r"bytes=(\d+)-", header or "")
-        if match and self.server.honour_range:
-            start = int(match.group(1))
-            if start >= len(payload):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(payload)}")
-                self.end_headers()
-                return
-            body = payload[start:]
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
-        else:
-            body = payload
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
-        pass
-
-
 @pytest.fixture
-def archive_bytes(tmp_path: Path, real_photos) -> bytes:
-    return write_zip(tmp_path / "src.zip", kaggle_members(real_photos, 4)).read_bytes()
-
-
-def _serve(payload: bytes, *, honour_range: bool = True) -> Iterator[RangeServer]:
-    server = RangeServer(payload, honour_range=honour_range)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def archive_bytes(tmp_path: Path) -> bytes:
+    return write_zip(tmp_path / "src.zip", kaggle_members(generated_photos(4), 4)).read_bytes()
 
 
 @pytest.fixture
@@ -85,21 +29,17 @@ def dest(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(archive_bytes: bytes) -> Iterator[RangeServer]:
-    yield from _serve(archive_bytes)
-
-
-def _url(server: RangeServer) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}/datasets/cats.zip"
+    yield from serve(archive_bytes)
 
 
 def test_url_source_is_downloaded_checked_and_ingested(
     server: RangeServer, archive_bytes, settings: Settings
 ) -> None:
     settings = settings.model_copy(update={"data_sha256": hashlib.sha256(archive_bytes).hexdigest()})
-    report = ingest(settings, source=_url(server), show_progress=False).report
+    report = ingest(settings, source=url_of(server), show_progress=False).report
     assert report["counts"]["manifest_rows"] == 8
-    assert (settings.raw_dir / "cats.zip").read_bytes() == archive_bytes
-    assert not (settings.raw_dir / "cats.zip.part").exists()
+    assert (download_dir(settings) / "cats.zip").read_bytes() == archive_bytes  # the fetch cache
+    assert not (download_dir(settings) / "cats.zip.part").exists()
     assert len(read_manifest(settings)) == 8
 
 
@@ -108,7 +48,9 @@ def test_partial_download_resumes_with_a_range_request(
 ) -> None:
     dest.mkdir()
     (dest / "cats.zip.part").write_bytes(archive_bytes[:1000])
-    path = download(_url(server), dest, sha256=hashlib.sha256(archive_bytes).hexdigest(), show_progress=False)
+    path = download(
+        url_of(server), dest, sha256=hashlib.sha256(archive_bytes).hexdigest(), show_progress=False
+    )
     assert server.ranges == ["bytes=1000-"]
     assert path.read_bytes() == archive_bytes
 
@@ -116,21 +58,21 @@ def test_partial_download_resumes_with_a_range_request(
 def test_complete_part_file_is_finished_on_416(server: RangeServer, archive_bytes, dest: Path) -> None:
     dest.mkdir()
     (dest / "cats.zip.part").write_bytes(archive_bytes)
-    path = download(_url(server), dest, show_progress=False)
+    path = download(url_of(server), dest, show_progress=False)
     assert path.read_bytes() == archive_bytes
 
 
 def test_server_without_range_support_restarts_from_zero(archive_bytes, dest: Path) -> None:
     dest.mkdir()
     (dest / "cats.zip.part").write_bytes(b"garbage that must not stay in front")
-    for server in _serve(archive_bytes, honour_range=False):
-        path = download(_url(server), dest, show_progress=False)
+    for server in serve(archive_bytes, honour_range=False):
+        path = download(url_of(server), dest, show_progress=False)
     assert path.read_bytes() == archive_bytes
 
 
 def test_wrong_checksum_is_refused_and_the_file_deleted(server: RangeServer, dest: Path) -> None:
     with pytest.raises(CatsdogsError, match="SHA-256"):
-        download(_url(server), dest, sha256="0" * 64, show_progress=False)
+        download(url_of(server), dest, sha256="0" * 64, show_progress=False)
     assert list(dest.iterdir()) == []
 
 
@@ -138,8 +80,8 @@ def test_verified_download_is_reused_without_a_request(
     server: RangeServer, archive_bytes, dest: Path
 ) -> None:
     digest = hashlib.sha256(archive_bytes).hexdigest()
-    download(_url(server), dest, sha256=digest, show_progress=False)
-    download(_url(server), dest, sha256=digest, show_progress=False)
+    download(url_of(server), dest, sha256=digest, show_progress=False)
+    download(url_of(server), dest, sha256=digest, show_progress=False)
     assert len(server.ranges) == 1
 
 

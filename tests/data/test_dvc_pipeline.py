@@ -2,77 +2,63 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from datafiles import kaggle_members, require_tool, write_zip
+from datafiles import kaggle_members, write_zip
 
-REPO = Path(__file__).resolve().parents[2]
+from support import dvc_project, run_in_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _run(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(cwd / "src"), "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 @pytest.fixture
 def project(tmp_path: Path, real_photos) -> Path:
     """A fresh git repo holding this project's DVC files and sources, ingesting a 40-photo archive."""
-    require_tool("git")
-    require_tool("dvc")
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data_source"] = str(write_zip(tmp_path / "train.zip", kaggle_members(real_photos, 20)))
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    _run("git", "init", "-q", cwd=root)
-    _run("git", "add", "-A", cwd=root)
-    _run("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "init", cwd=root)
-    return root
+    archive = write_zip(tmp_path / "train.zip", kaggle_members(real_photos, 20))
+    return dvc_project(tmp_path / "project", data_source=str(archive))
 
 
 def test_dvc_repro_tracks_data_and_push_pull_round_trip_offline(project: Path) -> None:
-    _run("dvc", "repro", "ingest", cwd=project)
+    run_in_project("dvc", "repro", "ingest", cwd=project)
     manifest = (project / "data" / "manifest.csv").read_bytes()
     assert manifest.count(b"\n") == 41
+    archive = (project / "data" / "raw" / "dataset").read_bytes()  # the fetch stage's copy
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert archive == Path(params["data_source"]).read_bytes()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert [out["path"] for out in lock["stages"]["fetch"]["outs"]] == ["data/raw/dataset"]
+    assert {dep["path"] for dep in lock["stages"]["ingest"]["deps"]} >= {"data/raw/dataset"}
     assert {out["path"] for out in lock["stages"]["ingest"]["outs"]} >= {"data/images", "data/manifest.csv"}
-    assert "Stage 'ingest' didn't change, skipping" in _run("dvc", "repro", "ingest", cwd=project)
-    git_status = _run("git", "status", "--porcelain", "--untracked-files=all", cwd=project)
+    assert "Stage 'ingest' didn't change, skipping" in run_in_project("dvc", "repro", "ingest", cwd=project)
+    git_status = run_in_project("git", "status", "--porcelain", "--untracked-files=all", cwd=project)
     assert "data/" not in git_status  # DVC tracks data/, git does not
     assert "dvc.lock" in git_status
 
-    _run("dvc", "push", "ingest", cwd=project)
+    run_in_project("dvc", "push", "fetch", "ingest", cwd=project)
     assert (project / "dvc-remote" / "files" / "md5").is_dir()
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
-    _run("dvc", "pull", "ingest", cwd=project)
+    run_in_project("dvc", "pull", "fetch", "ingest", cwd=project)
     assert (project / "data" / "manifest.csv").read_bytes() == manifest
+    assert (project / "data" / "raw" / "dataset").read_bytes() == archive
     assert len(list((project / "data" / "images").rglob("*.jpg"))) == 40
-    assert "Data and pipelines are up to date" in _run("dvc", "status", "ingest", cwd=project)
+    assert "Data and pipelines are up to date" in run_in_project(
+        "dvc", "status", "fetch", "ingest", cwd=project
+    )
 
 
 def test_changing_a_parameter_reruns_the_stage(project: Path) -> None:
-    _run("dvc", "repro", "ingest", cwd=project)
+    run_in_project("dvc", "repro", "ingest", cwd=project)
     before = (project / "data" / "manifest.csv").read_text()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["seed"] = 7
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert "ingest" in _run("dvc", "status", cwd=project)
-    _run("dvc", "repro", "ingest", cwd=project)
+    assert "ingest" in run_in_project("dvc", "status", cwd=project)
+    run_in_project("dvc", "repro", "ingest", cwd=project)
     after = (project / "data" / "manifest.csv").read_text()
     assert sorted(before.splitlines()[1:]) != sorted(after.splitlines()[1:])
     assert [line.split(",")[2] for line in before.splitlines()] == [
@@ -80,11 +66,17 @@ def test_changing_a_parameter_reruns_the_stage(project: Path) -> None:
     ]
 
 
-def test_the_pipeline_runs_ingest_then_train_then_export_then_evaluate(project: Path) -> None:
+def test_the_pipeline_runs_fetch_ingest_train_export_evaluate(project: Path) -> None:
     """Every stage's parameters exist in params.yaml and the stages chain through their outputs."""
-    dag = _run("dvc", "dag", "--md", cwd=project)
+    dag = run_in_project("dvc", "dag", "--md", cwd=project)
     nodes = dict(re.findall(r'(node\d+)\["(\w+)"\]', dag))
     edges = {(nodes[a], nodes[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", dag)}
-    assert {("ingest", "train"), ("train", "export"), ("export", "evaluate"), ("ingest", "evaluate")} <= edges
-    status = _run("dvc", "status", cwd=project)  # parses dvc.yaml and resolves every params entry
-    assert all(stage in status for stage in ("train", "export", "evaluate"))
+    assert {
+        ("fetch", "ingest"),
+        ("ingest", "train"),
+        ("train", "export"),
+        ("export", "evaluate"),
+        ("ingest", "evaluate"),
+    } <= edges
+    status = run_in_project("dvc", "status", cwd=project)  # parses dvc.yaml and resolves every params entry
+    assert all(stage in status for stage in ("fetch", "train", "export", "evaluate"))

@@ -8,12 +8,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from datafiles import kaggle_members, read_manifest, write_folder, write_zip
+from datafiles import generated_photos, kaggle_members, read_manifest, write_folder, write_zip
 
 from catsdogs import CatsdogsError
 from catsdogs.data import UnsafeSourceError, ingest
-from catsdogs.data.sources import label_for, open_source
+from catsdogs.data.labelled import label_for
+from catsdogs.data.sources import open_source
 from catsdogs.settings import Settings
+
+#: Unsafe sources are refused whatever their pictures show.
+PHOTO = generated_photos(1)["cat"][0]
 
 CLASSES = ("cat", "dog")
 
@@ -44,19 +48,19 @@ def _zip_slip_archive(path: Path, photo: bytes, evil_name: str) -> Path:
 
 @pytest.mark.parametrize("evil_name", ["../evil.txt", "train/../../evil.txt", "/tmp/evil.txt", "C:/evil.txt"])
 def test_zip_slip_member_refuses_the_whole_archive_and_writes_nothing(
-    tmp_path: Path, settings: Settings, real_photos: dict[str, list[bytes]], evil_name: str
+    tmp_path: Path, settings: Settings, evil_name: str
 ) -> None:
-    archive = _zip_slip_archive(tmp_path / "evil.zip", real_photos["cat"][0], evil_name)
+    archive = _zip_slip_archive(tmp_path / "evil.zip", PHOTO, evil_name)
     with pytest.raises(UnsafeSourceError, match="escape the output folder"):
         ingest(settings, source=str(archive), show_progress=False)
     assert not settings.data_dir.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.zip"]
 
 
-def test_symlink_member_in_zip_is_refused(tmp_path: Path, settings: Settings, real_photos) -> None:
+def test_symlink_member_in_zip_is_refused(tmp_path: Path, settings: Settings) -> None:
     archive_path = tmp_path / "link.zip"
     with zipfile.ZipFile(archive_path, "w") as archive:
-        archive.writestr("train/cat.1.jpg", real_photos["cat"][0])
+        archive.writestr("train/cat.1.jpg", PHOTO)
         link = zipfile.ZipInfo("train/dog.1.jpg")
         link.create_system = 3  # Unix, as `zip --symlinks` writes
         link.external_attr = (stat.S_IFLNK | 0o777) << 16
@@ -66,8 +70,8 @@ def test_symlink_member_in_zip_is_refused(tmp_path: Path, settings: Settings, re
     assert not settings.data_dir.exists()
 
 
-def test_symlink_in_source_folder_is_refused(tmp_path: Path, settings: Settings, real_photos) -> None:
-    root = write_folder(tmp_path / "src", {"cat/a.jpg": real_photos["cat"][0]})
+def test_symlink_in_source_folder_is_refused(tmp_path: Path, settings: Settings) -> None:
+    root = write_folder(tmp_path / "src", {"cat/a.jpg": PHOTO})
     (tmp_path / "secret.txt").write_text("outside")
     os.symlink(tmp_path / "secret.txt", root / "cat" / "b.jpg")
     with pytest.raises(UnsafeSourceError, match="symbolic link"):
@@ -75,10 +79,8 @@ def test_symlink_in_source_folder_is_refused(tmp_path: Path, settings: Settings,
     assert not settings.data_dir.exists()
 
 
-def test_fifo_in_source_folder_is_refused_instead_of_blocking(
-    tmp_path: Path, settings: Settings, real_photos
-) -> None:
-    root = write_folder(tmp_path / "src", {"cat/a.jpg": real_photos["cat"][0]})
+def test_fifo_in_source_folder_is_refused_instead_of_blocking(tmp_path: Path, settings: Settings) -> None:
+    root = write_folder(tmp_path / "src", {"cat/a.jpg": PHOTO})
     os.mkfifo(root / "cat" / "b.jpg")
     with pytest.raises(UnsafeSourceError, match="not a regular file"):
         ingest(settings, source=str(root), show_progress=False)
@@ -97,10 +99,8 @@ def test_corrupt_zip_is_a_clear_error(tmp_path: Path, settings: Settings) -> Non
         ingest(settings, source=str(bad), show_progress=False)
 
 
-def test_source_without_labelled_files_is_a_clear_error(
-    tmp_path: Path, settings: Settings, real_photos
-) -> None:
-    archive = write_zip(tmp_path / "x.zip", {"photos/1.jpg": real_photos["cat"][0]})
+def test_source_without_labelled_files_is_a_clear_error(tmp_path: Path, settings: Settings) -> None:
+    archive = write_zip(tmp_path / "x.zip", {"photos/1.jpg": PHOTO})
     with pytest.raises(CatsdogsError, match="no file labelled cat/dog"):
         ingest(settings, source=str(archive), show_progress=False)
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from support import (
     REPO,
+    dataset_photos,
     free_port,
     require_tool,
 )
@@ -158,8 +158,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> 
     root = tmp_path_factory.mktemp("bundle")
     config = PreprocessConfig(image_size=32)
     config.save(root / "preprocessing.json")
-    with zipfile.ZipFile(dataset_zip) as archive:
-        samples = {label: archive.read(f"train/{label}.0.jpg") for label in ("cat", "dog")}
+    samples = {label: dataset_photos(dataset_zip, label, 1)[0] for label in ("cat", "dog")}
     _tiny_onnx(root / "model.onnx", samples, config)
     write_json_atomic(
         root / "metadata.json",

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from catsdogs.bundle import find_bundle
 from catsdogs.settings import Settings
 from catsdogs.training.evaluate import evaluate_bundle
+from support import dataset_photos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -38,11 +39,10 @@ def pipeline(dataset_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     """Run the real commands once; the tests below read what they left behind."""
     root = tmp_path_factory.mktemp("pipeline")
     archive = root / "subset.zip"
-    with zipfile.ZipFile(dataset_zip) as src, zipfile.ZipFile(archive, "w") as dst:
+    with zipfile.ZipFile(archive, "w") as dst:
         for label in ("cat", "dog"):
-            for i in range(PER_CLASS):
-                name = f"train/{label}.{i}.jpg"
-                dst.writestr(name, src.read(name))
+            for i, data in enumerate(dataset_photos(dataset_zip, label, PER_CLASS)):
+                dst.writestr(f"train/{label}.{i}.jpg", data)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO / "src"),

@@ -18,18 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 import pytest
 import requests
 import yaml
-from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
 
 import catsdogs
-from catsdogs.drift import build_reference, image_stats
-from catsdogs.preprocessing import PreprocessConfig
 from support import free_port, require_tool
+from tiny_bundle import IMAGE_SIZE, TINY_WEIGHTS, build_tiny_bundle  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -126,41 +121,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
-
-
-IMAGE_SIZE = 64
-TINY_WEIGHTS = np.array([[4.0, -4.0], [-2.0, 2.0], [-3.0, 3.0]], dtype=np.float32)
-
-
-def build_tiny_bundle(root: Path, *, reference_images: list[Image.Image]) -> Path:
-    """A real, tiny model bundle: normalized image -> mean colour -> linear -> logits (onnx.helper).
-
-    The bundle ships a ``drift_reference.json`` built from ``reference_images``, so the service
-    publishes drift scores.
-    """
-    graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "W"], ["logits"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-        initializer=[numpy_helper.from_array(TINY_WEIGHTS, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    root.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(root / "model.onnx"))
-    PreprocessConfig(image_size=IMAGE_SIZE).save(root / "preprocessing.json")
-    metadata = {"architecture": "tiny_gap_linear", "class_names": ["cat", "dog"], "num_classes": 2}
-    (root / "metadata.json").write_text(json.dumps(metadata))
-    (root / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "n_images": 0}))
-    reference = build_reference([image_stats(image) for image in reference_images])
-    (root / "drift_reference.json").write_text(json.dumps(reference))
-    return root
 
 
 def src_dir() -> Path:

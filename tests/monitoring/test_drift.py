@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,25 +29,27 @@ from catsdogs.drift import (
     psi,
     stats_image,
 )
+from support import dataset_photos
 
 WINDOW = 200
 
 
-def _load(archive: Path, names: list[str]) -> list[Image.Image]:
-    with zipfile.ZipFile(archive) as zf:
-        return [Image.open(io.BytesIO(zf.read(name))).convert("RGB") for name in names]
+def _load(archive: Path, n: int, *, offset: int) -> list[Image.Image]:
+    return [
+        Image.open(io.BytesIO(data)).convert("RGB")
+        for label in ("cat", "dog")
+        for data in dataset_photos(archive, label, n, offset=offset)
+    ]
 
 
 @pytest.fixture(scope="module")
 def reference(dataset_zip: Path) -> dict:
-    names = [f"train/{label}.{i}.jpg" for label in ("cat", "dog") for i in range(150)]
-    return build_reference([image_stats(image) for image in _load(dataset_zip, names)])
+    return build_reference([image_stats(image) for image in _load(dataset_zip, 150, offset=0)])
 
 
 @pytest.fixture(scope="module")
 def live_images(dataset_zip: Path) -> list[Image.Image]:
-    names = [f"train/{label}.{i}.jpg" for label in ("cat", "dog") for i in range(5000, 5100)]
-    return _load(dataset_zip, names)
+    return _load(dataset_zip, 100, offset=5000)
 
 
 def _scores(reference: dict, images: list[Image.Image], shift: Callable[[Image.Image], Image.Image]) -> dict:

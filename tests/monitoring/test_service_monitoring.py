@@ -17,7 +17,6 @@ import io
 import os
 import subprocess
 import sys
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from catsdogs.drift import PSI_DRIFT
 from catsdogs.monitoring.evaluate_deployed import DeployedEvaluation, evaluate_deployed, log_to_mlflow
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
 from catsdogs.settings import Settings
+from support import dataset_photos
 
 pytestmark = pytest.mark.integration
 
@@ -91,9 +91,10 @@ PANELS_WITH_DATA = {
 N_PER_CLASS = 100
 
 
-def _images(archive: Path, label: str, indices: range) -> list[tuple[str, bytes]]:
-    with zipfile.ZipFile(archive) as zf:
-        return [(f"{label}.{i}.jpg", zf.read(f"train/{label}.{i}.jpg")) for i in indices]
+def _images(archive: Path, label: str, n: int, *, offset: int) -> list[tuple[str, bytes]]:
+    return [
+        (f"{label}.{i}.jpg", data) for i, data in enumerate(dataset_photos(archive, label, n, offset=offset))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Iter
     reference = [
         Image.open(io.BytesIO(data)).convert("RGB")
         for label in ("cat", "dog")
-        for _, data in _images(dataset_zip, label, range(150))
+        for _, data in _images(dataset_zip, label, 150, offset=0)
     ]
     bundle = build_tiny_bundle(workdir / "bundle", reference_images=reference)
     url, process = start_service(bundle, workdir)
@@ -117,7 +118,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Pat
     root = tmp_path_factory.mktemp("labelled")
     for label in ("cat", "dog"):
         (root / label).mkdir()
-        for name, data in _images(dataset_zip, label, range(9000, 9000 + N_PER_CLASS)):
+        for name, data in _images(dataset_zip, label, N_PER_CLASS, offset=9000):
             (root / label / name).write_bytes(data)
     return root
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from registry_fakes import build_bundle, hashes, write_manifest, write_plots
 
 from catsdogs.settings import Settings
+from support import dataset_photos
 
 
 @pytest.fixture(autouse=True)
@@ -24,12 +24,7 @@ def _quiet_offline_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def sample_jpegs(dataset_zip: Path) -> dict[str, list[bytes]]:
     """A few real cat and dog JPEGs from the dataset archive."""
-    images: dict[str, list[bytes]] = {"cat": [], "dog": []}
-    with zipfile.ZipFile(dataset_zip) as archive:
-        for label in images:
-            for index in range(4):
-                images[label].append(archive.read(f"train/{label}.{index}.jpg"))
-    return images
+    return {label: dataset_photos(dataset_zip, label, 4) for label in ("cat", "dog")}
 
 
 @pytest.fixture

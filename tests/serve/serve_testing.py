@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
-from support import free_port  # noqa: F401
+from support import dataset_photos, free_port  # noqa: F401
 
 IMAGE_SIZE = 64
 WEIGHTS_A = np.array([[4.0, -4.0], [-2.0, 2.0], [-3.0, 3.0]], dtype=np.float32)
@@ -105,14 +104,12 @@ def build_bundle(
 
 
 def read_dataset(zip_path: Path, n_per_class: int) -> list[tuple[str, str, bytes]]:
-    """(name, label, bytes) of the first n cats and n dogs of the real archive."""
-    out = []
-    with zipfile.ZipFile(zip_path) as archive:
-        for label in ("cat", "dog"):
-            for i in range(n_per_class):
-                name = f"train/{label}.{i}.jpg"
-                out.append((name.split("/")[1], label, archive.read(name)))
-    return out
+    """(name, label, bytes) of the first n cats and n dogs of the real archive (named ``cat.0.jpg``...)."""
+    return [
+        (f"{label}.{i}.jpg", label, data)
+        for label in ("cat", "dog")
+        for i, data in enumerate(dataset_photos(zip_path, label, n_per_class))
+    ]
 
 
 def jpeg_bytes(image: Image.Image, **options: object) -> bytes:

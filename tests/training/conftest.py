@@ -1,4 +1,4 @@
-"""Small real datasets built from train.zip in a temporary folder, and one trained bundle shared by
+"""Small real datasets built from the dataset archive in a temporary folder, and one trained bundle shared by
 the model tests (training once keeps the suite within its time budget)."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from catsdogs.settings import Settings
+from support import dataset_photos
 
 COLUMNS = ["path", "label", "sha256", "phash", "width", "height", "split"]
 
@@ -23,18 +23,16 @@ def build_dataset(zip_path: Path, data_dir: Path, *, per_class: dict[str, int], 
     """
     rows = []
     total = sum(per_class.values())
-    with zipfile.ZipFile(zip_path) as archive:
-        for label in ("cat", "dog"):
-            names = [f"train/{label}.{i}.jpg" for i in range(offset, offset + total)]
-            splits = [split for split, count in per_class.items() for _ in range(count)]
-            for name, split in zip(names, splits, strict=True):
-                data = archive.read(name)
-                sha = hashlib.sha256(data).hexdigest()
-                rel = Path("images") / label / f"{sha}.jpg"
-                (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (data_dir / rel).write_bytes(data)
-                rows.append({"path": str(rel), "label": label, "sha256": sha, "phash": "0" * 16,
-                             "width": 0, "height": 0, "split": split})  # fmt: skip
+    for label in ("cat", "dog"):
+        photos = dataset_photos(zip_path, label, total, offset=offset)
+        splits = [split for split, count in per_class.items() for _ in range(count)]
+        for data, split in zip(photos, splits, strict=True):
+            sha = hashlib.sha256(data).hexdigest()
+            rel = Path("images") / label / f"{sha}.jpg"
+            (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data_dir / rel).write_bytes(data)
+            rows.append({"path": str(rel), "label": label, "sha256": sha, "phash": "0" * 16,
+                         "width": 0, "height": 0, "split": split})  # fmt: skip
     rows.sort(key=lambda row: row["sha256"])
     with (data_dir / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)

@@ -5,6 +5,6 @@ torch: see ``docs/architecture.md``.
 """
 
 from catsdogs.data.ingest import IngestResult, ingest
-from catsdogs.data.sources import UnsafeSourceError
+from catsdogs.data.labelled import UnsafeSourceError
 
 __all__ = ["IngestResult", "UnsafeSourceError", "ingest"]

@@ -1,9 +1,9 @@
 """``catsdogs data ingest``: source → validated, de-duplicated, split data set on disk.
 
-Steps: resolve the source (download a URL) → check every member (unsafe archives are refused
-before anything is written) → validate, hash and store each image in a process pool → group
-exact and near-duplicates → drop groups whose images carry both labels → assign splits → write
-``manifest.csv`` and ``data_report.json``.
+Steps: resolve the source (a URL is fetched: :mod:`catsdogs.data.fetch`) → check every member
+(unsafe archives are refused before anything is written) → validate, hash and store each image
+in a process pool → group exact and near-duplicates → drop groups whose images carry both labels
+→ assign splits → write ``manifest.csv`` and ``data_report.json``.
 
 Everything is built in a staging folder inside ``data_dir`` and swapped in at the end, so a
 failed or interrupted run leaves the previous data set untouched, and re-running is safe.
@@ -33,7 +33,8 @@ from tqdm import tqdm
 from catsdogs import CatsdogsError
 from catsdogs.data import validate
 from catsdogs.data.dedup import near_duplicate_groups
-from catsdogs.data.download import download, is_url
+from catsdogs.data.download import is_url
+from catsdogs.data.fetch import fetch_archive
 from catsdogs.data.sources import Source, open_source
 from catsdogs.data.split import SPLITS, assign_splits
 from catsdogs.data.validate import Accepted, Rejected, StoreConfig
@@ -55,10 +56,10 @@ class IngestResult:
     seconds: float
 
 
-def resolve_source(source: str, settings: Settings, *, show_progress: bool) -> Path:
-    """Local path of the source, downloading (resumably, checksum-checked) a URL into ``raw_dir``."""
+def resolve_source(source: str, settings: Settings) -> Path:
+    """Local path of the source; a URL goes through :func:`fetch_archive` (downloaded once, verified)."""
     if is_url(source):
-        return download(source, settings.raw_dir, sha256=settings.data_sha256, show_progress=show_progress)
+        return fetch_archive(settings.model_copy(update={"data_source": source}))
     return Path(source).expanduser()
 
 
@@ -251,9 +252,7 @@ def ingest(
     """
     started = time.perf_counter()
     requested = source or settings.data_source
-    local = open_source(
-        resolve_source(requested, settings, show_progress=show_progress), classes=settings.classes
-    )
+    local = open_source(resolve_source(requested, settings), classes=settings.classes)
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(data_dir)

@@ -21,10 +21,11 @@ from torch import nn
 from catsdogs import __version__
 from catsdogs import bundle as bundle_files
 from catsdogs.data.download import file_sha256
+from catsdogs.data.labelled import LabelledImage
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
 from catsdogs.settings import Settings
-from catsdogs.training.evaluate import LabeledImage, evaluate_session, write_predictions_csv
+from catsdogs.training.evaluate import evaluate_session, write_predictions_csv
 from catsdogs.training.export import export_verified
 from catsdogs.training.features import Sample, image_batches, ort_session
 from catsdogs.training.loop import selection_loss
@@ -102,8 +103,7 @@ def write_bundle(
         parity_batch=parity_images(parity_set, config),
     )
 
-    index = {name: i for i, name in enumerate(config.class_names)}
-    test_images = [LabeledImage(str(s.path), s.path.read_bytes, index[s.label]) for s in samples["test"]]
+    test_images = [LabelledImage(str(s.path), s.label, s.path.read_bytes) for s in samples["test"]]
     result = evaluate_session(ort_session(staging / bundle_files.ONNX), config, test_images, split="test")
     metrics = result.metrics
     bundle_files.write_json_atomic(staging / bundle_files.METRICS, metrics)

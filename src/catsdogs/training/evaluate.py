@@ -1,7 +1,8 @@
-"""Evaluation: metrics with confidence intervals, and predictions of exactly what serving runs.
+"""Evaluation: predictions of exactly what serving runs, and their metrics with confidence intervals.
 
-Metrics are computed here with NumPy (tests compare them with scikit-learn); predictions come
-from the bundle's ONNX graph through ONNX Runtime, with the bundle's own preprocessing.
+Predictions come from the bundle's ONNX graph through ONNX Runtime, with the bundle's own
+preprocessing; images are read by :mod:`catsdogs.data.labelled` (or from a manifest split) and the
+metrics are those of :mod:`catsdogs.metrics`, the same as after deployment.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,184 +20,12 @@ from tqdm import tqdm
 
 from catsdogs import CatsdogsError
 from catsdogs.bundle import ModelBundle, find_bundle, write_json_atomic
+from catsdogs.data.labelled import LabelledImage, balanced, read_labelled
+from catsdogs.metrics import classification_metrics
 from catsdogs.preprocessing import ImageError, PreprocessConfig, decode_image, preprocess, softmax
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-Z_95 = 1.959963984540054
-EPS = 1e-15
-
-
-# --- metrics -----------------------------------------------------------------------------------
-
-
-def wilson_interval(successes: int, n: int, *, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a proportion (well-behaved near 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, free of rounding
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return (low, high)
-
-
-def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve via the rank statistic (ties get average ranks); NaN with one class."""
-    positives = int(y_true.sum())
-    negatives = len(y_true) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), dtype=np.float64)
-    sorted_scores = score[order]
-    i = 0
-    while i < len(score):
-        j = i
-        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y_true == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
-
-
-def classification_metrics(
-    y_true: Sequence[int] | np.ndarray,
-    prob: np.ndarray,
-    class_names: Sequence[str],
-    *,
-    split: str = "test",
-) -> dict[str, Any]:
-    """The ``metrics.json`` payload. For two classes, precision/recall/F1 treat the second class
-    (``dog``) as positive and ROC-AUC uses its probability; otherwise they are macro averages."""
-    y = np.asarray(y_true, dtype=np.int64)
-    prob = np.asarray(prob, dtype=np.float64)
-    n_classes = len(class_names)
-    pred = prob.argmax(axis=1)
-    n = len(y)
-    correct = int((pred == y).sum())
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (y, pred), 1)
-    per_class: dict[str, dict[str, float | int]] = {}
-    for index, name in enumerate(class_names):
-        tp = int(confusion[index, index])
-        precision, recall, f1 = _prf(
-            tp, int(confusion[:, index].sum()) - tp, int(confusion[index].sum()) - tp
-        )
-        per_class[name] = {
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "support": int(confusion[index].sum()),
-        }
-    clipped = np.clip(prob[np.arange(n), y], EPS, 1.0) if n else np.zeros(0)
-    if n_classes == 2:
-        positive = per_class[class_names[1]]
-        precision, recall, f1 = positive["precision"], positive["recall"], positive["f1"]
-        auc = roc_auc(y, prob[:, 1])
-    else:
-        precision, recall, f1 = (
-            float(np.mean([c[k] for c in per_class.values()])) for k in ("precision", "recall", "f1")
-        )
-        aucs = [roc_auc((y == k).astype(np.int64), prob[:, k]) for k in range(n_classes)]
-        auc = float(np.nanmean(aucs))
-    accuracy = correct / n if n else float("nan")
-    return {
-        "accuracy": accuracy,
-        "accuracy_ci95": list(wilson_interval(correct, n)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-        "log_loss": float(-np.log(clipped).mean()) if n else float("nan"),
-        "roc_auc": auc,
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-        "n_images": n,
-        "split": split,
-        "positive_class": class_names[1] if n_classes == 2 else None,
-    }
-
-
-# --- labelled sources --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabeledImage:
-    """An image to evaluate: a display name, a way to read its bytes, its label index."""
-
-    name: str
-    read: Callable[[], bytes]
-    label: int
-
-
-def _label_of(name: str, class_names: Sequence[str]) -> str | None:
-    """Label from a parent folder called like a class, else from a ``<class>.…`` file name prefix."""
-    parts = Path(name).parts
-    for part in reversed(parts[:-1]):
-        if part.lower() in class_names:
-            return part.lower()
-    prefix = parts[-1].split(".", 1)[0].lower()
-    return prefix if prefix in class_names else None
-
-
-def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-
-
-def labeled_images(
-    source: Path, class_names: Sequence[str], *, split: str | None = None, limit: int | None = None
-) -> list[LabeledImage]:
-    """Labelled images from a folder, a ``.zip`` archive or a ``manifest.csv`` (with ``split``)."""
-    index = {name: i for i, name in enumerate(class_names)}
-    items: list[LabeledImage] = []
-    if (source.is_file() and source.name.endswith(".csv")) or (source / "manifest.csv").is_file():
-        from catsdogs.training.features import read_manifest
-
-        data_dir = source.parent if source.is_file() else source
-        for sample in read_manifest(data_dir):
-            if split and sample.split != split:
-                continue
-            if sample.label in index:
-                items.append(LabeledImage(str(sample.path), sample.path.read_bytes, index[sample.label]))
-    elif source.is_file() and zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as archive:
-            names = sorted(n for n in archive.namelist() if _is_image_name(n) and not n.endswith("/"))
-        for name in names:
-            label = _label_of(name, class_names)
-            if label is not None:
-                items.append(LabeledImage(name, _zip_reader(source, name), index[label]))
-    elif source.is_dir():
-        for path in sorted(p for p in source.rglob("*") if p.is_file() and _is_image_name(p.name)):
-            label = _label_of(str(path.relative_to(source)), class_names)
-            if label is not None:
-                items.append(LabeledImage(str(path), path.read_bytes, index[label]))
-    else:
-        raise CatsdogsError(f"{source} is not a folder, a .zip archive or a manifest.csv")
-    if not items:
-        raise CatsdogsError(
-            f"no labelled images in {source}: name files <class>.<id>.jpg or put them in folders named "
-            f"after the classes ({', '.join(class_names)})"
-        )
-    return items[:limit] if limit else items
-
-
-def _zip_reader(archive: Path, name: str) -> Callable[[], bytes]:
-    def read() -> bytes:
-        with zipfile.ZipFile(archive) as handle:
-            return handle.read(name)
-
-    return read
-
 
 # --- prediction --------------------------------------------------------------------------------
 
@@ -206,7 +33,7 @@ def _zip_reader(archive: Path, name: str) -> Callable[[], bytes]:
 def predict_probabilities(
     session: Any,
     config: PreprocessConfig,
-    images: Sequence[LabeledImage],
+    images: Sequence[LabelledImage],
     *,
     tta: bool = False,
     batch_size: int = 64,
@@ -217,7 +44,7 @@ def predict_probabilities(
 
     from catsdogs.training.export import onnx_logits
 
-    def load(item: LabeledImage) -> np.ndarray | None:
+    def load(item: LabelledImage) -> np.ndarray | None:
         try:
             return preprocess(decode_image(item.read()), config)
         except ImageError as exc:
@@ -255,7 +82,7 @@ class EvaluationResult:
 def evaluate_session(
     session: Any,
     config: PreprocessConfig,
-    images: Sequence[LabeledImage],
+    images: Sequence[LabelledImage],
     *,
     tta: bool = False,
     split: str = "test",
@@ -265,16 +92,16 @@ def evaluate_session(
     prob, skipped = predict_probabilities(session, config, images, tta=tta, progress=progress)
     skipped_names = set(skipped)
     kept = [item for item in images if item.name not in skipped_names]
-    labels = np.asarray([item.label for item in kept], dtype=np.int64)
-    metrics = classification_metrics(labels, prob, config.class_names, split=split)
-    metrics["tta"] = "hflip" if tta else "none"
     names = config.class_names
+    labels = np.asarray([names.index(item.label) for item in kept], dtype=np.int64)
+    metrics = classification_metrics(labels, prob, names, split=split)
+    metrics["tta"] = "hflip" if tta else "none"
     predictions = [
         {
             "image": item.name,
-            "label": names[item.label],
+            "label": item.label,
             "predicted": names[int(p.argmax())],
-            "correct": bool(p.argmax() == item.label),
+            "correct": names[int(p.argmax())] == item.label,
             **{f"p_{name}": float(p[k]) for k, name in enumerate(names)},
         }
         for item, p in zip(kept, prob, strict=True)
@@ -294,6 +121,29 @@ def write_predictions_csv(path: Path, predictions: Sequence[dict[str, Any]]) -> 
     tmp.write_text(buffer.getvalue())
     tmp.replace(path)
     return path
+
+
+def labelled_source(
+    source: Path, class_names: Sequence[str], *, split: str | None = None, limit: int | None = None
+) -> list[LabelledImage]:
+    """The images of a ``manifest.csv`` (optionally one split), or of a labelled folder or archive.
+
+    Raises:
+        CatsdogsError: no labelled image (see :func:`catsdogs.data.labelled.read_labelled`).
+    """
+    if not ((source.is_file() and source.name.endswith(".csv")) or (source / "manifest.csv").is_file()):
+        return read_labelled(source, class_names, limit=limit)
+    from catsdogs.training.features import read_manifest
+
+    data_dir = source.parent if source.is_file() else source
+    images = [
+        LabelledImage(str(sample.path), sample.label, sample.path.read_bytes)
+        for sample in read_manifest(data_dir)
+        if (not split or sample.split == split) and sample.label in class_names
+    ]
+    if not images:
+        raise CatsdogsError(f"no labelled images of split {split!r} in the manifest of {source}")
+    return balanced(images, class_names, limit)
 
 
 def resolve_model_uri(model_uri: str, *, settings: Settings) -> ModelBundle:
@@ -323,7 +173,7 @@ def evaluate_bundle(
     from catsdogs.training.features import ort_session
 
     config = bundle.preprocessing
-    images = labeled_images(source, config.class_names, split=split, limit=limit)
+    images = labelled_source(source, config.class_names, split=split, limit=limit)
     session = ort_session(bundle.onnx_path(int8=int8))
     result = evaluate_session(session, config, images, tta=tta, split=split or source.name, progress=progress)
     if out_dir is not None:

@@ -29,10 +29,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from catsdogs import CatsdogsError
+from catsdogs.metrics import classification_metrics
 from catsdogs.preprocessing import PreprocessConfig, preprocess
 from catsdogs.settings import Settings
 from catsdogs.training.augment import augment
-from catsdogs.training.evaluate import classification_metrics
 from catsdogs.training.features import Sample, load_image
 
 logger = logging.getLogger(__name__)
