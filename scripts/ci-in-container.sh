@@ -54,7 +54,7 @@ trap cleanup EXIT
 "$here/scripts/build-base-image.sh" >&2 # the image, unless it exists
 git clone -q "$here" "$work/repo"       # actions/checkout, or Jenkins' checkout scm
 git -C "$work/repo" checkout -q --detach "$(git -C "$here" rev-parse HEAD)"
-start_dataset_server "$archive"
+start_dataset_server "$archive" "$OUT/dataset-server.log"
 python=("$here/.venv/bin/python")
 [[ -x "${python[0]}" ]] || python=(python3) # needs PyYAML
 "${python[@]}" "$here/scripts/ci_steps.py" "${steps_args[@]}" --out "$work/steps" ${THROUGH:+--through "$THROUGH"} |

@@ -5,7 +5,8 @@
 # The summary log records the commit, the commands, their wall times and pytest's summary line.
 #
 # Usage: scripts/fresh-clone-check.sh [ARCHIVE]   (default /work/shared/datasets/dogs-vs-cats/train.zip)
-# Env:   OUT (default /tmp/catsdogs-fresh-clone-<time>): summary.log, setup.out, test.out go there
+# Env:   OUT (default /tmp/catsdogs-fresh-clone-<time>): summary.log, setup.out, test.out and the
+#        dataset server's access log go there
 #        PYTEST_ADDOPTS e.g. "-k deploy" for a subset; CI (default true: a missing tool fails, as in CI)
 #        KEEP=1 keeps the clone, its .venv and the downloaded archive (deleted otherwise)
 set -euo pipefail
@@ -34,7 +35,7 @@ git -C "$work/catsdogs" checkout -q --detach "$commit"
   echo "$work/shared exists" >&2
   exit 1
 }
-start_dataset_server "$archive"
+start_dataset_server "$archive" "$OUT/dataset-server.log"
 export CATSDOGS_TEST_CACHE="$work/test-cache" # an empty cache: the tests download the archive themselves
 
 note "fresh-clone check of $commit in $work/catsdogs (no ../shared), $(date -u +%FT%TZ), $(nproc) cores"

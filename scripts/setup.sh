@@ -31,7 +31,8 @@ APT_PACKAGES+=(time)                               # benchmarks: GNU /usr/bin/ti
 APT_PACKAGES+=(podman buildah runc containernetworking-plugins iptables fuse-overlayfs slirp4netns uidmap
   debootstrap docker-compose default-jre-headless)
 APT_PACKAGES+=(chromium fonts-liberation) # the upload page's browser test (Playwright drives Debian's Chromium)
-# Node.js >= 20 for npm-groovy-lint: keep one that is already there (hosted runners, NodeSource).
+# npm installs the workflow and Jenkinsfile linters; Debian 12's Node.js 18 runs them, and a newer
+# one already there (hosted runners, NodeSource) is kept.
 command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
 log() { printf 'setup: %s\n' "$*" >&2; }

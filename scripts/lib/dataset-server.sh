@@ -1,12 +1,13 @@
 # shellcheck shell=bash
 # Serve a dataset archive on a loopback port, standing in for the public download on a machine that
 # cannot reach it (scripts/fresh-clone-check.sh, scripts/ci-in-container.sh). Source this file, then:
-#   start_dataset_server ARCHIVE   exports CATSDOGS_DATA_SOURCE (http://127.0.0.1:PORT/NAME) and
-#                                  CATSDOGS_DATA_SHA256 (computed here), sets DATASET_SERVER_PID
-#   stop_dataset_server            stops that server, by its PID
+#   start_dataset_server ARCHIVE [LOG]   exports CATSDOGS_DATA_SOURCE (http://127.0.0.1:PORT/NAME) and
+#                                        CATSDOGS_DATA_SHA256 (computed here), sets DATASET_SERVER_PID;
+#                                        the server's access log goes to LOG (default /dev/null)
+#   stop_dataset_server                  stops that server, by its PID
 
 start_dataset_server() {
-  local archive=$1 name port
+  local archive=$1 log=${2:-/dev/null} name port
   [[ -f "$archive" ]] || {
     echo "no dataset archive at $archive" >&2
     return 1
@@ -15,8 +16,7 @@ start_dataset_server() {
   DATASET_SERVER_DIR="$(mktemp -d)"
   ln -s "$(realpath "$archive")" "$DATASET_SERVER_DIR/$name"
   port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-  python3 -m http.server --bind 127.0.0.1 --directory "$DATASET_SERVER_DIR" "$port" \
-    >"$DATASET_SERVER_DIR.log" 2>&1 &
+  python3 -m http.server --bind 127.0.0.1 --directory "$DATASET_SERVER_DIR" "$port" >>"$log" 2>&1 &
   DATASET_SERVER_PID=$!
   CATSDOGS_DATA_SHA256="$(sha256sum "$archive" | cut -d' ' -f1)"
   export CATSDOGS_DATA_SOURCE="http://127.0.0.1:$port/$name" CATSDOGS_DATA_SHA256
@@ -36,7 +36,7 @@ stop_dataset_server() {
   if [[ -n "${DATASET_SERVER_PID:-}" ]]; then
     kill "$DATASET_SERVER_PID" 2>/dev/null || true
     wait "$DATASET_SERVER_PID" 2>/dev/null || true
-    rm -rf "$DATASET_SERVER_DIR" "$DATASET_SERVER_DIR.log"
+    rm -rf "$DATASET_SERVER_DIR"
     DATASET_SERVER_PID=
   fi
 }
