@@ -8,18 +8,21 @@ SOURCE ?=
 SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format test test-fast data train serve bench check-monitoring image stack manifests
+.PHONY: help setup install lint format test test-fast data train serve bench check-monitoring image stack manifests
 
 help: ## Show this help.
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+setup: ## Set up this machine (Debian/Ubuntu): system packages (root or sudo), .venv, tools, base image.
+	VENV=$(VENV) scripts/setup.sh
+
+install: ## Only the Python part of `make setup`: the package with every extra into .venv (CPU torch).
+	VENV=$(VENV) scripts/setup.sh venv
 
 $(PY):
-	python3 -m venv $(VENV)
+	@echo "$(VENV) does not exist yet: run 'make setup' (or 'make install') first" >&2; exit 1
 
-install: $(PY) ## Install the package with every extra (train, serve, dev) into .venv.
-	$(PY) -m pip install -e ".[train,serve,dev]"
-
-lint: ## Lint and check formatting (ruff).
+lint: $(PY) ## Lint and check formatting (ruff).
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -27,11 +30,14 @@ format: ## Fix lint and formatting where ruff can.
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint ## The full check CI runs: lint, then every test (unit, data, model, API, integration, tools).
-	$(BIN)/pytest
+# Tests find the venv's tools (dvc, hadolint, kubectl, ...) on PATH, as in an activated venv.
+RUN := PATH="$(abspath $(BIN)):$$PATH"
 
-test-fast: ## Only the quick tests (no `slow` or `integration` marker).
-	$(BIN)/pytest -m "not slow and not integration"
+test: lint ## The full check CI runs: lint, then every test (unit, data, model, API, integration, tools).
+	$(RUN) $(BIN)/pytest
+
+test-fast: $(PY) ## Only the quick tests (no `slow` or `integration` marker).
+	$(RUN) $(BIN)/pytest -m "not slow and not integration"
 
 data: ## Fetch the dataset once (verified; SOURCE=path or URL) and ingest it into data/.
 	$(BIN)/catsdogs data fetch $(SOURCE_FLAG)

@@ -38,13 +38,14 @@ HOW_TO_GET_THE_DATASET = (
 
 
 def require_tool(name: str) -> str:
-    """Path of an external tool; a missing tool fails in CI (where .ci/run installs it), skips elsewhere."""
+    """Path of an external tool; a missing tool fails in CI (where `make setup` installs it), skips
+    elsewhere."""
     path = shutil.which(name)
     if path:
         return path
     if os.environ.get("CI"):
-        pytest.fail(f"{name} is not installed; .ci/run must install it")
-    pytest.skip(f"{name} is not installed here (CI installs it)")
+        pytest.fail(f"{name} is not installed; `make setup` must install it (scripts/setup.sh)")
+    pytest.skip(f"{name} is not installed here (`make setup` installs it, as root or with sudo)")
 
 
 def free_port() -> int:
