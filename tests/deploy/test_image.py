@@ -7,14 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
 
 from catsdogs.bundle import SAMPLES
+from support import dataset_photos, free_port
 
-from .conftest import MEASUREMENTS, REPO, Container, podman
+from .conftest import MEASUREMENTS, REPO, Container, podman, wait_for_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -135,3 +137,71 @@ def test_container_health_check_reports_healthy(serve_container: Container) -> N
     would count them: a start-up of Python can exceed the timeout on a loaded 2-core machine)."""
     attempts = [podman("healthcheck", "run", serve_container.name, check=False) for _ in range(3)]
     assert any(done.returncode == 0 for done in attempts), [a.stdout + a.stderr for a in attempts]
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory, dataset_zip: Path) -> Path:
+    """A bundle exactly as `catsdogs train` writes it (a small head model), left as written: no
+    chmod, umask 022 like a user's shell."""
+    root = tmp_path_factory.mktemp("trained")
+    archive = root / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as dst:
+        for label in ("cat", "dog"):
+            for i, data in enumerate(dataset_photos(dataset_zip, label, 30)):
+                dst.writestr(f"train/{label}.{i}.jpg", data)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CATSDOGS_DATA_DIR": str(root / "data")}
+    common = {"env": env, "capture_output": True, "text": True, "timeout": 600, "preexec_fn": _user_umask}
+    ingest = subprocess.run(
+        [sys.executable, "-m", "catsdogs", "data", "ingest", "--source", str(archive)], **common
+    )
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    train = subprocess.run(
+        [sys.executable, "-m", "catsdogs", "train", "--model", "efficientnet_lite0", "--strategy", "head",
+         "--image-size", "128", "--epochs", "2", "--no-track", "--run-name", "image-test",
+         "--runs-dir", str(root / "runs"), "--cache-dir", str(root / "cache")],
+        **common,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    return root / "runs" / "image-test" / "bundle"
+
+
+def _user_umask() -> None:
+    os.umask(0o022)
+
+
+def test_container_serves_a_bundle_catsdogs_train_just_wrote(
+    serve_image: str, trained_bundle: Path, tmp_path: Path
+) -> None:
+    """Non-root (uid 10001), the bundle mounted read-only as training left it: ready, and answers."""
+    name = f"catsdogs-trained-{os.getpid()}"
+    port = free_port()
+    keys = tmp_path / "api_keys"
+    keys.write_text("trained-bundle-key\n")
+    keys.chmod(0o644)
+    podman(
+        "run", "--detach", "--name", name, "--read-only", "--user", "10001:10001", "--cap-drop=ALL",
+        "--publish", f"127.0.0.1:{port}:8000",
+        "--volume", f"{trained_bundle}:/models/bundle:ro", "--volume", f"{keys}:/run/secrets/api_keys:ro",
+        "--env", "CATSDOGS_MODEL_URI=/models/bundle", "--env", "CATSDOGS_API_KEYS_FILE=/run/secrets/api_keys",
+        serve_image,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_for_http(f"{url}/ready", timeout_s=120)
+        except AssertionError as exc:
+            logs = podman("logs", name, check=False)
+            raise AssertionError(
+                f"{exc}; container logs:\n{logs.stdout[-2000:]}{logs.stderr[-2000:]}"
+            ) from None
+        sample = next((trained_bundle / SAMPLES).glob("cat.*"))
+        answer = httpx.post(
+            f"{url}/predict",
+            files={"file": ("cat.jpg", sample.read_bytes())},
+            headers={"X-API-Key": "trained-bundle-key"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["label"] in ("cat", "dog")
+    finally:
+        podman("rm", "--force", "--time", "5", name, check=False)
