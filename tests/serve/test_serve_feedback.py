@@ -58,6 +58,24 @@ def test_tampered_prediction_id_is_400(client: TestClient, cat_jpeg: bytes) -> N
     assert response.json()["error"] == "invalid_prediction_id"
 
 
+@pytest.mark.parametrize(
+    "prediction_id",
+    [
+        "é" * 12 + ".x",
+        "abcdefghij.é",
+        "\u0000" * 5 + "." + "\u0000" * 5,
+        "no-dot-at-all-here",
+        "abcdefghij.kl.mn",
+    ],
+)
+def test_non_ascii_or_malformed_prediction_ids_are_400_not_500(
+    client: TestClient, prediction_id: str
+) -> None:
+    response = client.post("/feedback", json={"prediction_id": prediction_id, "label": "cat"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_prediction_id"
+
+
 def test_unknown_label_is_422(client: TestClient, cat_jpeg: bytes) -> None:
     pid = _predict(client, cat_jpeg)["prediction_id"]
     response = client.post("/feedback", json={"prediction_id": pid, "label": "hamster"})

@@ -84,6 +84,8 @@ class PredictionSigner:
         return f"{body}.{self._sign(body)}"
 
     def verify(self, token: str) -> PredictionClaim:
+        if not token.isascii():  # ids are base64url: anything else is not one (and cannot be signed)
+            raise InvalidTokenError("prediction_id is not a prediction id issued by this service")
         body, _, signature = token.partition(".")
         if not body or not signature or not hmac.compare_digest(self._sign(body), signature):
             raise InvalidTokenError("prediction_id is not a prediction id issued by this service")
