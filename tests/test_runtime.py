@@ -16,6 +16,8 @@ from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.runtime import (
     INPUT_NAME,
     OUTPUT_NAME,
+    available_cores,
+    cpu_quota,
     input_size,
     open_model,
     open_session,
@@ -91,3 +93,24 @@ def test_the_runtime_imports_neither_torch_nor_mlflow() -> None:
         check=True,
     )
     assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", None), ("100000 100000", 1.0), ("150000 100000", 1.5), ("garbage", None), ("", None)],
+)
+def test_cpu_quota_reads_cgroup_cpu_max(tmp_path: Path, cpu_max: str, expected: float | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(f"{cpu_max}\n")
+    assert cpu_quota(path) == expected
+
+
+def test_thread_counts_follow_the_container_quota_not_the_node(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.max"
+    unlimited = available_cores(cgroup_cpu_max=tmp_path / "absent")
+    path.write_text("100000 100000\n")
+    assert available_cores(cgroup_cpu_max=path) == 1
+    path.write_text("150000 100000\n")
+    assert available_cores(cgroup_cpu_max=path) == min(2, unlimited)
+    path.write_text("max 100000\n")
+    assert available_cores(cgroup_cpu_max=path) == unlimited

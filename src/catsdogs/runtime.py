@@ -9,6 +9,7 @@ is made), so serving and the pyfunc model use it without torch or MLflow.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,12 +27,34 @@ OUTPUT_NAME = "logits"
 """The graph's output: (N, classes) float32 logits, one column per ``class_names`` entry."""
 
 
-def available_cores() -> int:
-    """CPU cores this process may use (the affinity mask, not the machine's count)."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_quota(path: Path = CGROUP_CPU_MAX) -> float | None:
+    """Cores the container's CPU quota allows (cgroup v2 ``cpu.max``: ``quota period``), or None
+    without a quota. A pod limited to 1 CPU on a 32-core node sees 32 cores in its affinity mask;
+    32 threads there would only queue behind the quota."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def available_cores(*, cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPU cores this process may use: the affinity mask, capped by the container's CPU quota
+    (rounded up: a quota of 1.5 CPUs keeps two threads busy), never the machine's count."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota(cgroup_cpu_max)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
 def session_options(

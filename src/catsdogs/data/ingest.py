@@ -39,6 +39,7 @@ from catsdogs.data.sources import Member, Source, open_source
 from catsdogs.data.split import SPLITS, assign_splits, draw
 from catsdogs.data.validate import Accepted, Rejected, StoreConfig
 from catsdogs.files import write_text_atomic
+from catsdogs.runtime import available_cores
 from catsdogs.settings import Settings
 
 _logger = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def _store_images(
         (images_dir / label).mkdir(parents=True)
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
-    workers = settings.ingest_workers or os.cpu_count() or 1
+    workers = settings.ingest_workers or available_cores()
     for result in _process_all(source, config, workers=workers, show_progress=show_progress):
         (accepted if isinstance(result, Accepted) else rejected).append(result)
     return accepted, rejected
