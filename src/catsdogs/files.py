@@ -62,3 +62,24 @@ def write_text_atomic(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as handle:
         handle.write(text)
     return path
+
+
+@contextmanager
+def exclusive_lock(folder: Path, *, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` itself (no lock file to leave behind) for the block, or
+    refuse at once with a one-line error: two ingests swapping one data folder would leave it
+    mixed. The kernel releases the lock when the process dies, so a crash never leaves it stale."""
+    import fcntl
+
+    from catsdogs import CatsdogsError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CatsdogsError(f"{what} is already running; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock

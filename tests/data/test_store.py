@@ -127,3 +127,34 @@ def test_leftovers_of_an_interrupted_run_are_removed(tmp_path: Path, settings: S
         "images",
         "manifest.csv",
     ]
+
+
+def test_a_second_ingest_into_the_same_folder_is_refused_while_one_runs(
+    tmp_path: Path, settings: Settings, real_photos
+) -> None:
+    from datafiles import kaggle_members
+
+    from catsdogs import CatsdogsError
+    from catsdogs.files import exclusive_lock
+
+    source = str(write_zip(tmp_path / "a.zip", kaggle_members(real_photos, 3)))
+    with (
+        exclusive_lock(settings.data_dir, what="an ingest"),
+        pytest.raises(CatsdogsError, match="already running"),
+    ):
+        ingest(settings, source=source, show_progress=False)
+    assert not settings.manifest_path.exists()
+    ingest(settings, source=source, show_progress=False)  # the lock went with the holder
+    assert len(read_manifest(settings)) == 6
+
+
+def test_a_crashed_ingest_leaves_no_lock_behind(tmp_path: Path, settings: Settings) -> None:
+    code = (
+        "import os, sys; from pathlib import Path; from catsdogs.files import exclusive_lock\n"
+        f"with exclusive_lock(Path({str(settings.data_dir)!r}), what='x'):\n    os._exit(3)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 3
+    from catsdogs.files import exclusive_lock
+
+    with exclusive_lock(settings.data_dir, what="an ingest"):
+        pass

@@ -38,7 +38,7 @@ from catsdogs.data.fetch import fetch_archive
 from catsdogs.data.sources import Member, Source, open_source
 from catsdogs.data.split import SPLITS, assign_splits, draw
 from catsdogs.data.validate import Accepted, Rejected, StoreConfig
-from catsdogs.files import write_text_atomic
+from catsdogs.files import exclusive_lock, write_text_atomic
 from catsdogs.runtime import available_cores
 from catsdogs.settings import Settings
 
@@ -300,30 +300,33 @@ def ingest(
         local = sample_members(local, per_class=per_class, seed=settings.seed)
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(data_dir)
-    staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=data_dir))
-    try:
-        images_dir = staging / "images"
-        accepted, rejected = _store_images(local, images_dir, settings, show_progress=show_progress)
-        rows, sections = _organize(accepted, settings)
-        for conflict in sections["conflicting_labels"]:
-            for image in conflict["images"]:
-                (images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
-        report = _report(
-            requested=requested,
-            source=local,
-            settings=settings,
-            rows=rows,
-            rejected=rejected,
-            accepted_count=len(accepted),
-            sections=sections,
-            sample_per_class=per_class,
-        )
-        write_text_atomic(staging / "manifest.csv", manifest_text(rows))
-        write_text_atomic(staging / "data_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-        _swap_in(staging, data_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with exclusive_lock(data_dir, what=f"an ingest into {data_dir}"):
+        _remove_leftovers(data_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=data_dir))
+        try:
+            images_dir = staging / "images"
+            accepted, rejected = _store_images(local, images_dir, settings, show_progress=show_progress)
+            rows, sections = _organize(accepted, settings)
+            for conflict in sections["conflicting_labels"]:
+                for image in conflict["images"]:
+                    (images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
+            report = _report(
+                requested=requested,
+                source=local,
+                settings=settings,
+                rows=rows,
+                rejected=rejected,
+                accepted_count=len(accepted),
+                sections=sections,
+                sample_per_class=per_class,
+            )
+            write_text_atomic(staging / "manifest.csv", manifest_text(rows))
+            write_text_atomic(
+                staging / "data_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n"
+            )
+            _swap_in(staging, data_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
     _logger.info("ingested %d files in %.1f s", len(local.members), seconds)
     return IngestResult(settings.manifest_path, settings.report_path, report, seconds)
