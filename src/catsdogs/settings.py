@@ -249,6 +249,8 @@ class Settings(BaseSettings):
     """Number of most recent feedback labels behind ``catsdogs_live_accuracy``."""
     feedback_max_age_s: float = 30 * 24 * 3600.0
     """Older prediction ids are refused by ``/feedback``."""
+    feedback_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest ``/feedback`` body; checked (with the API key) before the body is read."""
     graceful_timeout_s: float = 30.0
     """On SIGTERM, how long in-flight requests may take to finish."""
 

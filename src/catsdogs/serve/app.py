@@ -14,6 +14,7 @@ from catsdogs import __version__
 from catsdogs.serve.access_log import AccessLogMiddleware
 from catsdogs.serve.drift import DriftWindowFactory
 from catsdogs.serve.errors import install_error_handlers
+from catsdogs.serve.feedback_gate import FeedbackGate
 from catsdogs.serve.routes import admin, feedback, ops, predict, ui
 from catsdogs.serve.service import build_service
 from catsdogs.settings import Settings, get_settings
@@ -61,5 +62,6 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(FeedbackGate, max_body_bytes=settings.feedback_max_body_bytes)
     app.add_middleware(AccessLogMiddleware, metrics=service.metrics)
     return app

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catsdogs.preprocessing import ImageError
 
@@ -35,6 +36,14 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A request body that passed its limit while being read. An HTTPException because FastAPI
+    turns any other exception raised while it reads a body into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is at most {limit} bytes")
+
+
 def image_error(exc: ImageError) -> ApiError:
     """Map a decoding failure to its HTTP status (4xx, never 5xx)."""
     return ApiError(IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code, exc.detail)
@@ -52,6 +61,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "body_too_large", exc.detail)
 
     @app.exception_handler(ImageError)
     async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
