@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from catsdogs import CatsdogsError
 from catsdogs.preprocessing import (
@@ -247,3 +248,76 @@ def test_the_draft_leaves_images_of_the_store_as_they_are(size: tuple[int, int],
 def test_softmax_is_stable_for_large_logits() -> None:
     probs = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(probs, [[1.0, 0.0], [0.5, 0.5]])
+
+
+#: Failures Pillow's plugins raise on hostile bytes besides ``OSError``; each is the client's error.
+DECODER_FAILURES = [
+    struct.error("unpack requires a buffer of 4 bytes"),
+    IndexError("list index out of range"),
+    KeyError(7),
+    ValueError("invalid palette size"),
+    OSError("broken PNG file"),
+    SyntaxError("not a PNG file"),
+    EOFError(),
+    ZeroDivisionError("division by zero"),
+    OverflowError("Python int too large to convert to C long"),
+    TypeError("'float' object cannot be interpreted as an integer"),
+]
+
+
+def _raise(failure: BaseException):  # type: ignore[no-untyped-def]
+    def method(self: object) -> None:
+        raise failure
+
+    return method
+
+
+@pytest.mark.parametrize("failure", DECODER_FAILURES, ids=lambda exc: type(exc).__name__)
+def test_any_decoder_failure_on_the_pixels_is_an_image_error(
+    photo: Image.Image, failure: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", _raise(failure))
+    with pytest.raises(ImageError) as caught:
+        decode_for_model(_encode(photo, "PNG"), PreprocessConfig(image_size=32))
+    assert caught.value.code == "decode_failed"
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize("failure", DECODER_FAILURES, ids=lambda exc: type(exc).__name__)
+def test_any_decoder_failure_on_the_header_is_an_image_error(
+    photo: Image.Image, failure: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "_open", _raise(failure))
+    with pytest.raises(ImageError) as caught:
+        decode_image(_encode(photo, "PNG"))
+    assert caught.value.code == "not_an_image"
+
+
+@pytest.mark.parametrize("failure", [AttributeError("no attribute 'tile'"), RuntimeError("a bug")])
+def test_a_programming_error_is_not_disguised_as_a_bad_image(
+    photo: Image.Image, failure: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", _raise(failure))
+    with pytest.raises(type(failure)):
+        decode_image(_encode(photo, "PNG"))
+
+
+def _tiff_with_float_strip_offsets() -> bytes:
+    """A TIFF whose StripOffsets entry (tag 273) is typed FLOAT: Pillow's load() raises TypeError."""
+    data = bytearray(_encode(Image.new("RGB", (48, 40), (200, 120, 40)), "TIFF"))
+    assert data[:4] == b"II*\0"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    (count,) = struct.unpack_from("<H", data, ifd)
+    entries = [ifd + 2 + 12 * i for i in range(count)]
+    (entry,) = [at for at in entries if struct.unpack_from("<H", data, at)[0] == 273]
+    struct.pack_into("<H", data, entry + 2, 11)
+    return bytes(data)
+
+
+def test_a_tiff_offset_of_the_wrong_type_is_a_bad_image() -> None:
+    """Found by fuzzing the decoder (about 860,000 mutated seeds, the mutations of test_serve_fuzz.py):
+    the service answered 500 to this 2-byte change of a TIFF."""
+    with pytest.raises(ImageError) as caught:
+        decode_image(_tiff_with_float_strip_offsets())
+    assert caught.value.code == "decode_failed"
+    assert "TypeError" in caught.value.detail
