@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import warnings
 import zipfile
@@ -177,3 +178,18 @@ def dvc_project(root: Path, **params: object) -> Path:
     for args in (("init", "-q"), ("add", "-A"), ("commit", "-qm", "init")):
         run_in_project(*git, *args, cwd=root)
     return root
+
+
+#: Failures Pillow's plugins raise on hostile bytes; each must be the client's error (4xx), never a 5xx.
+DECODER_FAILURES = [
+    struct.error("unpack requires a buffer of 4 bytes"),
+    IndexError("list index out of range"),
+    KeyError(7),
+    ValueError("invalid palette size"),
+    OSError("broken PNG file"),
+    SyntaxError("not a PNG file"),
+    EOFError(),
+    ZeroDivisionError("division by zero"),
+    OverflowError("Python int too large to convert to C long"),
+    TypeError("'float' object cannot be interpreted as an integer"),
+]

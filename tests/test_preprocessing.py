@@ -25,6 +25,7 @@ from catsdogs.preprocessing import (
     softmax,
     to_array,
 )
+from support import DECODER_FAILURES
 
 #: preprocessing.json as every bundle before format 2 has it (written by the code of 4fb093b).
 V1_FILE = {
@@ -248,21 +249,6 @@ def test_the_draft_leaves_images_of_the_store_as_they_are(size: tuple[int, int],
 def test_softmax_is_stable_for_large_logits() -> None:
     probs = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(probs, [[1.0, 0.0], [0.5, 0.5]])
-
-
-#: Failures Pillow's plugins raise on hostile bytes besides ``OSError``; each is the client's error.
-DECODER_FAILURES = [
-    struct.error("unpack requires a buffer of 4 bytes"),
-    IndexError("list index out of range"),
-    KeyError(7),
-    ValueError("invalid palette size"),
-    OSError("broken PNG file"),
-    SyntaxError("not a PNG file"),
-    EOFError(),
-    ZeroDivisionError("division by zero"),
-    OverflowError("Python int too large to convert to C long"),
-    TypeError("'float' object cannot be interpreted as an integer"),
-]
 
 
 def _raise(failure: BaseException):  # type: ignore[no-untyped-def]

@@ -8,7 +8,6 @@ mutates them (bit flips, overwritten header fields, insertions, truncations) and
 from __future__ import annotations
 
 import io
-import struct
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +16,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
+
+from support import DECODER_FAILURES
 
 FUZZ = settings(
     max_examples=1500,
@@ -114,19 +115,6 @@ def test_a_mutated_image_in_a_batch_fails_alone(client: TestClient, data: bytes)
     assert (bad["label"] is None) == (bad["error"] is not None)
 
 
-#: Failures Pillow's plugins raise on hostile bytes (the unit tests of ``decode_image`` cover each).
-FAILURES = [
-    struct.error("unpack requires a buffer of 4 bytes"),
-    IndexError("list index out of range"),
-    KeyError(7),
-    ValueError("invalid palette size"),
-    OSError("broken PNG file"),
-    SyntaxError("not a PNG file"),
-    EOFError(),
-    TypeError("'float' object cannot be interpreted as an integer"),
-]
-
-
 def _broken_png_decoder(failure: BaseException) -> Callable[[object], None]:
     def load(self: object) -> None:
         raise failure
@@ -134,7 +122,7 @@ def _broken_png_decoder(failure: BaseException) -> Callable[[object], None]:
     return load
 
 
-@pytest.mark.parametrize("failure", FAILURES, ids=lambda exc: type(exc).__name__)
+@pytest.mark.parametrize("failure", DECODER_FAILURES, ids=lambda exc: type(exc).__name__)
 def test_a_decoder_failure_is_a_4xx_and_fails_only_its_image_in_a_batch(
     client: TestClient, failure: BaseException, monkeypatch: pytest.MonkeyPatch
 ) -> None:
