@@ -14,7 +14,8 @@ from support import REPO, dataset_archive
 def test_quick_run_compares_the_service_with_the_naive_endpoint_and_raw_onnxruntime(tmp_path: Path) -> None:
     bundle = build_bundle(tmp_path / "bundle")
     out = tmp_path / "peers.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "bench_peers.py"), "--bundle", str(bundle), "--quick"]
+    script = REPO / "benchmarks" / "bench_peers.py"
+    command = [sys.executable, str(script), "--bundle", str(bundle), "--quick"]
     command += ["--client", "aiohttp", "--archive", str(dataset_archive()), "--out", str(out)]
     subprocess.run(command, check=True, timeout=240, capture_output=True, cwd=tmp_path)
 
