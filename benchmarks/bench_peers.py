@@ -10,6 +10,7 @@ the other and repeated (``--repeats``), so that drifting load on a shared machin
   * ``bentoml``   — ``peers/bentoml_service.py``: BentoML with adaptive batching as its documentation
     configures it, installed from ``peers/bentoml-requirements.txt`` into its own venv (reported,
     not targeted; ``--no-bentoml`` or ``--quick`` leave it out);
+  * ``catsdogs_int8`` — the same service on the bundle's INT8 graph, when it has one;
   * ``raw``       — ONNX Runtime without HTTP on the same file: the service's thread layout and the
     best batch size (``bench_serve.raw_ort``).
 
@@ -75,8 +76,9 @@ def start_process(command: list[str], env: dict[str, str], ready_path: str, tmp:
     return proc, url
 
 
-def start_catsdogs(bundle: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
-    proc, url, _ = bench_serve.start_server(bundle, SERVICE_ENV, tmp)
+def start_catsdogs(bundle: Path, tmp: Path, *, int8: bool = False) -> tuple[subprocess.Popen, str]:
+    env = {**SERVICE_ENV, "CATSDOGS_SERVE_INT8": "true"} if int8 else SERVICE_ENV
+    proc, url, _ = bench_serve.start_server(bundle, env, tmp)
     return proc, url
 
 
@@ -138,7 +140,7 @@ def measure_peer(
     """One peer: started fresh, warmed up, then every image set at every concurrency level; then
     topped up to ``rss_requests`` requests before its RSS is read (the service's memory bar)."""
     proc, url = start()
-    key = API_KEY if name == "catsdogs" else None
+    key = API_KEY if name.startswith("catsdogs") else None
     try:
         first = next(iter(images.values()))
         bench_serve.run_load(url, first, 4, 2.0, tmp, client=args.client, api_key=key)  # warm-up
@@ -250,6 +252,8 @@ def main() -> None:
             "catsdogs": lambda: start_catsdogs(bundle, tmp),
             "naive": lambda: start_naive(bundle, tmp),
         }
+        if (bundle / "model.int8.onnx").exists() and not args.quick:
+            starters["catsdogs_int8"] = lambda: start_catsdogs(bundle, tmp, int8=True)
         if not args.no_bentoml:
             venv = bentoml_venv(args.cache.resolve())
             starters["bentoml"] = lambda: start_bentoml(bundle, tmp, venv)
