@@ -219,6 +219,13 @@ class Settings(BaseSettings):
     """Keys accepted in ``X-API-Key`` or ``Authorization: Bearer`` (comma-separated in the environment)."""
     allow_anonymous: bool = False
     """Serve a non-loopback ``host`` without ``api_keys`` (refused unless this says so on purpose)."""
+    rate_limit_per_minute: int = Field(default=1200, ge=0)
+    """Requests per minute to /predict, /predict/batch and /feedback per API key (per client address
+    without keys), for each pod; 0: no limit. Applies with API keys or a non-loopback ``host``."""
+    rate_limit_burst: int = Field(default=200, ge=1)
+    """Requests a caller may send at once before the per-minute rate applies (429 past it)."""
+    rate_limit_store: Path | None = None
+    """SQLite file the server's worker processes count requests in; ``None``: a fresh temporary one."""
     admin_token: SecretStr | None = None
     """Token of the ``/admin`` routes (``X-Admin-Token``); ``None``: those routes are not mounted."""
     feedback_secret: SecretStr | None = None
