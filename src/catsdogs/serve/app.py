@@ -31,6 +31,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(service.feedback_log.open)  # migrations first: a bad URL stops the start
         await service.predictor.start()
         service.store.start()
         if settings.workers > 1:  # see Settings.worker_start_wait_s
@@ -41,6 +42,7 @@ def create_app(
         service.store.stop()
         await service.predictor.stop()  # in-flight work finishes first (uvicorn drains on SIGTERM)
         service.drift.stop()
+        service.feedback_log.close()
 
     app = FastAPI(
         title="catsdogs",
