@@ -42,9 +42,9 @@ def test_both_images_and_the_mlflow_server_have_dockerfiles() -> None:
     assert {p.name for p in DOCKERFILES} >= {"serve.Dockerfile", "train.Dockerfile", "mlflow.Dockerfile"}
 
 
-def test_serving_dockerfile_installs_the_serve_extra_only() -> None:
+def test_serving_dockerfile_installs_the_serve_and_postgres_extras_only() -> None:
     text = (REPO / "docker" / "serve.Dockerfile").read_text()
-    assert '".[serve]"' in text
+    assert '".[serve,postgres]"' in text
     assert "[train" not in text and "[dev" not in text
     assert "USER 10001" in text and "HEALTHCHECK" in text
 

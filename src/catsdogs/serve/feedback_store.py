@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ SQLITE_FILE = "feedback.sqlite3"
 VERSION_TABLE = "catsdogs_feedback_alembic_version"
 MIGRATIONS = "catsdogs.serve:feedback_migrations"
 BUSY_TIMEOUT_MS = 5000
+#: alembic's ``context`` is one module-level proxy: apps in one process (tests) migrate in turn.
+_MIGRATING = threading.Lock()
 
 #: The columns this module writes, typed for binding; the schema itself (constraints, sizes) is the
 #: migrations' (feedback_migrations/versions).
@@ -98,7 +101,7 @@ class FeedbackStore:
         try:
             self._engine = self._create_engine()
             self._migrate(self._engine)
-        except sa.exc.SQLAlchemyError as exc:
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise FeedbackStoreError(f"feedback store {self.url!r} is unusable: {exc}") from exc
         logger.info("feedback store ready at %r", self.url)
 
@@ -123,7 +126,7 @@ class FeedbackStore:
             if self.is_sqlite and self.url.database and self.url.database != ":memory:"
             else _no_lock()
         )
-        with lock, engine.begin() as connection:
+        with _MIGRATING, lock, engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
