@@ -59,8 +59,11 @@ LABEL org.opencontainers.image.title="catsdogs-serve" \
       org.opencontainers.image.description="Cats vs dogs classifier API (FastAPI + ONNX Runtime)" \
       org.opencontainers.image.source="https://github.com/catsdogs/catsdogs" \
       org.opencontainers.image.licenses="Apache-2.0"
+# /var/lib/catsdogs: where a volume keeps the feedback store's SQLite file (docker-compose.yml); a new
+# named volume takes this owner from the image.
 RUN groupadd --system --gid 10001 app \
-    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app
+    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/catsdogs
 COPY --from=build /opt/venv /opt/venv
 COPY --from=model /opt/model /opt/model
 COPY docker/serve-entrypoint.sh /usr/local/bin/catsdogs-serve
