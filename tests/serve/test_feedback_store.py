@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -136,6 +137,22 @@ def test_the_default_store_is_a_wal_sqlite_file_in_the_cache_dir(settings: Setti
     assert path.is_file()
     with sa.create_engine(f"sqlite:///{path}").connect() as connection:
         assert connection.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_an_in_memory_store_works_from_any_thread() -> None:
+    store = FeedbackStore(store_url(Settings(feedback_store_url="sqlite://")))
+    store.open()
+    try:
+        with ThreadPoolExecutor(2) as pool:  # /feedback writes from the thread pool
+            assert list(
+                pool.map(lambda nonce: store.record(_claim(nonce), label="cat"), ["a", "b", "a"])
+            ) == [
+                True,
+                True,
+                False,
+            ]
+    finally:
+        store.close()
 
 
 def test_a_plain_postgresql_url_uses_psycopg_3() -> None:

@@ -93,8 +93,11 @@ class FeedbackStore:
         self._engine: Engine | None = None
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.url.get_backend_name() == "sqlite"
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file, if the store is one (``None`` for PostgreSQL and ``sqlite://``)."""
+        if self.url.get_backend_name() != "sqlite" or self.url.database in (None, "", ":memory:"):
+            return None
+        return Path(self.url.database)
 
     def open(self) -> None:
         """Connect and bring the schema to the latest migration (every worker may do it at once)."""
@@ -106,10 +109,13 @@ class FeedbackStore:
         logger.info("feedback store ready at %r", self.url)
 
     def _create_engine(self) -> Engine:
-        if not self.is_sqlite:
+        if self.url.get_backend_name() != "sqlite":
             return sa.create_engine(self.url, pool_pre_ping=True, pool_size=2, max_overflow=8)
-        if self.url.database and self.url.database != ":memory:":
-            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        if self.sqlite_file is None:  # in memory: one connection shared by every thread, or each has its own
+            return sa.create_engine(
+                self.url, poolclass=sa.StaticPool, connect_args={"check_same_thread": False}
+            )
+        self.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(self.url)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -121,11 +127,8 @@ class FeedbackStore:
         config = Config()
         config.set_main_option("script_location", MIGRATIONS)
         # PostgreSQL: env.py takes a transaction-level advisory lock; SQLite: a lock file beside it.
-        lock = (
-            _file_lock(Path(f"{self.url.database}.migrate.lock"))
-            if self.is_sqlite and self.url.database and self.url.database != ":memory:"
-            else _no_lock()
-        )
+        database = self.sqlite_file
+        lock = _file_lock(database.with_name(f"{database.name}.migrate.lock")) if database else _no_lock()
         with _MIGRATING, lock, engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
