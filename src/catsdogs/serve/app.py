@@ -32,6 +32,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(service.feedback_log.open)  # migrations first: a bad URL stops the start
         await service.predictor.start()
         service.store.start()
         if settings.workers > 1:  # see Settings.worker_start_wait_s
@@ -42,6 +43,7 @@ def create_app(
         service.store.stop()
         await service.predictor.stop()  # in-flight work finishes first (uvicorn drains on SIGTERM)
         service.drift.stop()
+        service.feedback_log.close()
         if app.state.rate_limiter is not None:
             app.state.rate_limiter.close()
 
