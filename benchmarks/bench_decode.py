@@ -19,15 +19,17 @@ the size limits, the EXIF orientation) and use the scale Pillow's draft would (a
 keeps both sides at or above the draft size), so that only the decoder differs. A JPEG a library
 cannot decode (CMYK) goes through today's path and is counted in ``fallbacks``.
 
-Timing: dataset photos from the archive and phone-size JPEGs (4032×3024, made by upscaling dataset
-photos in a temp dir, never committed); the candidates take turns on each image (round-robin, the
-order rotated per image) and the whole pass is repeated, so drifting load on a shared machine hits
-all alike. Reported: median and mean wall and CPU (``time.process_time``) ms per image, the median of
-the per-image ratios today ÷ candidate (``speedup_vs_today``), and today's path step by step
-(``today_steps``). Parity of the model input against today's path on every image: max |Δ| in 0–255
-pixel units and in model-input units, mean |Δ|, the fraction of values off by more than 1/255.
-Labels: the bundle's model on ``--labels-images`` dataset photos (and the phone JPEGs): label changes
-and max |Δ probability| against today's path. A decoder that is not installed
+Images: the archive's photos (``dataset``: 200×200 in the shared copy), the same upscaled to the
+Kaggle originals' usual 500×375 (``original_500x375``, in memory) and phone-size JPEGs (4032×3024,
+made by upscaling dataset photos in a temp dir); none is ever committed. Timing: the candidates take
+turns on each image (round-robin, the order rotated per image) and the whole pass is repeated, so
+drifting load on a shared machine hits all alike. Reported: median and mean wall and CPU
+(``time.process_time``) ms per image, the median of the per-image ratios today ÷ candidate
+(``speedup_vs_today``), and today's path step by step (``today_steps``). Parity of the model input
+against today's path on every image: max |Δ| in 0–255 pixel units and in model-input units, mean
+|Δ|, the fraction of values off by more than 1/255. Labels: the bundle's model on
+``--labels-images`` dataset photos and on the other kinds' images: label changes and max
+|Δ probability| against today's path. A decoder that is not installed
 (``benchmarks/decoders-requirements.txt``) is reported as such.
 
     python benchmarks/bench_decode.py --bundle BUNDLE [--archive ZIP] [--quick] [--out FILE]
@@ -386,23 +388,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The markdown summary printed at the end."""
-    head = (
-        "| decoder | dataset ms (CPU) | phone ms (CPU) | speedup d / p | max Δ px d / p | > 1/255 | labels |"
-    )
-    rows = [head, "|" + "---|" * 7]
-    timing, parity = result["timing"], result["parity"]
+    """The markdown summary printed at the end: one cell per image kind, ``/``-separated."""
+    kinds = list(result["timing"])
+    rows = [
+        f"| decoder ({' / '.join(kinds)}) | CPU ms (wall) | speedup | max Δ px | > 1/255 | label changes |",
+        "|" + "---|" * 6,
+    ]
     for name in result["candidates"]:
-        d, p = timing["dataset"][name], timing["phone_4032x3024"][name]
-        pd, pp = parity["dataset"][name], parity["phone_4032x3024"][name]
-        changes = pd.get("label_changes", "—"), pp.get("label_changes", "—")
-        rows.append(
-            f"| {name} | {d['median_wall_ms']:.2f} ({d['median_cpu_ms']:.2f}) | {p['median_wall_ms']:.1f} "
-            f"({p['median_cpu_ms']:.1f}) | {d['speedup_vs_today']:.2f} / {p['speedup_vs_today']:.2f} | "
-            f"{pd['max_abs_delta_pixels']:g} / {pp['max_abs_delta_pixels']:g} | "
-            f"{pd['fraction_over_1_255']:g} / {pp['fraction_over_1_255']:g} | {changes[0]} / {changes[1]} |"
-        )
+        timing = [result["timing"][kind][name] for kind in kinds]
+        parity = [result["parity"][kind][name] for kind in kinds]
+        cells = [
+            " / ".join(f"{t['median_cpu_ms']:.2f} ({t['median_wall_ms']:.2f})" for t in timing),
+            " / ".join(f"{t['speedup_vs_today']:.2f}" for t in timing),
+            " / ".join(f"{p['max_abs_delta_pixels']:g}" for p in parity),
+            " / ".join(f"{p['fraction_over_1_255']:g}" for p in parity),
+            " / ".join(str(p.get("label_changes", "—")) for p in parity),
+        ]
+        rows.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(rows)
+
+
+def resized_jpegs(sources: list[bytes], size: tuple[int, int]) -> list[bytes]:
+    """The photos at the Kaggle originals' usual size (this archive's copy is 200×200), upscaled the
+    way ``bench_serve.phone_jpegs`` makes phone photos; in memory, never written."""
+    out = []
+    for data in sources:
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -415,7 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     labelled = bench_serve.dataset_jpegs(max(args.images, args.labels_images))
     with tempfile.TemporaryDirectory(prefix="catsdogs-decode-") as tmp:
         phone = bench_serve.phone_jpegs(labelled, args.phone_images, Path(tmp))
-    kinds = {"dataset": labelled[: args.images], "phone_4032x3024": phone}
+    kinds = {
+        "dataset": labelled[: args.images],
+        "original_500x375": resized_jpegs(labelled[: args.images], (500, 375)),
+        "phone_4032x3024": phone,
+    }
     timing = {
         kind: time_candidates(candidates, images, config, args.repeats) for kind, images in kinds.items()
     }
@@ -423,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     session = open_session(bundle, config) if args.labels_images else None
     parity = {
         "dataset": compare(candidates, labelled[: max(args.labels_images, args.images)], config, session),
-        "phone_4032x3024": compare(candidates, phone, config, session),
+        **{kind: compare(candidates, kinds[kind], config, session) for kind in list(kinds)[1:]},
     }
     result = {
         "started_at": started,
@@ -435,8 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             "dataset_timed": len(kinds["dataset"]),
             "phone_timed": len(phone),
             "repeats": args.repeats,
-            "dataset_mean_kb": round(statistics.fmean(map(len, kinds["dataset"])) / 1024, 1),
-            "phone_mean_kb": round(statistics.fmean(map(len, phone)) / 1024, 1),
+            **{f"{kind}_mean_kb": round(statistics.fmean(map(len, kinds[kind])) / 1024, 1) for kind in kinds},
         },
         "labels_images": args.labels_images,
         "machine": {

@@ -11,6 +11,8 @@ from pathlib import Path
 from fakes import build_bundle
 from support import REPO, dataset_archive
 
+KINDS = ("dataset", "original_500x375", "phone_4032x3024")
+
 
 def test_quick_run_times_every_installed_decoder_against_todays_path(tmp_path: Path) -> None:
     bundle = build_bundle(tmp_path / "bundle")
@@ -28,14 +30,15 @@ def test_quick_run_times_every_installed_decoder_against_todays_path(tmp_path: P
     assert len(ran) + len(missing) == 9 and all(why.startswith("not installed") for why in missing.values())
     counts = {key: result["images"][key] for key in ("dataset_timed", "phone_timed", "repeats")}
     assert counts == {"dataset_timed": 6, "phone_timed": 1, "repeats": 1}
-    assert result["images"]["phone_mean_kb"] > result["images"]["dataset_mean_kb"] > 0
-    for kind in ("dataset", "phone_4032x3024"):
+    sizes = [result["images"][f"{kind}_mean_kb"] for kind in KINDS]
+    assert sizes == sorted(sizes) and sizes[0] > 0  # 200x200 < 500x375 < 4032x3024
+    for kind in KINDS:
         for name in ran:
             timing = result["timing"][kind][name]
             assert timing["median_wall_ms"] > 0 and timing["median_cpu_ms"] > 0
         today = result["parity"][kind]["pillow_draft"]
         assert today["max_abs_delta_pixels"] == 0 and today["fraction_over_1_255"] == 0
-        assert today["identical_images"] == today["images"] == (6 if kind == "dataset" else 1)
+        assert today["identical_images"] == today["images"] == (1 if kind.startswith("phone") else 6)
         assert today["label_changes"] == 0 and today["max_abs_delta_probability"] == 0
         assert result["timing"][kind]["pillow_draft"]["speedup_vs_today"] == 1
     # the full decode of a 4032x3024 JPEG is not the draft's: the comparison sees it
