@@ -236,6 +236,8 @@ def decode_image(
         raise ImageError("image_too_small", f"{width}x{height} is smaller than {min_side} pixels on a side")
     try:
         return _decode(image, draft_size=draft_size, max_decode_bytes=max_decode_bytes)
+    except ImageError:
+        raise
     except OSError as exc:
         message = str(exc)
         truncated = "truncated" in message.lower() or "broken data stream" in message
