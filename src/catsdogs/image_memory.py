@@ -24,9 +24,11 @@ _ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 BAND_PIXELS = 1 << 18
 #: The most a band's temporaries take (three float64 arrays and the RGBA steps of a band).
 _BAND_BYTES = BAND_PIXELS * 40
-#: Decoders that hold a second full copy while decoding: libwebp decodes into its own RGBA buffer,
-#: which Pillow then copies (measured: 8 bytes a pixel above the PNG of the same RGBA image).
-_DECODER_EXTRA = {"WEBP": 8}
+#: Decoders that hold more than the image: libwebp decodes into its own RGBA buffer, which Pillow
+#: copies and keeps to the end (measured: 8 to 10 bytes a pixel above the PNG of the same image).
+_DECODER_EXTRA = {"WEBP": 10}
+#: What any decoder holds besides the pixels (libjpeg's and zlib's row buffers, the EXIF block).
+_DECODER_BYTES = 4 * 1024 * 1024
 ORIENTATION = ExifTags.Base.Orientation
 MIB = 1024 * 1024
 
@@ -38,16 +40,15 @@ def pixel_bytes(mode: str) -> int:
 def decode_bytes(image: Image.Image, *, transposed: bool) -> int:
     """Peak bytes of decoding ``image`` (opened, not loaded), turning it upright and into RGB.
 
-    Decoding holds the pixels (plus a decoder's own buffer, for WebP); an EXIF rotation makes a
-    second copy in the same mode; the conversion holds the source, the RGB result and one band.
+    Decoding holds the pixels (plus a decoder's own buffer, for WebP) to the end; an EXIF rotation
+    makes a second copy in the same mode; the conversion adds the RGB result and one band.
     """
     width, height = image.size
     pixels = width * height
-    decoded = pixels * pixel_bytes(image.mode)
-    loading = decoded + pixels * _DECODER_EXTRA.get(image.format or "", 0)
-    rotation = decoded if transposed else 0
+    decoded = pixels * (pixel_bytes(image.mode) + _DECODER_EXTRA.get(image.format or "", 0))
+    rotation = pixels * pixel_bytes(image.mode) if transposed else 0
     conversion = 0 if image.mode == "RGB" else pixels * pixel_bytes("RGB") + _BAND_BYTES
-    return max(loading, decoded + max(rotation, conversion))
+    return _DECODER_BYTES + decoded + max(rotation, conversion)
 
 
 def orientation(image: Image.Image) -> int:
