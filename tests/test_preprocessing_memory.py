@@ -32,9 +32,11 @@ def _images() -> dict[str, Image.Image]:
     rgba = Image.fromarray(RNG.integers(0, 256, (61, 97, 4), dtype=np.uint8), "RGBA")
     palette = rgba.convert("RGB").convert("P")
     palette.info["transparency"] = 3
+    big_endian = RNG.integers(0, 65536, (61, 97), dtype=np.uint16).astype(">u2")
     return {
         "I;16": Image.fromarray(RNG.integers(0, 65536, (61, 97), dtype=np.uint16)),
         "I;16 low": Image.fromarray(RNG.integers(0, 200, (61, 97), dtype=np.uint16)),
+        "I;16B": Image.frombuffer("I;16B", (97, 61), big_endian.tobytes(), "raw", "I;16B", 0, 1),
         "I": Image.fromarray(RNG.integers(-5000, 90000, (61, 97), dtype=np.int32)),
         "F": Image.fromarray(RNG.normal(3.0, 2.0, (61, 97)).astype(np.float32)),
         "P": palette,

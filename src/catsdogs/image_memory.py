@@ -10,7 +10,7 @@ on horizontal bands, so its temporaries are a few megabytes whatever the image s
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -69,23 +69,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     convert = _band_converter(image)
-    width, height = image.size
-    rows = max(1, BAND_PIXELS // max(width, 1))
-    if rows >= height:
+    if image.height <= _band_rows(image):
         return convert(image)
     result = Image.new("RGB", image.size)
-    for top in range(0, height, rows):
-        result.paste(convert(image.crop((0, top, width, min(height, top + rows)))), (0, top))
+    for top, band in _bands(image):
+        result.paste(convert(band), (0, top))
     return result
+
+
+def _band_rows(image: Image.Image) -> int:
+    return max(1, BAND_PIXELS // max(image.width, 1))
+
+
+def _bands(image: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    rows = _band_rows(image)
+    for top in range(0, image.height, rows):
+        yield top, image.crop((0, top, image.width, min(image.height, top + rows)))
 
 
 def _band_converter(image: Image.Image) -> Callable[[Image.Image], Image.Image]:
     mode = image.mode
     if mode in _SIXTEEN_BIT or mode == "F":
-        low, high = image.getextrema()  # type: ignore[misc]
+        # NumPy reads every 16-bit byte order (Pillow's getextrema does not take I;16B).
+        low, high = 0.0, 1.0
+        for _, band in _bands(image):
+            array = np.asarray(band)
+            low, high = min(low, float(array.min(initial=0))), max(high, float(array.max(initial=1)))
         if mode == "F":
-            # As np.min(initial=0) / np.max(initial=1) of the whole image: 0 and 1 always in range.
-            low, high = min(float(low), 0.0), max(float(high), 1.0)
+            # As the whole image's np.min(initial=0) / np.max(initial=1): 0 and 1 always in range.
             return lambda band: _gray(band, low, max(high - low, 1e-12))
         # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
         return lambda band: _gray(band, 0.0, 65535.0 if high > 255 else 255.0)
