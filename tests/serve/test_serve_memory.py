@@ -178,11 +178,11 @@ def test_a_flood_of_batch_uploads_stays_within_the_in_flight_byte_budget(
 def test_a_timed_out_request_keeps_its_admission_until_its_work_ends(
     start_server: Callable[..., object], tmp_path: Path, cat_jpeg: bytes
 ) -> None:
-    """One pool thread, a forward pass of about a second and a 0.2 s timeout: the first request's
+    """One pool thread, a forward pass of about 1.5 s and a 0.2 s timeout: the first request's
     work runs on after its 504 and stays counted; the two queued behind it never run."""
     server = start_server(
         {
-            "CATSDOGS_MODEL_URI": str(slow_bundle(tmp_path / "slow", passes=20)),
+            "CATSDOGS_MODEL_URI": str(slow_bundle(tmp_path / "slow", passes=30)),
             "CATSDOGS_REQUEST_TIMEOUT_S": "0.2",
             "CATSDOGS_DECODE_THREADS": "1",
             "CATSDOGS_INFERENCE_WORKERS": "1",

@@ -121,10 +121,12 @@ async def predict(request: Request, service: ServiceDep) -> Response:
 
 
 def _admit(request: Request, service: Service, body_limit: int) -> Ticket:
-    """Reserve the declared body, before any of it is read. A declaration over the route's limit is
-    refused 413 by the reader before it reads: only what the reader would accept is reserved."""
+    """Reserve the declared body before any of it is read. A declaration over the route's limit is
+    413 first (a body that will never be read is not told to retry later)."""
     declared = declared_length(request) or 0
-    return service.predictor.admit(min(declared, body_limit + FRAMING_ALLOWANCE))
+    if declared > body_limit + FRAMING_ALLOWANCE:
+        raise too_large(body_limit)
+    return service.predictor.admit(declared)
 
 
 def _budget(service: Service, ticket: Ticket) -> BodyBudget:
