@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+from fastapi.testclient import TestClient
 
 from catsdogs.serve.admission import Admission
 from catsdogs.serve.errors import ApiError
@@ -83,3 +86,28 @@ def test_the_reservation_is_returned_when_the_last_job_ends_not_when_the_request
     ticket.drop()
     assert (admission.images, admission.bytes) == (0, 0)
     assert admission.changes[-1] == (0, 0)
+
+
+def test_a_chunked_upload_past_the_in_flight_budget_is_refused_while_it_streams(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(max_inflight_bytes=1024 * 1024)
+    chunks = (b"\0" * 65536 for _ in range(32))  # 2 MiB without a Content-Length
+    response = client.post("/predict", content=chunks, headers={"Content-Type": "image/png"})
+    assert response.status_code == 413
+    assert response.json()["error"] == "upload_too_large"
+    assert "in-flight limit" in response.json()["detail"]
+    assert client.app.state.service.predictor.admission.bytes == 0  # type: ignore[attr-defined]
+
+
+def test_a_declared_batch_body_is_reserved_before_it_is_read(
+    make_client: Callable[..., TestClient], cat_jpeg: bytes
+) -> None:
+    client = make_client()
+    predictor = client.app.state.service.predictor  # type: ignore[attr-defined]
+    held = predictor.admit(predictor.admission.max_bytes - len(cat_jpeg))  # another request's upload
+    response = client.post("/predict/batch", files=[("files", ("a.jpg", cat_jpeg))])
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    held.drop()
+    assert client.post("/predict/batch", files=[("files", ("a.jpg", cat_jpeg))]).status_code == 200
