@@ -36,7 +36,7 @@ class Admission:
         self.max_bytes = max_bytes
         self.images = 0
         self.bytes = 0
-        self._on_change = on_change  # (images, bytes), after every change
+        self._on_change = on_change  # (images, bytes), after every change, under the lock
         self._on_refuse = on_refuse  # a 503
         self._lock = threading.Lock()  # pool threads return reservations too
 
@@ -56,18 +56,16 @@ class Admission:
                 refusal = None
                 self.images += images
                 self.bytes += nbytes
-            state = (self.images, self.bytes)
+                self._on_change(self.images, self.bytes)  # under the lock: gauges never go stale
         if refusal is not None:
             self._on_refuse()
             raise refusal
-        self._on_change(*state)
 
     def _give_back(self, images: int, nbytes: int) -> None:
         with self._lock:
             self.images -= images
             self.bytes -= nbytes
-            state = (self.images, self.bytes)
-        self._on_change(*state)
+            self._on_change(self.images, self.bytes)
 
 
 class Ticket:
