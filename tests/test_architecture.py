@@ -32,6 +32,7 @@ SHARED = frozenset(
         "catsdogs.metrics",
         "catsdogs.drift",
         "catsdogs.files",
+        "catsdogs.image_memory",
     }
 )
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from catsdogs import CatsdogsError
+from catsdogs.image_memory import MIB, ORIENTATION, ViewReader, decode_bytes, orientation, to_rgb
 
 #: Formats we are willing to parse at all; everything else is "not an image" (smaller attack surface).
 #: Multi-picture JPEGs from phones (MPO) open through the JPEG entry.
@@ -145,30 +146,6 @@ def migrate(data: dict[str, Any], *, source: str = PREPROCESSING_FILE) -> dict[s
     return {**data, "format_version": FORMAT_VERSION, "decode_draft_factor": V1_DECODE_DRAFT_FACTOR}
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
-        # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
-        array = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if mode.startswith("I") and array.max(initial=0) > 255 else 255.0
-        if mode == "F":
-            low, high = float(array.min(initial=0)), float(array.max(initial=1))
-            array, scale = array - low, max(high - low, 1e-12)
-        gray = np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 #: What Pillow's format plugins raise on hostile or damaged bytes besides ``OSError``: header fields
 #: unpacked with ``struct`` past the end, tables indexed by a value from the file, arithmetic on sizes
 #: the file declares, a TIFF offset tag of the wrong type (``TypeError``, found by fuzzing the decoder
@@ -187,12 +164,19 @@ DECODER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _open(data: bytes) -> Image.Image:
+#: The bytes of an image as received: an upload's ``bytearray`` is decoded without a copy.
+ImageBytes = bytes | bytearray | memoryview
+
+
+def _open(data: ImageBytes) -> Image.Image:
     """Read the header only (no pixel is decoded yet); any failure means "not an image of ours"."""
+    # No copy of the upload: BytesIO shares a bytes object; the buffered view copies 8 KB at a time
+    # (Pillow's header parsers read a few bytes per call: unbuffered, that costs 0.1 ms an image).
+    source = io.BytesIO(data) if isinstance(data, bytes) else io.BufferedReader(ViewReader(data))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            return Image.open(source, formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise ImageError(
             "not_an_image", "the content is not a supported image (JPEG, PNG, GIF, WebP, BMP, TIFF)"
@@ -215,11 +199,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def decode_image(
-    data: bytes,
+    data: ImageBytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
     draft_size: int | None = None,
+    max_decode_bytes: int | None = None,
 ) -> Image.Image:
     """Decode bytes into an upright 8-bit RGB image, deciding by content, never by name or type.
 
@@ -233,6 +218,8 @@ def decode_image(
         min_side: refuse images smaller than this on either side.
         draft_size: if set, JPEGs are decoded at a reduced DCT scale that still keeps both sides
             at or above this size (several times faster for large photos).
+        max_decode_bytes: refuse images whose decoding and conversion to RGB would take more memory
+            (:func:`~catsdogs.image_memory.decode_bytes`, from the header); ``None``: no such limit.
 
     Raises:
         ImageError: with codes ``empty``, ``not_an_image``, ``image_too_large``, ``image_too_small``,
@@ -250,12 +237,9 @@ def decode_image(
     if min(width, height) < min_side:
         raise ImageError("image_too_small", f"{width}x{height} is smaller than {min_side} pixels on a side")
     try:
-        if draft_size and image.format in {"JPEG", "MPO"}:
-            image.draft("RGB", (draft_size, draft_size))
-        image.seek(0)  # animated images: the first frame
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no full copy of an upright photo
-        return _to_rgb(image)
+        return _decode(image, draft_size=draft_size, max_decode_bytes=max_decode_bytes)
+    except ImageError:
+        raise
     except OSError as exc:
         message = str(exc)
         truncated = "truncated" in message.lower() or "broken data stream" in message
@@ -265,20 +249,54 @@ def decode_image(
         raise ImageError("decode_failed", f"the image data cannot be decoded: {_describe(exc)}") from None
 
 
+def _decode(image: Image.Image, *, draft_size: int | None, max_decode_bytes: int | None) -> Image.Image:
+    """Pixels of an opened image, upright and RGB; the memory budget is checked before the decode,
+    and again before a rotation that only the decode revealed (PNG's eXIf may follow the pixels)."""
+    if draft_size and image.format in {"JPEG", "MPO"}:
+        image.draft("RGB", (draft_size, draft_size))
+    image.seek(0)  # animated images: the first frame
+    _check_budget(image, max_decode_bytes, transposed=orientation(image) != 1)
+    image.load()
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        _check_budget(image, max_decode_bytes, transposed=True)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no full copy of an upright photo
+    return to_rgb(image)
+
+
+def _check_budget(image: Image.Image, max_decode_bytes: int | None, *, transposed: bool) -> None:
+    if max_decode_bytes is None:
+        return
+    needed = decode_bytes(image, transposed=transposed)
+    if needed > max_decode_bytes:
+        width, height = image.size
+        raise ImageError(
+            "image_too_large",
+            f"decoding this {width}x{height} {image.mode} image takes about {needed // MIB} MiB of memory, "
+            f"over the limit of {max_decode_bytes // MIB} MiB; send it as an 8-bit JPEG or smaller",
+        )
+
+
 def decode_for_model(
-    data: bytes,
+    data: ImageBytes,
     config: PreprocessConfig,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
+    max_decode_bytes: int | None = None,
 ) -> Image.Image:
     """Decode an image for the model ``config`` belongs to, JPEG draft included.
 
     The one decode step of evaluation, the MLflow pyfunc model and the service: given the same
-    bytes and config, all three hand the model the same pixels. ``max_pixels`` and ``min_side``
-    only decide what is refused (see :func:`decode_image`).
+    bytes and config, all three hand the model the same pixels. ``max_pixels``, ``min_side`` and
+    ``max_decode_bytes`` only decide what is refused (see :func:`decode_image`).
     """
-    return decode_image(data, max_pixels=max_pixels, min_side=min_side, draft_size=config.draft_size)
+    return decode_image(
+        data,
+        max_pixels=max_pixels,
+        min_side=min_side,
+        draft_size=config.draft_size,
+        max_decode_bytes=max_decode_bytes,
+    )
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

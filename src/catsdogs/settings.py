@@ -209,6 +209,14 @@ class Settings(BaseSettings):
     """With ``workers > 1``, how long a worker waits for its first model before accepting connections."""
     max_upload_bytes: int = 10 * 1024 * 1024
     """Largest image accepted by ``/predict`` (413 above)."""
+    max_decode_bytes: int = Field(default=192 * 1024 * 1024, ge=16 * 1024 * 1024)
+    """Memory one image may take to decode and convert to RGB, estimated from its header (422 above)."""
+    max_inflight_bytes: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
+    """Upload bytes a worker holds at once, reserved before bodies are read (503, or 413 if one is larger)."""
+    upload_read_timeout_s: float = Field(default=60.0, gt=0)
+    """A request body not fully received within this is answered 408."""
+    max_connections: int = Field(default=200, ge=1)
+    """Connections and requests a worker takes at once (uvicorn's ``limit_concurrency``; 503 above)."""
     max_batch_images: int = 32
     """Most images in one ``/predict/batch`` request."""
     batch_max_size: int | None = None

@@ -9,15 +9,14 @@ pool and the :class:`~catsdogs.serve.batcher.MicroBatcher` groups images into fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -25,8 +24,9 @@ from PIL import Image
 from catsdogs.bundle import write_json_atomic
 from catsdogs.drift import stats_image
 from catsdogs.files import atomic_path
-from catsdogs.preprocessing import ImageError, decode_for_model, resize, to_array
+from catsdogs.preprocessing import ImageBytes, ImageError, decode_for_model, resize, to_array
 from catsdogs.runtime import available_cores
+from catsdogs.serve.admission import Admission, Ticket
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.drift import DriftFeed
 from catsdogs.serve.errors import ApiError, image_error
@@ -37,6 +37,7 @@ from catsdogs.serve.stats import RunningStats
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
+_Result = TypeVar("_Result")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,12 @@ class Predictor:
         self.stats = stats
         self.signer = signer
         self.drift = drift
-        self.in_flight = 0
+        self.admission = Admission(
+            max_images=settings.queue_max,
+            max_bytes=settings.max_inflight_bytes,
+            on_change=lambda images, _: metrics.queue_depth.set(images),
+            on_refuse=metrics.overload_rejections.inc,
+        )
         self._label_metrics: dict[str, tuple[Any, Any]] = {}  # labels() children, looked up once
         max_batch = batch_size(settings)
         workers = inference_workers(settings)
@@ -116,27 +122,19 @@ class Predictor:
             )
         return model
 
-    @contextlib.contextmanager
-    def admit(self, n: int = 1) -> Iterator[None]:
-        """Reserve queue room for ``n`` images, or refuse at once with 503 + Retry-After."""
-        if self.in_flight + n > self.settings.queue_max:
-            self.metrics.overload_rejections.inc()
-            raise ApiError(
-                503,
-                "overloaded",
-                f"{self.in_flight} images are queued; retry in a second",
-                headers={"Retry-After": "1"},
-            )
-        self.in_flight += n
-        self.metrics.queue_depth.set(self.in_flight)
-        try:
-            yield
-        finally:
-            self.in_flight -= n
-            self.metrics.queue_depth.set(self.in_flight)
+    @property
+    def in_flight(self) -> int:
+        """Images admitted and not yet done (their pool work included)."""
+        return self.admission.images
+
+    def admit(self, nbytes: int = 0) -> Ticket:
+        """Reserve ``nbytes`` of upload room before a body is read (the request's declared length, or
+        nothing yet when it declared none: the reader reserves chunks as they come); refuses at once
+        with 503 + Retry-After when the worker is full, 413 when one request could never fit."""
+        return self.admission.ticket(nbytes)
 
     # --- work done on pool threads ----------------------------------------------------------------
-    def _prepare(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, Image.Image | None]:
+    def _prepare(self, model: LoadedModel, data: ImageBytes) -> tuple[np.ndarray, Image.Image | None]:
         if self.settings.store_uploads:
             self._store(data)
         image = decode_for_model(
@@ -144,6 +142,7 @@ class Predictor:
             model.config,
             max_pixels=self.settings.max_image_pixels,
             min_side=self.settings.min_image_side,
+            max_decode_bytes=self.settings.max_decode_bytes,
         )
         # Drift statistics need the upload itself (its size, sharpness), as a small copy.
         stats_copy = stats_image(image) if self.drift.wants_sample() else None
@@ -151,7 +150,7 @@ class Predictor:
         del image  # a 48 MP upload is freed here, before the forward pass
         return to_array(resized, model.config), stats_copy
 
-    def _prepare_and_run(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, Image.Image | None]:
+    def _prepare_and_run(self, model: LoadedModel, data: ImageBytes) -> tuple[np.ndarray, Image.Image | None]:
         array, stats_copy = self._prepare(model, data)
         with self._run_slots:
             started = time.perf_counter()
@@ -159,7 +158,7 @@ class Predictor:
             self._observe(1, time.perf_counter() - started)
         return probs, stats_copy
 
-    def _store(self, data: bytes) -> None:
+    def _store(self, data: ImageBytes) -> None:
         digest = hashlib.sha256(data).hexdigest()
         folder = self.settings.upload_dir / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
@@ -168,24 +167,39 @@ class Predictor:
         write_json_atomic(folder / f"{digest}.json", {"received_at": time.time(), "bytes": len(data)})
 
     # --- event loop side -----------------------------------------------------------------------------
-    async def _probabilities(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, Image.Image | None]:
-        loop = asyncio.get_running_loop()
+    async def _on_pool(self, ticket: Ticket, work: Callable[..., _Result], *args: object) -> _Result:
+        """Run ``work`` on the pool holding ``ticket`` until it is done, not merely until its caller
+        gave up: a job whose request timed out is dropped if it has not started, else its bytes
+        stay counted until it ends (so the pool's queue never holds more than admission allows)."""
+        ticket.hold()
+        try:
+            job = self._pool.submit(work, *args)
+        except BaseException:
+            ticket.drop()
+            raise
+        job.add_done_callback(ticket.drop)
+        return await asyncio.wrap_future(job)
+
+    async def _probabilities(
+        self, model: LoadedModel, data: ImageBytes, ticket: Ticket
+    ) -> tuple[np.ndarray, Image.Image | None]:
         try:
             if self.batcher is None:
-                return await loop.run_in_executor(self._pool, self._prepare_and_run, model, data)
-            array, stats_copy = await loop.run_in_executor(self._pool, self._prepare, model, data)
+                return await self._on_pool(ticket, self._prepare_and_run, model, data)
+            array, stats_copy = await self._on_pool(ticket, self._prepare, model, data)
             return await self.batcher.submit(model, array), stats_copy
         except ImageError as exc:
             self.metrics.rejected_inputs.labels(exc.code).inc()
             self.stats.record_error()
             raise image_error(exc) from None
 
-    async def predict(self, data: bytes, *, started: float) -> Prediction:
-        """One image → one prediction; raises :class:`ApiError` (4xx/503/504) otherwise."""
+    async def predict(self, data: ImageBytes, *, ticket: Ticket, started: float) -> Prediction:
+        """One image (admitted with ``ticket``) → one prediction; raises :class:`ApiError`
+        (4xx/503/504) otherwise."""
         model = self.model()
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                probs, stats_copy = await self._probabilities(model, data)
+                probs, stats_copy = await self._probabilities(model, data, ticket)
         except TimeoutError:
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s}s") from None
         return self._answer(model, probs, stats_copy, started)

@@ -84,6 +84,7 @@ def serve(settings: Settings) -> None:
         "log_config": None,
         "access_log": False,
         "timeout_graceful_shutdown": settings.graceful_timeout_s,
+        "limit_concurrency": settings.max_connections,  # per worker; 503 from uvicorn above it
         "loop": "uvloop" if find_spec("uvloop") else "asyncio",
         "http": "httptools" if find_spec("httptools") else "h11",
     }

@@ -7,6 +7,9 @@ oversized upload is refused with 413 after at most ``limit`` bytes, or at once w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -17,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from catsdogs.serve.errors import ApiError
 
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
-_FRAMING_ALLOWANCE = 16 * 1024
+FRAMING_ALLOWANCE = 16 * 1024
 
 
 @dataclass
@@ -34,23 +37,54 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "upload_too_large", f"the upload is over the limit of {limit} bytes")
 
 
-def _check_declared_length(request: Request, limit: int, *, reported: int | None = None) -> None:
+def declared_length(request: Request) -> int | None:
+    """The body size the client announced, if it did (a chunked upload does not)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
+def _check_declared_length(request: Request, limit: int, *, reported: int | None = None) -> None:
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
         raise too_large(reported or limit)
 
 
-async def read_raw(request: Request, *, limit: int) -> Part:
+@dataclass(frozen=True)
+class BodyBudget:
+    """How a body may be read: ``reserve(total)`` is told the bytes received so far before they are
+    kept (it raises to refuse them), and the whole body must arrive within ``timeout_s`` (408)."""
+
+    reserve: Callable[[int], None]
+    timeout_s: float
+
+
+@contextlib.asynccontextmanager
+async def _reading(budget: BodyBudget) -> AsyncIterator[None]:
+    """Around a body's read loop: 408 once the deadline passes, 400 when the client goes away."""
+    try:
+        async with asyncio.timeout(budget.timeout_s):
+            yield
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "upload_timeout",
+            f"the upload did not arrive within {budget.timeout_s:g} s; "
+            "retry on a faster connection or send a smaller image",
+        ) from None
+    except ClientDisconnect:
+        raise _disconnected() from None
+
+
+async def read_raw(request: Request, *, limit: int, budget: BodyBudget) -> Part:
     """The raw body as one part; 413 as soon as it passes ``limit``."""
     _check_declared_length(request, limit)
     part = Part(name="body")
-    try:
+    async with _reading(budget):
         async for chunk in request.stream():
             if len(part.data) + len(chunk) > limit:
                 raise too_large(limit)
+            budget.reserve(len(part.data) + len(chunk))
             part.data += chunk
-    except ClientDisconnect:
-        raise _disconnected() from None
     return part
 
 
@@ -119,31 +153,38 @@ class _PartCollector:
 
 
 async def read_multipart(
-    request: Request, *, fields: set[str], part_limit: int, body_limit: int, max_parts: int, fail_fast: bool
+    request: Request,
+    *,
+    fields: set[str],
+    part_limit: int,
+    body_limit: int,
+    max_parts: int,
+    fail_fast: bool,
+    budget: BodyBudget,
 ) -> list[Part]:
     """Stream-parse a multipart body, keeping the files named in ``fields``."""
     _, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
     if not boundary:
         raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary")
-    limit = body_limit + _FRAMING_ALLOWANCE
+    limit = body_limit + FRAMING_ALLOWANCE
     _check_declared_length(request, limit, reported=body_limit)
     collector = _PartCollector(fields, part_limit, fail_fast=fail_fast)
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
     received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise too_large(body_limit)
-            parser.write(chunk)
-            if len(collector.parts) > max_parts:
-                raise ApiError(413, "too_many_images", f"at most {max_parts} images per request")
+        async with _reading(budget):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise too_large(body_limit)
+                budget.reserve(received)
+                parser.write(chunk)
+                if len(collector.parts) > max_parts:
+                    raise ApiError(413, "too_many_images", f"at most {max_parts} images per request")
         parser.finalize()
     except MultipartParseError as exc:
         raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {exc}") from None
-    except ClientDisconnect:
-        raise _disconnected() from None
     return collector.parts
 
 

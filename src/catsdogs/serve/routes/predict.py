@@ -8,12 +8,22 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from catsdogs.serve.admission import Ticket
 from catsdogs.serve.errors import ApiError
 from catsdogs.serve.predictor import Prediction
 from catsdogs.serve.schemas import BatchItemOut, BatchOut, ErrorBody, PredictionOut
 from catsdogs.serve.security import require_api_key
-from catsdogs.serve.service import ServiceDep
-from catsdogs.serve.uploads import Part, is_multipart, read_multipart, read_raw, too_large
+from catsdogs.serve.service import Service, ServiceDep
+from catsdogs.serve.uploads import (
+    FRAMING_ALLOWANCE,
+    BodyBudget,
+    Part,
+    declared_length,
+    is_multipart,
+    read_multipart,
+    read_raw,
+    too_large,
+)
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 
@@ -23,10 +33,11 @@ _ERRORS = {
         400: "empty upload, no `file` field, or a broken multipart body",
         401: "API key missing",
         403: "API key not valid",
-        413: "upload over the size limit",
+        408: "the upload did not arrive within `upload_read_timeout_s`",
+        413: "upload over the size limit, or larger than the worker's whole in-flight byte budget",
         415: "not an image",
-        422: "an image that cannot be used (too many pixels, truncated, too small)",
-        503: "model not ready, or the queue is full (see `Retry-After`)",
+        422: "an image that cannot be used (too many pixels or bytes to decode, truncated, too small)",
+        503: "model not ready, or the worker's images or upload bytes are at their limit (see `Retry-After`)",
         504: "no answer within the request timeout",
     }.items()
 }
@@ -75,17 +86,25 @@ async def predict(request: Request, service: ServiceDep) -> Response:
     started = time.perf_counter()
     predictor, limit = service.predictor, service.settings.max_upload_bytes
     predictor.model()
-    with predictor.admit(1):
+    with _admit(request, service, limit) as ticket:
+        ticket.reserve_images(1)
+        budget = _budget(service, ticket)
         if is_multipart(request):
             parts = await read_multipart(
-                request, fields={"file"}, part_limit=limit, body_limit=limit, max_parts=1, fail_fast=True
+                request,
+                fields={"file"},
+                part_limit=limit,
+                body_limit=limit,
+                max_parts=1,
+                fail_fast=True,
+                budget=budget,
             )
             if not parts:
                 raise ApiError(400, "missing_file", "send the image in the multipart field `file`")
             data = parts[0].data
         else:
-            data = (await read_raw(request, limit=limit)).data
-        result = await predictor.predict(bytes(data), started=started)
+            data = (await read_raw(request, limit=limit, budget=budget)).data
+        result = await predictor.predict(data, ticket=ticket, started=started)
     request.state.log.update(
         label=result.label, confidence=round(result.confidence, 4), model_version=result.model_version
     )
@@ -101,11 +120,24 @@ async def predict(request: Request, service: ServiceDep) -> Response:
     )
 
 
-async def _one(service: ServiceDep, index: int, part: Part, started: float) -> BatchItemOut:
+def _admit(request: Request, service: Service, body_limit: int) -> Ticket:
+    """Reserve the declared body before any of it is read. A declaration over the route's limit is
+    413 first (a body that will never be read is not told to retry later)."""
+    declared = declared_length(request) or 0
+    if declared > body_limit + FRAMING_ALLOWANCE:
+        raise too_large(body_limit)
+    return service.predictor.admit(declared)
+
+
+def _budget(service: Service, ticket: Ticket) -> BodyBudget:
+    return BodyBudget(reserve=ticket.reserve_bytes, timeout_s=service.settings.upload_read_timeout_s)
+
+
+async def _one(service: ServiceDep, index: int, part: Part, ticket: Ticket, started: float) -> BatchItemOut:
     try:
         if part.too_large:
             raise too_large(service.settings.max_upload_bytes)
-        result: Prediction = await service.predictor.predict(bytes(part.data), started=started)
+        result: Prediction = await service.predictor.predict(part.data, ticket=ticket, started=started)
     except ApiError as exc:
         if exc.code == "upload_too_large":
             service.metrics.rejected_inputs.labels(exc.code).inc()
@@ -128,18 +160,22 @@ async def predict_batch(request: Request, service: ServiceDep) -> Response:
     predictor.model()
     if not is_multipart(request):
         raise ApiError(400, "missing_file", "send the images as multipart/form-data fields `files`")
-    parts = await read_multipart(
-        request,
-        fields={"files", "file"},
-        part_limit=settings.max_upload_bytes,
-        body_limit=settings.max_batch_upload_bytes,
-        max_parts=settings.max_batch_images,
-        fail_fast=False,
-    )
-    if not parts:
-        raise ApiError(400, "missing_file", "send the images as multipart/form-data fields `files`")
-    with predictor.admit(len(parts)):
-        results = await asyncio.gather(*(_one(service, i, part, started) for i, part in enumerate(parts)))
+    with _admit(request, service, settings.max_batch_upload_bytes) as ticket:
+        parts = await read_multipart(
+            request,
+            fields={"files", "file"},
+            part_limit=settings.max_upload_bytes,
+            body_limit=settings.max_batch_upload_bytes,
+            max_parts=settings.max_batch_images,
+            fail_fast=False,
+            budget=_budget(service, ticket),
+        )
+        if not parts:
+            raise ApiError(400, "missing_file", "send the images as multipart/form-data fields `files`")
+        ticket.reserve_images(len(parts))
+        results = await asyncio.gather(
+            *(_one(service, i, part, ticket, started) for i, part in enumerate(parts))
+        )
     failed = sum(item.error is not None for item in results)
     request.state.log.update(images=len(results), failed=failed)
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
