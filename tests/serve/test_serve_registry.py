@@ -22,12 +22,12 @@ def _closed_port_uri() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
-def _fill_cache(cache_dir: Path, version: str, bundle: Path) -> None:
+def _fill_cache(cache_dir: Path, version: str, bundle: Path, run_id: str = "run-a") -> None:
     import shutil
 
-    target = cache_dir / "bundles" / NAME / version
+    target = cache_dir / "bundles" / NAME / run_id
     shutil.copytree(bundle, target)
-    refs = {f"models:/{NAME}@champion": {"version": int(version)}}
+    refs = {f"models:/{NAME}@champion": {"version": int(version), "key": run_id}}
     (cache_dir / "bundles" / NAME / REFS_FILE).write_text(json.dumps(refs))
 
 
@@ -72,6 +72,12 @@ def test_registry_down_without_cache_is_not_ready_and_says_why(
     assert "no bundle is cached" in response.json()["detail"]
 
 
+def _run_id(tracking_uri: str, version: str) -> str:
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(tracking_uri).get_model_version(NAME, version).run_id)
+
+
 def _register(tracking_uri: str, bundle: Path, artifacts: Path) -> str:
     from mlflow import MlflowClient
 
@@ -103,7 +109,8 @@ def test_real_registry_download_cache_and_alias_move(
     wait_ready(client, timeout=30)
     info = client.get("/model-info").json()
     assert (info["source"], info["version"], info["alias"]) == ("registry", v1, "champion")
-    assert (settings.cache_dir / "bundles" / NAME / v1 / "artifacts" / "bundle" / "model.onnx").is_file()
+    run_id = _run_id(settings.mlflow_tracking_uri, v1)
+    assert (settings.cache_dir / "bundles" / NAME / run_id / "artifacts" / "bundle" / "model.onnx").is_file()
     before = client.post("/predict", files={"file": ("c.jpg", cat_jpeg)}).json()
 
     v2 = _register(settings.mlflow_tracking_uri, build_bundle(tmp_path / "b2", WEIGHTS_B), tmp_path / "art")
