@@ -5,7 +5,7 @@
 * :mod:`~catsdogs.registry.tracking` — :class:`MlflowTracker`: one run per training, ending in a
   registered version with the ``challenger`` alias.
 * :mod:`~catsdogs.registry.promotion` — :func:`promote` (the quality gate), :func:`rollback`,
-  :func:`list_versions`.
+  :func:`list_versions`, and :func:`move_champion`, the one function that moves ``champion``.
 * :mod:`~catsdogs.registry.pyfunc_model` — the logged pyfunc ("models from code", no pickle).
 
 The names below are loaded on first use (PEP 562), so ``import catsdogs.registry.model_source``
@@ -30,6 +30,7 @@ _EXPORTS = {
     "PromotionDecision": "promotion",
     "VersionSummary": "promotion",
     "list_versions": "promotion",
+    "move_champion": "promotion",
     "promote": "promotion",
     "rollback": "promotion",
     "MlflowTracker": "tracking",
