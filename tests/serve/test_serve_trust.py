@@ -18,6 +18,7 @@ from serve_testing import REGISTERED_NAME, expected_probabilities, register_bund
 from catsdogs.bundle import ModelBundle, write_manifest
 from catsdogs.registry import model_source
 from catsdogs.registry.model_source import local_version
+from catsdogs.serve.model_store import NO_MODEL_BACKOFF_MAX_S, backoff
 from catsdogs.settings import Settings
 from fakes import WEIGHTS_A, WEIGHTS_B, build_bundle, tiny_onnx
 
@@ -47,6 +48,12 @@ def _point(link: Path, target: Path) -> None:
 def _failures(client: TestClient) -> float:
     match = re.search(r'catsdogs_model_reloads_total\{result="failure"\} (\S+)', client.get("/metrics").text)
     return float(match.group(1)) if match else 0.0
+
+
+def test_the_wait_doubles_per_failure_up_to_the_cap_and_never_drops_below_the_interval() -> None:
+    assert [backoff(2.0, n, cap=NO_MODEL_BACKOFF_MAX_S) for n in range(6)] == [2, 4, 8, 16, 30, 30]
+    assert backoff(30.0, 0, cap=600) == 30 and backoff(30.0, 10, cap=600) == 600
+    assert backoff(900.0, 3, cap=600) == 900  # an interval longer than the cap is kept
 
 
 def test_a_tampered_model_at_start_is_refused_with_a_one_line_reason(

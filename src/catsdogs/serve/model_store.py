@@ -93,6 +93,16 @@ def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
     return model
 
 
+#: A pod without a model answers nothing: past this, it keeps retrying at this pace.
+NO_MODEL_BACKOFF_MAX_S = 30.0
+
+
+def backoff(wait: float, failures: int, *, cap: float) -> float:
+    """The wait after ``failures`` failed loads in a row: doubled per failure up to ``cap`` (never
+    below ``wait``), so a download that keeps failing (a full disk) is not retried every few seconds."""
+    return min(max(wait, cap), wait * 2 ** min(failures, 30))
+
+
 @dataclass(frozen=True)
 class ReloadResult:
     reloaded: bool
@@ -198,21 +208,18 @@ class ModelStore:
         failures = int(self.reload().failed)
         interval = self.settings.reload_interval_s
         while True:
-            # Without a model yet, retry every 2 s; otherwise poll at the interval (0: /admin/reload only).
+            # Without a model yet, retry every 2 s (backing off); else poll at the interval (0: admin only).
             if self._current is None:
-                wait = 2.0
+                wait = backoff(
+                    2.0, failures, cap=min(NO_MODEL_BACKOFF_MAX_S, self.settings.reload_backoff_max_s)
+                )
             elif interval > 0:
-                wait = interval
+                wait = backoff(interval, failures, cap=self.settings.reload_backoff_max_s)
             else:
                 return
-            if self._stop.wait(self.backoff(wait, failures)):
+            if self._stop.wait(wait):
                 return
             failures = failures + 1 if self.reload().failed else 0
-
-    def backoff(self, wait: float, failures: int) -> float:
-        """The wait after ``failures`` failed loads in a row: doubled per failure, capped, so a
-        download that keeps failing (a full disk) is not retried every few seconds."""
-        return min(max(wait, self.settings.reload_backoff_max_s), wait * 2 ** min(failures, 30))
 
     def stop(self) -> None:
         self._stop.set()
