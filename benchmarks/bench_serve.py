@@ -72,6 +72,15 @@ def phone_jpegs(sources: list[bytes], n: int, folder: Path) -> list[bytes]:
     return out
 
 
+def write_inputs(folder: Path, prefix: str, images: list[bytes]) -> list[Path]:
+    """The images as files (the load generators read files), in a temp folder, never in git."""
+    paths = []
+    for i, data in enumerate(images):
+        paths.append(folder / f"{prefix}{i}.jpg")
+        paths[-1].write_bytes(data)
+    return paths
+
+
 def multipart(data: bytes) -> bytes:
     head = (
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
@@ -290,12 +299,21 @@ def start_server(bundle: Path, env: dict[str, str], cache: Path) -> tuple[subpro
 
 
 # --- the load generator (own process) -------------------------------------------------------------
-async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float, total: int | None) -> dict:
+async def _load(
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+    total: int | None,
+    api_key: str | None = None,
+) -> dict:
     import aiohttp
 
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    if api_key:
+        headers["X-API-Key"] = api_key
     deadline = time.perf_counter() + seconds
     sent = 0
 
@@ -338,7 +356,11 @@ def loadgen_main(spec_path: str) -> None:
         multipart(Path(p).read_bytes()) if spec.get("multipart", True) else Path(p).read_bytes()
         for p in spec["files"]
     ]
-    result = asyncio.run(_load(spec["url"], bodies, spec["concurrency"], spec["seconds"], spec.get("total")))
+    result = asyncio.run(
+        _load(
+            spec["url"], bodies, spec["concurrency"], spec["seconds"], spec.get("total"), spec.get("api_key")
+        )
+    )
     print(json.dumps(result))
 
 
@@ -365,13 +387,14 @@ def run_load(
     *,
     pid: int | None = None,
     client: str = "aiohttp",
+    api_key: str | None = None,
 ) -> dict:
     """One load run in its own process; with ``pid``, also the server's CPU-ms per request."""
     cpu_before = cpu_seconds(pid) if pid else 0.0
     if client == "wrk":
-        result = run_wrk(url, files, concurrency, seconds, tmp, total)
+        result = run_wrk(url, files, concurrency, seconds, tmp, total, api_key=api_key)
     else:
-        result = run_aiohttp(url, files, concurrency, seconds, tmp, total)
+        result = run_aiohttp(url, files, concurrency, seconds, tmp, total, api_key=api_key)
     if pid:
         used = cpu_seconds(pid) - cpu_before
         result["server_cpu_ms_per_request"] = round(used * 1000 / max(1, result["requests"]), 2)
@@ -379,7 +402,14 @@ def run_load(
 
 
 def run_aiohttp(
-    url: str, files: list[Path], concurrency: int, seconds: float, tmp: Path, total: int | None
+    url: str,
+    files: list[Path],
+    concurrency: int,
+    seconds: float,
+    tmp: Path,
+    total: int | None,
+    *,
+    api_key: str | None = None,
 ) -> dict:
     """The aiohttp load generator (this file with ``--loadgen``) in a child process."""
     spec = tmp / "spec.json"
@@ -391,6 +421,7 @@ def run_aiohttp(
                 "concurrency": concurrency,
                 "seconds": seconds,
                 "total": total,
+                "api_key": api_key,
             }
         )
     )
@@ -443,7 +474,14 @@ def _wrk_output(command: list[str], stops: int, *, tmp: Path) -> str:
 
 
 def run_wrk(
-    url: str, files: list[Path], concurrency: int, seconds: float, tmp: Path, total: int | None
+    url: str,
+    files: list[Path],
+    concurrency: int,
+    seconds: float,
+    tmp: Path,
+    total: int | None,
+    *,
+    api_key: str | None = None,
 ) -> dict:
     """wrk (C, one thread) with ``wrk_multipart.lua``: same bodies and output keys as the aiohttp path.
 
@@ -469,6 +507,7 @@ def run_wrk(
         BOUNDARY,
         str(total or 0),
         str(threads),
+        api_key or "",
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     stdout = _wrk_output(command, threads if total else 0, tmp=tmp)
@@ -566,10 +605,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="catsdogs-bench-") as tmp_name:
         tmp = Path(tmp_name)
         jpegs = dataset_jpegs(64)
-        data_files = []
-        for i, data in enumerate(jpegs):
-            (tmp / f"d{i}.jpg").write_bytes(data)
-            data_files.append(tmp / f"d{i}.jpg")
+        data_files = write_inputs(tmp, "d", jpegs)
         phone_files = (
             [] if args.quick else [tmp / f"phone_{i}.jpg" for i in range(len(phone_jpegs(jpegs, 6, tmp)))]
         )

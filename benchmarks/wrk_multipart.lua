@@ -1,6 +1,6 @@
 -- wrk script for benchmarks/bench_serve.py: POST /predict with prebuilt multipart bodies.
 --
---   wrk -t1 -c16 -d8s --latency --timeout 60s -s wrk_multipart.lua URL -- LIST BOUNDARY MAX_REQUESTS THREADS
+--   wrk -t1 -c16 -d8s --latency --timeout 60s -s wrk_multipart.lua URL -- LIST BOUNDARY MAX_REQUESTS THREADS [API_KEY]
 --
 -- LIST names one body file per line (already multipart-encoded by the Python side). Each thread
 -- formats every request once in init() and cycles through them in request(), so the per-request
@@ -25,6 +25,9 @@ statuses = {} -- global: done() reads it from each thread with thread:get()
 function init(args)
   local list, boundary = args[1], args[2]
   local headers = { ["Content-Type"] = "multipart/form-data; boundary=" .. boundary }
+  if args[5] and args[5] ~= "" then
+    headers["X-API-Key"] = args[5]
+  end
   for path in io.lines(list) do
     if path ~= "" then
       local file = assert(io.open(path, "rb"))

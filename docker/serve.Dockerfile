@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Serving image: FastAPI + ONNX Runtime, `.[serve]` only (no torch), non-root, read-only-root friendly.
+# Serving image: FastAPI + ONNX Runtime, `.[serve,postgres]` only (no torch), non-root, read-only-root friendly.
+# (`postgres`: psycopg 3, for a feedback store shared by replicas.)
 #
 #   docker build -f docker/serve.Dockerfile -t catsdogs-serve .                     # model pulled at start
 #   docker build -f docker/serve.Dockerfile --build-arg MODEL_URI=models:/catsdogs-classifier@champion \
@@ -31,7 +32,7 @@ COPY src ./src
 # patched (they carry an RPATH) break when rewritten ("ELF load command address/offset not page-aligned").
 RUN --mount=type=secret,id=ca_bundle,required=false \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
-    /opt/venv/bin/pip install --no-compile ".[serve]"; \
+    /opt/venv/bin/pip install --no-compile ".[serve,postgres]"; \
     if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the serving image" >&2; exit 1; fi; \
     /opt/venv/bin/pip uninstall --yes pip setuptools; \
     find /opt/venv -depth -type d \( -name tests -o -name __pycache__ \) -exec rm -rf {} +; \
@@ -58,8 +59,11 @@ LABEL org.opencontainers.image.title="catsdogs-serve" \
       org.opencontainers.image.description="Cats vs dogs classifier API (FastAPI + ONNX Runtime)" \
       org.opencontainers.image.source="https://github.com/catsdogs/catsdogs" \
       org.opencontainers.image.licenses="Apache-2.0"
+# /var/lib/catsdogs: where a volume keeps the feedback store's SQLite file (docker-compose.yml); a new
+# named volume takes this owner from the image.
 RUN groupadd --system --gid 10001 app \
-    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app
+    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/catsdogs
 COPY --from=build /opt/venv /opt/venv
 COPY --from=model /opt/model /opt/model
 COPY docker/serve-entrypoint.sh /usr/local/bin/catsdogs-serve

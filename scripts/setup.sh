@@ -26,6 +26,7 @@ SUMMARY=()
 APT_PACKAGES=(make git ca-certificates)
 APT_PACKAGES+=(prometheus prometheus-alertmanager) # monitoring: promtool, amtool, a real Prometheus in tests
 APT_PACKAGES+=(time)                               # benchmarks: GNU /usr/bin/time -v measures peak memory
+APT_PACKAGES+=(postgresql) # the feedback store's tests start a throwaway PostgreSQL (initdb, pg_ctl) on loopback
 # shipping (tests/deploy): podman builds and runs the serving image, debootstrap makes the base image
 # stand-in, docker-compose validates the stack, Java runs the Jenkinsfile linter.
 APT_PACKAGES+=(podman buildah runc containernetworking-plugins iptables fuse-overlayfs slirp4netns uidmap

@@ -23,7 +23,6 @@ Only the standard library, NumPy and Pillow are needed here, so serving can use 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,20 +121,6 @@ def find_bundle(path: Path | str) -> ModelBundle:
     raise CatsdogsError(
         f"no model bundle found in {root} (expected {PREPROCESSING} there or in artifacts/bundle)"
     )
-
-
-def replace_folder(staging: Path, target: Path) -> None:
-    """Move a completely written ``staging`` folder to ``target``, replacing an older one.
-
-    Readers see the old folder or the new one, never a half-written one (the old one is moved
-    aside first, then removed).
-    """
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.replace(old)
-    staging.replace(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class BundleIntegrityError(CatsdogsError):

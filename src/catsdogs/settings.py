@@ -10,8 +10,10 @@ Nothing happens at import time: call :func:`get_settings` (or build :class:`Sett
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +37,14 @@ DEFAULT_DATA_SOURCE = (
 #: It applies to this URL only: another source has no default checksum.
 DEFAULT_DATA_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PARAMS_FILE_ENV = "CATSDOGS_PARAMS_FILE"
+
+
+_KID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def derived_kid(secret: str) -> str:
+    """The key id of a signing key given without one: a short hash of it, stable across restarts."""
+    return hashlib.sha256(b"catsdogs-feedback-kid:" + secret.encode()).hexdigest()[:8]
 
 
 def _params_file() -> Path:
@@ -221,10 +231,21 @@ class Settings(BaseSettings):
     """Keys accepted in ``X-API-Key`` or ``Authorization: Bearer`` (comma-separated in the environment)."""
     allow_anonymous: bool = False
     """Serve a non-loopback ``host`` without ``api_keys`` (refused unless this says so on purpose)."""
+    rate_limit_per_minute: int = Field(default=1200, ge=0)
+    """Requests per minute to /predict, /predict/batch and /feedback per API key (per client address
+    without keys), for each pod; 0: no limit. Applies with API keys or a non-loopback ``host``."""
+    rate_limit_burst: int = Field(default=200, ge=1)
+    """Requests a caller may send at once before the per-minute rate applies (429 past it)."""
+    rate_limit_store: Path | None = None
+    """SQLite file the server's worker processes count requests in; ``None``: a fresh temporary one."""
     admin_token: SecretStr | None = None
     """Token of the ``/admin`` routes (``X-Admin-Token``); ``None``: those routes are not mounted."""
     feedback_secret: SecretStr | None = None
-    """Key that signs prediction ids; ``None``: a random key per process (set it for several workers)."""
+    """One key that signs prediction ids (key id derived from it); or use ``feedback_secrets``, not both."""
+    feedback_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Prediction-id keys ``kid:secret`` (comma-separated): the first signs, every one verifies."""
+    feedback_store_url: SecretStr | None = None
+    """Feedback log's SQLAlchemy URL (PostgreSQL for several replicas); ``None``: SQLite in cache_dir."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Origins allowed by CORS (comma-separated in the environment); empty: no CORS headers."""
     store_uploads: bool = False
@@ -289,7 +310,7 @@ class Settings(BaseSettings):
         yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=_params_file())
         return (init_settings, env_settings, yaml_source, file_secret_settings)
 
-    @field_validator("api_keys", "cors_origins", "ensemble_architectures", mode="before")
+    @field_validator("api_keys", "cors_origins", "ensemble_architectures", "feedback_secrets", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # Accept "a,b" in an environment variable as well as a YAML/JSON list.
@@ -305,6 +326,13 @@ class Settings(BaseSettings):
             raise ValueError("split_ratios must not be negative")
         if len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
             raise ValueError("classes must name at least two distinct classes")
+        if self.feedback_secret and self.feedback_secrets:
+            raise ValueError(
+                "set CATSDOGS_FEEDBACK_SECRETS (kid:secret,...) or CATSDOGS_FEEDBACK_SECRET, not both"
+            )
+        kids = [kid for kid, _ in self.feedback_keys]
+        if len(set(kids)) != len(kids):
+            raise ValueError(f"feedback_secrets has a key id twice: {kids}")
         return self
 
     @property
@@ -323,6 +351,27 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(host).is_loopback
         except ValueError:  # a host name (or "" for every interface) may resolve to anything
             return False
+
+    @property
+    def feedback_keys(self) -> list[tuple[str, str]]:
+        """The prediction-id signing keys as ``(kid, secret)``, the signing one first; empty when none is set.
+
+        ``feedback_secret`` and a bare entry of ``feedback_secrets`` get the kid
+        :func:`derived_kid`, so moving one key between the two settings keeps its ids valid."""
+        if self.feedback_secret:
+            secret = self.feedback_secret.get_secret_value()
+            return [(derived_kid(secret), secret)]
+        keys = []
+        for entry in self.feedback_secrets:
+            kid, sep, secret = entry.get_secret_value().partition(":")
+            if not sep:
+                kid, secret = derived_kid(kid), kid
+            if not _KID.fullmatch(kid) or not secret:
+                raise ValueError(
+                    "a feedback_secrets entry is kid:secret (kid: 1-32 of A-Z a-z 0-9 - _) or a bare secret"
+                )
+            keys.append((kid, secret))
+        return keys
 
     # --- derived paths (pure, nothing is created here) -----------------------------------------
     @property

@@ -56,7 +56,7 @@ def test_serving_image_cannot_import_torch(serve_image: str) -> None:
 
 
 def test_serving_image_has_the_serving_stack(serve_image: str) -> None:
-    code = "import onnxruntime, fastapi, uvicorn, prometheus_client, catsdogs.bundle; print('ok')"
+    code = "import onnxruntime, fastapi, uvicorn, prometheus_client, psycopg, catsdogs.bundle; print('ok')"
     done = podman(
         "run", "--rm", "--read-only", "--entrypoint", "python", serve_image, "-c", code, check=False
     )

@@ -42,9 +42,9 @@ def test_both_images_and_the_mlflow_server_have_dockerfiles() -> None:
     assert {p.name for p in DOCKERFILES} >= {"serve.Dockerfile", "train.Dockerfile", "mlflow.Dockerfile"}
 
 
-def test_serving_dockerfile_installs_the_serve_extra_only() -> None:
+def test_serving_dockerfile_installs_the_serve_and_postgres_extras_only() -> None:
     text = (REPO / "docker" / "serve.Dockerfile").read_text()
-    assert '".[serve]"' in text
+    assert '".[serve,postgres]"' in text
     assert "[train" not in text and "[dev" not in text
     assert "USER 10001" in text and "HEALTHCHECK" in text
 
@@ -141,6 +141,28 @@ def test_compose_stack_has_health_checks_volumes_and_a_hardened_api() -> None:
         assert path in mounts
 
 
+def test_compose_api_keeps_its_feedback_key_and_store_across_restarts() -> None:
+    """A fixed signing key from a secret file, the feedback store on a named volume (not the tmpfs),
+    and the guide creates every secret file the stack reads."""
+    done = run(require_tool("docker-compose"), "config")
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(done.stdout)
+    api = config["services"]["api"]
+    environment = api["environment"]
+    assert environment["CATSDOGS_FEEDBACK_SECRETS_FILE"] == "/run/secrets/feedback_secret"
+    assert "CATSDOGS_FEEDBACK_SECRETS_FILE" in (REPO / "docker" / "serve-entrypoint.sh").read_text()
+    database = environment["CATSDOGS_FEEDBACK_STORE_URL"].removeprefix("sqlite:///")
+    # docker-compose 1.x prints the short form (source:target), 2.x the long one
+    mounts = [m.split(":")[:2] if isinstance(m, str) else [m["source"], m["target"]] for m in api["volumes"]]
+    sources = {target: source for source, target in mounts}
+    assert sources[str(Path(database).parent)] in config["volumes"]  # a named volume
+    assert "install -d -o 10001 -g 10001" in (REPO / "docker" / "serve.Dockerfile").read_text()
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    for name, secret in config["secrets"].items():
+        assert secret["file"].endswith(f"/secrets/{name}")
+        assert f"> secrets/{name}" in guide, f"docs/deployment.md does not create secrets/{name}"
+
+
 def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
     bad = tmp_path / "docker-compose.yml"
     bad.write_text("services:\n  api:\n    image: x\n    healthcheck: yes-please\n")
@@ -192,6 +214,6 @@ def test_compose_api_is_closed_by_default() -> None:
     assert environment["CATSDOGS_ALLOW_ANONYMOUS"] == "false"
     assert "CATSDOGS_API_KEYS" not in environment
     assert environment["CATSDOGS_API_KEYS_FILE"] == "/run/secrets/api_keys"
-    assert [secret["source"] for secret in api["secrets"]] == ["api_keys"]
+    assert [secret["source"] for secret in api["secrets"]] == ["api_keys", "feedback_secret"]
     assert config["secrets"]["api_keys"]["file"].endswith("/secrets/api_keys")
     assert "CATSDOGS_API_KEYS_FILE" in (REPO / "docker" / "serve-entrypoint.sh").read_text()

@@ -4,6 +4,7 @@ passes checkov, and keeps the API's contract (probes, hardening, replicas, image
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,13 +278,55 @@ def test_secret_references_are_required_and_every_key_is_documented(rendered: di
             for env in container.get("env", [])
             if "secretKeyRef" in env.get("valueFrom", {})
         ]
-        assert {ref["key"] for ref in refs} >= {"api-keys", "admin-token", "feedback-secret", "eval-api-key"}
+        assert {ref["key"] for ref in refs} >= {
+            "api-keys",
+            "admin-token",
+            "feedback-secret",
+            "feedback-store-url",
+            "eval-api-key",
+        }
         for ref in refs:
             assert ref.get("optional") is not True, ref
             assert ref["name"] == "catsdogs-secrets"
             assert f"--from-literal={ref['key']}=" in guide, (
                 f"docs/deployment.md does not create {ref['key']}"
             )
+
+
+def _documented_secret_commands(guide: str) -> list[set[str]]:
+    """The keys each ``kubectl create secret generic catsdogs-secrets`` command of the guide creates."""
+    lines = guide.replace("\\\n", " ").splitlines()  # shell continuation lines joined
+    commands = [line for line in lines if "create secret generic catsdogs-secrets" in line]
+    return [set(re.findall(r"--from-literal=([\w.-]+)=", command)) for command in commands]
+
+
+def test_the_documented_secret_command_creates_every_referenced_key(rendered: dict[str, list[dict]]) -> None:
+    """Copying the guide's one command gives the pods every key they reference, and no stray one."""
+    referenced = {
+        env["valueFrom"]["secretKeyRef"]["key"]
+        for overlay in OVERLAY_NAMES
+        for doc in rendered[overlay]
+        for container in _all_containers(doc)
+        for env in container.get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    commands = _documented_secret_commands(guide)
+    assert commands, "docs/deployment.md has no `kubectl create secret generic catsdogs-secrets`"
+    for keys in commands:
+        assert keys == referenced
+    for key in referenced:
+        assert f"| `{key}` |" in guide, f"the table of docs/deployment.md does not explain {key}"
+
+
+def test_the_secret_check_reads_a_command_over_continuation_lines() -> None:
+    guide = (
+        "kubectl -n catsdogs create secret generic catsdogs-secrets \\\n"
+        "  --from-literal=api-keys=x \\\n"
+        "  --from-literal=admin-token=y\n"
+        "--from-literal=not-in-the-command=z\n"
+    )
+    assert _documented_secret_commands(guide) == [{"api-keys", "admin-token"}]
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -332,7 +375,7 @@ def test_egress_is_denied_by_default_with_a_few_destinations(
     assert deny, "no default-deny egress policy"
     dns = {("dns", 53)}
     expected = {
-        "catsdogs-api": dns | {("catsdogs-mlflow", 5000)},
+        "catsdogs-api": dns | {("catsdogs-mlflow", 5000), ("catsdogs-postgres", 5432)},
         "catsdogs-mlflow": dns,
         "catsdogs-evaluate": dns | {("catsdogs-api", 8000), ("catsdogs-mlflow", 5000)},
         "catsdogs-train": dns | {("catsdogs-mlflow", 5000)},

@@ -54,3 +54,25 @@ def test_mlflow_metric_names() -> None:
     assert values["precision"] == 1.0 and values["recall"] == 0.5  # of the dogs
     assert values["macro_recall"] == pytest.approx(0.75)
     assert values["cat_recall"] == 1.0 and values["latency_p50_ms"] == 3.0 and values["n_images"] == 3.0
+
+
+def test_a_rate_limited_request_waits_for_retry_after_and_is_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import requests
+
+    from catsdogs.monitoring import evaluate_deployed as module
+
+    answers = [429, 429, 200]
+    waits: list[float] = []
+
+    class Session:
+        def post(self, url: str, **kwargs: object) -> requests.Response:
+            response = requests.Response()
+            response.status_code = answers.pop(0)
+            response.headers["Retry-After"] = "2"
+            return response
+
+    monkeypatch.setattr(module.time, "sleep", waits.append)
+    response = module.post_within_rate_limit(Session(), "http://service/predict")  # type: ignore[arg-type]
+    assert response.status_code == 200 and waits == [2.0, 2.0]

@@ -51,8 +51,8 @@ def test_second_feedback_for_the_same_prediction_is_409(client: TestClient, cat_
 
 def test_tampered_prediction_id_is_400(client: TestClient, cat_jpeg: bytes) -> None:
     pid = _predict(client, cat_jpeg)["prediction_id"]
-    body, signature = pid.split(".")
-    forged = body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + signature
+    kid, body, signature = pid.split(".")
+    forged = f"{kid}.{body[:-2] + ('AA' if body[-2:] != 'AA' else 'BB')}.{signature}"
     response = client.post("/feedback", json={"prediction_id": forged, "label": "cat"})
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_prediction_id"
@@ -101,14 +101,14 @@ def test_ids_from_another_worker_with_the_same_secret_are_accepted(
 
 
 def test_signer_refuses_expired_ids() -> None:
-    signer = PredictionSigner(b"k", max_age_s=-1)
+    signer = PredictionSigner([("k1", b"k")], max_age_s=-1)
     token = signer.issue(model_version="3", label="cat", confidence=0.9)
     with pytest.raises(InvalidTokenError, match="expired"):
         signer.verify(token)
 
 
 def test_signer_round_trips_the_claim() -> None:
-    signer = PredictionSigner(b"k", max_age_s=60)
+    signer = PredictionSigner([("k1", b"k")], max_age_s=60)
     claim = signer.verify(signer.issue(model_version="7", label="dog", confidence=0.8125))
-    assert (claim.model_version, claim.label, claim.confidence) == ("7", "dog", 0.8125)
+    assert (claim.model_version, claim.label, claim.confidence, claim.kid) == ("7", "dog", 0.8125, "k1")
     assert abs(claim.issued_at - time.time()) < 5

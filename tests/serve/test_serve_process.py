@@ -166,6 +166,9 @@ def test_two_workers_share_metrics_and_accept_each_others_prediction_ids(
                 http.post("/feedback", json={"prediction_id": prediction_id, "label": "cat"}).status_code
                 == 200
             )
+        for prediction_id in ids:  # and whichever worker sees it again refuses it (the shared store)
+            replay = http.post("/feedback", json={"prediction_id": prediction_id, "label": "dog"})
+            assert replay.status_code == 409, replay.text
         metrics = http.get("/metrics").text
     total = sum(float(v) for v in re.findall(r"^catsdogs_predictions_total\{[^}]*\} (\S+)", metrics, re.M))
     assert total == len(ids)  # aggregated over both workers

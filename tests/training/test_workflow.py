@@ -56,3 +56,43 @@ def test_an_untracked_run_creates_no_mlflow_run(
     result, version = train_and_register(settings, track=how != "--no-track")
     assert version is None and trained == [None] and result.test_metrics["accuracy"] == 0.98
     assert not Path(settings.mlflow_tracking_uri.removeprefix("sqlite:///")).exists()  # no store opened
+
+
+def test_a_second_training_into_the_same_run_folder_is_refused(
+    settings: Settings, trained: list[object]
+) -> None:
+    """Another process (a first ``catsdogs train``) holds the run folder's lock: this one stops at
+    once with a one-line error, before training or opening MLflow."""
+    import subprocess
+    import sys
+
+    from catsdogs import CatsdogsError
+
+    settings = settings.model_copy(update={"run_name": "shared"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(settings.runs_dir / "shared")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(CatsdogsError, match="already running") as refused:
+            train_and_register(settings)
+        assert "\n" not in str(refused.value)
+        assert trained == []
+        assert not Path(settings.mlflow_tracking_uri.removeprefix("sqlite:///")).exists()
+    finally:
+        holder.communicate("", timeout=30)
+    train_and_register(settings, track=False)  # the lock went with its holder
+    assert trained == [None]
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from catsdogs.files import exclusive_lock
+with exclusive_lock(Path(sys.argv[1]), what="a training"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""

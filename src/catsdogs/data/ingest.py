@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import tempfile
 import time
@@ -38,7 +37,7 @@ from catsdogs.data.fetch import fetch_archive
 from catsdogs.data.sources import Member, Source, open_source
 from catsdogs.data.split import SPLITS, assign_splits, draw
 from catsdogs.data.validate import Accepted, Rejected, StoreConfig
-from catsdogs.files import exclusive_lock, write_text_atomic
+from catsdogs.files import exclusive_lock, replace_folder, write_text_atomic
 from catsdogs.runtime import available_cores
 from catsdogs.settings import Settings
 
@@ -238,22 +237,18 @@ def _report(
 
 
 def _swap_in(staging: Path, data_dir: Path) -> None:
-    """Replace the store, manifest and report by the staged ones (each rename is atomic)."""
-    images = data_dir / "images"
-    old = None
-    if images.exists():
-        old = data_dir / f".old-images-{os.getpid()}"
-        images.rename(old)
-    (staging / "images").rename(images)
+    """Replace the store, then the manifest and report, by the staged ones (each swap is atomic:
+    :func:`replace_folder`). Image names are content hashes, so the store never holds another
+    image under a name the manifest lists."""
+    replace_folder(staging / "images", data_dir / "images")
     for name in ("manifest.csv", "data_report.json"):
         (staging / name).replace(data_dir / name)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _remove_leftovers(data_dir: Path) -> None:
     """Delete staging folders of an interrupted earlier run (one ingest per data_dir at a time)."""
-    for leftover in [*data_dir.glob(".ingest-*"), *data_dir.glob(".old-images-*")]:
+    patterns = (".ingest-*", ".old-images-*", ".images.old-*")
+    for leftover in [path for pattern in patterns for path in data_dir.glob(pattern)]:
         _logger.warning("removing %s left by an interrupted ingest", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
 

@@ -30,6 +30,8 @@ from catsdogs.settings import Settings
 logger = logging.getLogger(__name__)
 
 LATENCY_PERCENTILES = (50, 95, 99)
+#: Tries of one request the service keeps answering 429 (rate limited) before it counts as failed.
+RATE_LIMIT_RETRIES = 10
 SCALAR_METRICS = ("accuracy", "precision", "recall", "f1", "macro_precision", "macro_recall", "macro_f1")
 
 
@@ -90,12 +92,25 @@ def _error_code(response: requests.Response) -> str:
         return str(response.status_code)
 
 
+def post_within_rate_limit(session: requests.Session, url: str, **kwargs: Any) -> requests.Response:
+    """POST, waiting out a 429's ``Retry-After`` (the service's per-key rate limit, docs/serving.md)
+    up to ``RATE_LIMIT_RETRIES`` times: an evaluation runs slower, it does not fail."""
+    for _ in range(RATE_LIMIT_RETRIES):
+        response = session.post(url, **kwargs)
+        if response.status_code != 429:
+            return response
+        wait = float(response.headers.get("Retry-After", "1"))
+        logger.info("rate limited by %s: waiting %.0f s", url, wait)
+        time.sleep(min(wait, 60.0))
+    return response
+
+
 def _send_feedback(
     session: requests.Session, base: str, prediction_id: str, label: str, timeout_s: float
 ) -> str | None:
     """Tell the service the true label of one of its answers; the failure's key, or None."""
-    response = session.post(
-        f"{base}/feedback", json={"prediction_id": prediction_id, "label": label}, timeout=timeout_s
+    response = post_within_rate_limit(
+        session, f"{base}/feedback", json={"prediction_id": prediction_id, "label": label}, timeout=timeout_s
     )
     return None if response.status_code == 200 else f"feedback:{_error_code(response)}"
 
@@ -127,14 +142,13 @@ def evaluate_deployed(
     feedback_sent = 0
     for image in images:
         data = image.read()
-        started = time.perf_counter()
         try:
-            response = session.post(
-                f"{base}/predict", files={"file": (Path(image.name).name, data)}, timeout=timeout_s
+            response = post_within_rate_limit(
+                session, f"{base}/predict", files={"file": (Path(image.name).name, data)}, timeout=timeout_s
             )
         except requests.RequestException as exc:
             raise CatsdogsError(f"cannot reach the service at {base}: {exc}; is it running?") from None
-        latencies.append((time.perf_counter() - started) * 1000.0)
+        latencies.append(response.elapsed.total_seconds() * 1000.0)  # the answered attempt only
         if response.status_code != 200:
             failures[f"predict:{_error_code(response)}"] += 1
             logger.warning("%s: %s %s", image.name, response.status_code, response.text[:200])

@@ -111,7 +111,38 @@ def make_client(settings: Settings) -> MlflowClient:
     """An MLflow client for the configured tracking store and registry (no global state set)."""
     from mlflow import MlflowClient  # lazily: a local bundle folder needs no MLflow
 
-    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=registry_uri(settings))
+    with _first_open(settings.mlflow_tracking_uri) as first:
+        client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=registry_uri(settings))
+        if first:
+            client.search_registered_models(max_results=1)  # the registry's tables, same database
+    return client
+
+
+#: SQLite stores this process has opened (created and migrated) already.
+_OPENED_SQLITE: set[str] = set()
+
+
+@contextlib.contextmanager
+def _first_open(uri: str) -> Iterator[bool]:
+    """The first opening in this process of a ``sqlite:///`` store, under a lock file next to the
+    database (``<db>.lock``); yields whether this is that first opening.
+
+    MLflow creates and migrates a SQLite store's tables when a process first opens it; two processes
+    doing that at once fail (``duplicate column name``, 1 run in 2 with MLflow 3.17), so one at a
+    time does it. Later writes need no lock of ours: SQLite lets one writer in at a time and MLflow
+    sets a 20-second busy timeout, within which a second writer waits instead of failing.
+    """
+    import fcntl
+
+    if not uri.startswith("sqlite:///") or uri in _OPENED_SQLITE:
+        yield False
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with database.with_name(f"{database.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process opens the store
+        yield True
+    _OPENED_SQLITE.add(uri)
 
 
 @contextlib.contextmanager

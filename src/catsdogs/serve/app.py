@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from catsdogs import __version__
@@ -15,6 +15,7 @@ from catsdogs.serve.access_log import AccessLogMiddleware
 from catsdogs.serve.drift import DriftWindowFactory
 from catsdogs.serve.errors import install_error_handlers
 from catsdogs.serve.feedback_gate import FeedbackGate
+from catsdogs.serve.rate_limit import RATE_LIMITED, build_rate_limiter, enforce_rate_limit
 from catsdogs.serve.routes import admin, feedback, ops, predict, ui
 from catsdogs.serve.service import build_service
 from catsdogs.settings import Settings, get_settings
@@ -31,6 +32,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(service.feedback_log.open)  # migrations first: a bad URL stops the start
         await service.predictor.start()
         service.store.start()
         if settings.workers > 1:  # see Settings.worker_start_wait_s
@@ -41,6 +43,9 @@ def create_app(
         service.store.stop()
         await service.predictor.stop()  # in-flight work finishes first (uvicorn drains on SIGTERM)
         service.drift.stop()
+        service.feedback_log.close()
+        if app.state.rate_limiter is not None:
+            app.state.rate_limiter.close()
 
     app = FastAPI(
         title="catsdogs",
@@ -49,9 +54,12 @@ def create_app(
         description="Tells cats from dogs in photos. Errors are `{error, detail}` JSON.",
     )
     app.state.service = service
+    app.state.rate_limiter = build_rate_limiter(settings)
     install_error_handlers(app)
-    for module in (ui, predict, feedback, ops):
+    for module in (ui, ops):
         app.include_router(module.router)
+    for module in (predict, feedback):  # the endpoints that do work
+        app.include_router(module.router, dependencies=[Depends(enforce_rate_limit)], responses=RATE_LIMITED)
     if service.admin_token:
         app.include_router(admin.router)
     if settings.cors_origins:

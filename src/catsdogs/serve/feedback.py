@@ -1,13 +1,17 @@
-"""Live accuracy from user feedback, without keeping images or a shared database.
+"""Signed prediction ids, and live accuracy from the feedback that names them.
 
-A ``prediction_id`` is a signed token (HMAC-SHA256 with ``settings.feedback_secret``) that carries
-the model version, the predicted label, its confidence and the time. Any worker or replica holding
-the same secret can therefore join a feedback label to the prediction it corrects.
+A ``prediction_id`` is ``kid.body.signature``: the body carries the model version, the predicted
+label, its confidence, the time and a nonce; the signature is HMAC-SHA256 over ``kid.body`` with the
+key named ``kid`` (``settings.feedback_keys``). Any worker or replica holding the key can join a
+feedback label to the prediction it corrects, and a rotated key keeps verifying the ids it signed
+while it stays in the list. Ids of the older ``body.signature`` form (no kid) are checked against
+every key. That a prediction gets one label only is the feedback store's job (``feedback_store``).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import itertools
@@ -16,12 +20,14 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-_SEEN_MAX = 100_000
+#: The key id of the random per-process key used when no key is configured.
+EPHEMERAL_KID = "ephemeral"
+_INVALID = "prediction_id is not a prediction id issued by this service"
 
 
 def _b64(data: bytes) -> str:
@@ -33,7 +39,7 @@ def _unb64(text: str) -> bytes:
 
 
 class InvalidTokenError(ValueError):
-    """The prediction id was not issued by a service holding this secret, or is expired."""
+    """The prediction id was not issued by a service holding one of these keys, or is expired."""
 
 
 @dataclass(frozen=True)
@@ -45,32 +51,37 @@ class PredictionClaim:
     confidence: float
     issued_at: float
     nonce: str
+    kid: str
 
 
-def resolve_secret(configured: str | None) -> bytes:
-    """The signing key; a random one (valid for this process only) when none is configured."""
+def resolve_keys(configured: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+    """The signing keys, the signing one first; a random one (this process only) when none is set."""
     if configured:
-        return configured.encode()
+        return [(kid, secret.encode()) for kid, secret in configured]
     logger.warning(
-        "CATSDOGS_FEEDBACK_SECRET is not set: prediction ids are signed with a random per-process key, "
+        "CATSDOGS_FEEDBACK_SECRETS is not set: prediction ids are signed with a random per-process key, "
         "so /feedback only works on this very worker; set it when running several workers or replicas"
     )
-    return secrets.token_bytes(32)
+    return [(EPHEMERAL_KID, secrets.token_bytes(32))]
 
 
 class PredictionSigner:
-    """Issues and verifies prediction ids."""
+    """Issues prediction ids with the first key and verifies them with any of the keys."""
 
-    def __init__(self, secret: bytes, *, max_age_s: float) -> None:
-        self._secret = secret
+    def __init__(self, keys: list[tuple[str, bytes]], *, max_age_s: float) -> None:
+        if not keys:
+            raise ValueError("PredictionSigner needs at least one key")
+        self._kid, self._secret = keys[0]
+        self._keys = dict(keys)
         self.max_age_s = max_age_s
         # Nonces only need to be unique (the HMAC makes ids unforgeable): a random per-signer prefix
-        # and a counter, instead of an os.urandom system call per prediction.
-        self._nonce_prefix = secrets.token_hex(4)
+        # (64 bits: no two workers ever share one) and a counter, not an os.urandom call per prediction.
+        self._nonce_prefix = secrets.token_hex(8)
         self._nonce_counter = itertools.count()
 
-    def _sign(self, body: str) -> str:
-        return _b64(hmac.new(self._secret, body.encode("ascii"), hashlib.sha256).digest())
+    @staticmethod
+    def _mac(secret: bytes, message: str) -> str:
+        return _b64(hmac.new(secret, message.encode("ascii"), hashlib.sha256).digest())
 
     def issue(self, *, model_version: str, label: str, confidence: float) -> str:
         payload = {
@@ -81,14 +92,29 @@ class PredictionSigner:
             "n": f"{self._nonce_prefix}{next(self._nonce_counter):x}",
         }
         body = _b64(json.dumps(payload, separators=(",", ":")).encode())
-        return f"{body}.{self._sign(body)}"
+        return f"{self._kid}.{body}.{self._mac(self._secret, f'{self._kid}.{body}')}"
+
+    def _signed_body(self, token: str) -> tuple[str, str]:
+        """``(kid, body)`` of a token whose signature one of the keys verifies."""
+        if not token.isascii():  # ids are base64url: anything else is not one (and cannot be signed)
+            raise InvalidTokenError(_INVALID)
+        parts = token.split(".")
+        if len(parts) == 3:
+            kid, body, signature = parts
+            secret = self._keys.get(kid)
+            if secret is None:
+                raise InvalidTokenError(f"prediction_id is signed with an unknown key id {kid[:32]!r}")
+            if body and hmac.compare_digest(self._mac(secret, f"{kid}.{body}"), signature):
+                return kid, body
+        elif len(parts) == 2 and parts[0]:  # issued before ids carried a kid
+            body, signature = parts
+            for kid, secret in self._keys.items():
+                if hmac.compare_digest(self._mac(secret, body), signature):
+                    return kid, body
+        raise InvalidTokenError(_INVALID)
 
     def verify(self, token: str) -> PredictionClaim:
-        if not token.isascii():  # ids are base64url: anything else is not one (and cannot be signed)
-            raise InvalidTokenError("prediction_id is not a prediction id issued by this service")
-        body, _, signature = token.partition(".")
-        if not body or not signature or not hmac.compare_digest(self._sign(body), signature):
-            raise InvalidTokenError("prediction_id is not a prediction id issued by this service")
+        kid, body = self._signed_body(token)
         try:
             payload = json.loads(_unb64(body))
             claim = PredictionClaim(
@@ -97,33 +123,25 @@ class PredictionSigner:
                 confidence=float(payload["c"]),
                 issued_at=float(payload["t"]),
                 nonce=str(payload["n"]),
+                kid=kid,
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidTokenError(f"prediction_id payload is malformed: {exc}") from None
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise InvalidTokenError(f"prediction_id payload is malformed: {type(exc).__name__}") from None
         if time.time() - claim.issued_at > self.max_age_s:
             raise InvalidTokenError("prediction_id has expired")
         return claim
 
 
 class LiveAccuracy:
-    """Sliding window over the most recent feedback; refuses a second label for the same prediction."""
+    """Sliding window over this process's most recent feedback (the ``catsdogs_live_accuracy`` gauge)."""
 
     def __init__(self, window: int) -> None:
         self._window: deque[bool] = deque(maxlen=window)
-        self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, claim: PredictionClaim, true_label: str) -> bool | None:
-        """Record one label; ``None`` when this prediction already got feedback in this process."""
+    def add(self, correct: bool) -> None:
         with self._lock:
-            if claim.nonce in self._seen:
-                return None
-            self._seen[claim.nonce] = None
-            if len(self._seen) > _SEEN_MAX:
-                self._seen.popitem(last=False)
-            correct = claim.label == true_label
             self._window.append(correct)
-            return correct
 
     @property
     def accuracy(self) -> float | None:

@@ -93,6 +93,9 @@ def serve(settings: Settings) -> None:
         os.environ["CATSDOGS_MODEL_URI"] = settings.model_uri
         os.environ["CATSDOGS_HOST"] = settings.host  # who may see details depends on it (security.py)
         os.environ["CATSDOGS_WORKERS"] = str(settings.workers)
+        if settings.rate_limit_store is None:  # one file for all workers: they share the limit
+            folder = tempfile.mkdtemp(prefix="catsdogs-ratelimit-")
+            os.environ["CATSDOGS_RATE_LIMIT_STORE"] = str(Path(folder) / "buckets.sqlite")
         uvicorn.run("catsdogs.serve.server:worker_app", factory=True, workers=settings.workers, **options)
         return
     from catsdogs.serve.app import create_app

@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from catsdogs.serve.drift import DriftFeed, DriftWindowFactory, default_window_factory
-from catsdogs.serve.feedback import LiveAccuracy, PredictionSigner, resolve_secret
+from catsdogs.serve.feedback import LiveAccuracy, PredictionSigner, resolve_keys
+from catsdogs.serve.feedback_store import FeedbackStore, store_url
 from catsdogs.serve.metrics import Metrics
 from catsdogs.serve.model_store import LoadedModel, ModelStore
 from catsdogs.serve.predictor import Predictor
@@ -25,6 +26,7 @@ class Service:
     predictor: Predictor
     signer: PredictionSigner
     live: LiveAccuracy
+    feedback_log: FeedbackStore
     drift: DriftFeed
     api_keys: list[str]
     admin_token: str | None
@@ -57,8 +59,7 @@ def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | Non
         metrics.model_reloads.labels("success" if success else "failure").inc()
 
     store = ModelStore(settings, on_swap=on_swap, on_reload=on_reload)
-    secret = settings.feedback_secret.get_secret_value() if settings.feedback_secret else None
-    signer = PredictionSigner(resolve_secret(secret), max_age_s=settings.feedback_max_age_s)
+    signer = PredictionSigner(resolve_keys(settings.feedback_keys), max_age_s=settings.feedback_max_age_s)
     predictor = Predictor(settings, store=store, metrics=metrics, stats=stats, signer=signer, drift=drift)
     return Service(
         settings=settings,
@@ -68,6 +69,7 @@ def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | Non
         predictor=predictor,
         signer=signer,
         live=LiveAccuracy(settings.feedback_window),
+        feedback_log=FeedbackStore(store_url(settings)),
         drift=drift,
         api_keys=[key.get_secret_value() for key in settings.api_keys],
         admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,

@@ -1,7 +1,7 @@
 """Assemble a model bundle after training: weights, preprocessing, verified ONNX, test metrics, card.
 
 The bundle is built in a temporary folder next to its destination and moved into place by
-:func:`catsdogs.bundle.replace_folder`, so a reader never sees half a bundle. Test metrics come
+:func:`catsdogs.files.replace_folder`, so a reader never sees half a bundle. Test metrics come
 from the exported ONNX graph, opened and run as evaluation and serving do.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from catsdogs import __version__
 from catsdogs import bundle as bundle_files
 from catsdogs.data.labelled import LabelledImage
-from catsdogs.files import atomic_path, file_sha256
+from catsdogs.files import atomic_path, file_sha256, replace_folder
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
 from catsdogs.runtime import open_model
@@ -105,7 +105,7 @@ def write_bundle(
     }
     _write_descriptions(staging, metadata, result, samples, settings, strategy)
     bundle_files.write_manifest(staging)
-    bundle_files.replace_folder(staging, bundle_dir)
+    replace_folder(staging, bundle_dir)
     _write_artifacts(artifacts_dir, result.predictions, result.metrics, history, config.class_names)
     accuracy = result.metrics["accuracy"]
     logger.info("bundle %s: test accuracy %.4f %s", bundle_dir, accuracy, result.metrics["accuracy_ci95"])

@@ -206,7 +206,8 @@ def export_bundle(bundle: Any, *, settings: Any, int8: bool = False, out: Path |
     was: the DVC ``export`` stage's output is separate from ``train``'s); the copy replaces ``out``
     only once everything passed.
     """
-    from catsdogs.bundle import ModelBundle, replace_folder
+    from catsdogs.bundle import ModelBundle
+    from catsdogs.files import replace_folder
 
     if out is None:
         return _export_in_place(bundle, settings=settings, int8=int8)

@@ -120,6 +120,14 @@ class _Run:
             write_json_atomic(self.run_dir / "params.json", self.params)
 
 
+def run_dir_for(settings: Settings) -> Path:
+    """The run's folder: ``runs_dir/<run_name>``, by default named after the architecture and strategy."""
+    if settings.run_name:
+        return settings.runs_dir / settings.run_name
+    spec, strategy = resolve_spec(settings)
+    return settings.runs_dir / f"{spec.architecture}-{strategy}"
+
+
 def _start_run(settings: Settings, *, tracker: Tracker | None, resume: bool) -> _Run:
     """Resolve the configuration, pick the device, and record the parameters in the run folder."""
     settings = apply_profile(settings)
@@ -134,7 +142,7 @@ def _start_run(settings: Settings, *, tracker: Tracker | None, resume: bool) -> 
     params = {**train_params(settings, spec, strategy, config), "world_size": dist.world}
     fingerprint = json.dumps(params, sort_keys=True, default=str)
     params["time_budget_minutes"] = settings.time_budget_minutes  # logged; a resumed run may change it
-    run_dir = settings.runs_dir / (settings.run_name or f"{spec.architecture}-{strategy}")
+    run_dir = run_dir_for(settings)
     run = _Run(settings, spec, strategy, config, dist, device, run_dir, params, fingerprint, tracker, resume)
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from catsdogs.files import exclusive_lock
 from catsdogs.settings import Settings
 from catsdogs.training import train as training  # looked up at call time: tests replace train()
 from catsdogs.training.train import TrainResult
@@ -32,8 +33,18 @@ def train_and_register(settings: Settings, *, resume: bool = False, track: bool 
     ``challenger`` alias (``catsdogs promote`` decides whether it becomes the champion).
 
     Under torchrun only rank 0 tracks; the other ranks return a result without test metrics.
+    Two trainings into one run folder would overwrite each other's checkpoints and bundle: the
+    second is refused while the first runs (rank 0 holds the folder's lock).
     """
-    if not track or not is_main_process():
+    if not is_main_process():
+        return TrainedModel(training.train(settings, tracker=None, resume=resume), None)
+    run_dir = training.run_dir_for(settings)
+    with exclusive_lock(run_dir, what=f"a training into {run_dir}"):
+        return _train_and_track(settings, resume=resume, track=track)
+
+
+def _train_and_track(settings: Settings, *, resume: bool, track: bool) -> TrainedModel:
+    if not track:
         return TrainedModel(training.train(settings, tracker=None, resume=resume), None)
     from catsdogs.registry.tracking import MlflowTracker
 

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from catsdogs.serve.errors import ApiError
 from catsdogs.serve.feedback import InvalidTokenError
+from catsdogs.serve.feedback_store import FeedbackStoreError
 from catsdogs.serve.schemas import ErrorBody, FeedbackIn, FeedbackOut
 from catsdogs.serve.security import require_api_key
 from catsdogs.serve.service import ServiceDep
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["feedback"], dependencies=[Depends(require_api_key)])
 
 
 @router.post(
     "/feedback",
     response_model=FeedbackOut,
-    responses={400: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={
+        400: {"model": ErrorBody},
+        409: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+        503: {"model": ErrorBody},
+    },
     summary="Report the true label of a prediction (feeds live accuracy)",
 )
 async def feedback(body: FeedbackIn, request: Request, service: ServiceDep) -> FeedbackOut:
@@ -27,9 +37,17 @@ async def feedback(body: FeedbackIn, request: Request, service: ServiceDep) -> F
         claim = service.signer.verify(body.prediction_id)
     except InvalidTokenError as exc:
         raise ApiError(400, "invalid_prediction_id", str(exc)) from None
-    correct = service.live.add(claim, body.label)
-    if correct is None:
+    try:  # a database round trip: off the event loop
+        first = await run_in_threadpool(service.feedback_log.record, claim, label=body.label)
+    except FeedbackStoreError as exc:
+        logger.error("feedback not recorded: %s", exc)
+        raise ApiError(
+            503, "feedback_store_unavailable", "feedback cannot be recorded now; retry later"
+        ) from None
+    if not first:
         raise ApiError(409, "duplicate_feedback", "this prediction already received feedback")
+    correct = claim.label == body.label
+    service.live.add(correct)
     service.metrics.feedback.labels(str(correct).lower(), claim.model_version).inc()
     accuracy = service.live.accuracy
     if accuracy is not None:

@@ -1,0 +1,296 @@
+"""`catsdogs serve` side by side with what a user would pick instead, in one run, on one bundle.
+
+Peers, each started on the same bundle's ``model.onnx`` and driven with the same images, one after
+the other and repeated (``--repeats``), so that drifting load on a shared machine hits all alike:
+
+  * ``catsdogs``  — `catsdogs serve` with its production settings: API keys on, a feedback secret,
+    JSON access logs at INFO, drift sampling and metrics (recorded in the result's ``service_env``);
+  * ``naive``     — ``peers/naive_fastapi.py``: a sync FastAPI route, Pillow decode, squash resize,
+    one ONNX Runtime call, nothing else (the endpoint a user writes in ten minutes);
+  * ``bentoml``   — ``peers/bentoml_service.py``: BentoML with adaptive batching as its documentation
+    configures it, installed from ``peers/bentoml-requirements.txt`` into its own venv (reported,
+    not targeted; ``--no-bentoml`` or ``--quick`` leave it out);
+  * ``catsdogs_int8`` — the same service on the bundle's INT8 graph, when it has one;
+  * ``raw``       — ONNX Runtime without HTTP on the same file: the service's thread layout and the
+    best batch size (``bench_serve.raw_ort``).
+
+For dataset-size and phone-size (4032×3024) JPEGs at concurrency 1, 4, 16, 64 it records requests/s,
+p50/p99 and RSS, and the ratios catsdogs ÷ each peer (medians over the repeats): throughput ratios
+(≥ 1 is better for catsdogs) and, at concurrency 1, the p50 latency ratio (≤ 1 is better).
+
+    python benchmarks/bench_peers.py --bundle BUNDLE [--quick] [--no-bentoml] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_serve  # the sibling script: inputs, load generators, RSS, raw ONNX Runtime
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+API_KEY = "bench-peers-key"
+#: What `catsdogs serve` runs with here: what a production deployment turns on.
+SERVICE_ENV = {
+    "CATSDOGS_API_KEYS": API_KEY,
+    "CATSDOGS_FEEDBACK_SECRET": "bench-peers-feedback-secret",
+    "CATSDOGS_LOG_LEVEL": "INFO",
+    # The per-key rate limit stays on (its cost is measured) but above what one load generator sends.
+    "CATSDOGS_RATE_LIMIT_PER_MINUTE": "100000000",
+}
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 180.0) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return time.perf_counter() - started
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{url} never became ready:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def start_process(command: list[str], env: dict[str, str], ready_path: str, tmp: Path, name: str, port: int):
+    log = tmp / f"{name}.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            command, env={**os.environ, **env}, cwd=PEERS_DIR, stdout=subprocess.DEVNULL, stderr=log_file
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url + ready_path, log)
+    return proc, url
+
+
+def start_catsdogs(bundle: Path, tmp: Path, *, int8: bool = False) -> tuple[subprocess.Popen, str]:
+    env = {**SERVICE_ENV, "CATSDOGS_SERVE_INT8": "true"} if int8 else SERVICE_ENV
+    proc, url, _ = bench_serve.start_server(bundle, env, tmp)
+    return proc, url
+
+
+def start_naive(bundle: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = bench_serve.free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "naive_fastapi:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    command += ["--log-level", "warning"]
+    return start_process(command, {"BUNDLE": str(bundle)}, "/openapi.json", tmp, "naive", port)
+
+
+def bentoml_venv(cache: Path) -> Path:
+    """BentoML in its own venv (its dependencies must not touch the project's), made once."""
+    requirements = PEERS_DIR / "bentoml-requirements.txt"
+    venv = cache / "bentoml-venv"
+    stamp = venv / "requirements.txt"
+    if not (stamp.exists() and stamp.read_text() == requirements.read_text()):
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(requirements)], check=True)
+        shutil.copyfile(requirements, stamp)
+    return venv
+
+
+def start_bentoml(bundle: Path, tmp: Path, venv: Path) -> tuple[subprocess.Popen, str]:
+    port = bench_serve.free_port()
+    command = [str(venv / "bin" / "bentoml"), "serve", "bentoml_service:CatsDogs", "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
+    env = {"BUNDLE": str(bundle), "BENTO_WORKERS": "1", "BENTOML_HOME": str(tmp / "bentoml-home")}
+    return start_process(command, env, "/readyz", tmp, "bentoml", port)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure_peer(
+    name: str,
+    start: Callable[[], tuple[subprocess.Popen, str]],
+    images: dict[str, list[Path]],
+    args: argparse.Namespace,
+    tmp: Path,
+    *,
+    rss_requests: int,
+) -> dict:
+    """One peer: started fresh, warmed up, then every image set at every concurrency level; then
+    topped up to ``rss_requests`` requests before its RSS is read (the service's memory bar)."""
+    proc, url = start()
+    key = API_KEY if name.startswith("catsdogs") else None
+    try:
+        first = next(iter(images.values()))
+        bench_serve.run_load(url, first, 4, 2.0, tmp, client=args.client, api_key=key)  # warm-up
+        result: dict = {"rss_mb_ready": bench_serve.rss_mb(proc.pid)}
+        for kind, files in images.items():
+            result[kind] = [
+                bench_serve.run_load(
+                    url, files, c, args.seconds, tmp, pid=proc.pid, client=args.client, api_key=key
+                )
+                for c in args.levels
+            ]
+        done = sum(r["requests"] for kind in images for r in result[kind])
+        if rss_requests > done:
+            bench_serve.run_load(
+                url, first, 16, 0, tmp, total=rss_requests - done, client=args.client, api_key=key
+            )
+        result["requests_before_rss"] = max(done, rss_requests)
+        result["rss_mb_after_requests"] = bench_serve.rss_mb(proc.pid)
+    finally:
+        stop(proc)
+    return result
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def ratios(runs: dict[str, list[dict]], raw: dict, kinds: list[str], levels: list[int]) -> dict:
+    """catsdogs ÷ each peer, per image kind and level: throughput, and p50 latency at concurrency 1."""
+    out: dict = {}
+    for peer in (p for p in runs if p != "catsdogs"):
+        for kind in kinds:
+            for i, level in enumerate(levels):
+                pairs = list(zip(runs["catsdogs"], runs[peer], strict=True))
+                out[f"{kind}/c{level}/rps_vs_{peer}"] = _median(
+                    [a[kind][i]["throughput_rps"] / b[kind][i]["throughput_rps"] for a, b in pairs]
+                )
+                if level == 1:
+                    out[f"{kind}/c1/p50_vs_{peer}"] = _median(
+                        [a[kind][i]["p50_ms"] / b[kind][i]["p50_ms"] for a, b in pairs]
+                    )
+    if "dataset" in kinds and 16 in levels:
+        i = levels.index(16)
+        for name, rate in (
+            ("raw_best", raw["best_images_per_s"]),
+            ("raw_server_layout", raw["server_images_per_s"]),
+        ):
+            out[f"dataset/c16/rps_vs_{name}"] = _median(
+                [r["dataset"][i]["throughput_rps"] / rate for r in runs["catsdogs"]]
+            )
+    return out
+
+
+def failures(runs: dict[str, list[dict]], kinds: list[str]) -> dict[str, int]:
+    return {
+        peer: sum(
+            n
+            for run in peer_runs
+            for kind in kinds
+            for level in run[kind]
+            for code, n in level["statuses"].items()
+            if str(code) != "200"
+        )
+        for peer, peer_runs in runs.items()
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--archive", type=Path, default=bench_serve.DATASET, help="the dataset zip")
+    parser.add_argument(
+        "--quick", action="store_true", help="c1 and c16, dataset JPEGs, one round, no BentoML"
+    )
+    parser.add_argument("--no-bentoml", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--levels", default="1,4,16,64")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    parser.add_argument("--rss-requests", type=int, default=10_000)
+    parser.add_argument("--cache", type=Path, default=Path(".cache/catsdogs/bench"), help="BentoML's venv")
+    parser.add_argument(
+        "--client", choices=("wrk", "aiohttp"), default="wrk" if shutil.which("wrk") else "aiohttp"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peers.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.levels, args.seconds, args.repeats, args.rss_requests, args.no_bentoml = "1,16", 2.0, 1, 0, True
+    args.levels = [int(x) for x in str(args.levels).split(",")]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    bench_serve.DATASET = args.archive
+    bundle = args.bundle.resolve()
+    with tempfile.TemporaryDirectory(prefix="catsdogs-peers-") as tmp_name:
+        tmp = Path(tmp_name)
+        jpegs = bench_serve.dataset_jpegs(16 if args.quick else 64)
+        images = {"dataset": bench_serve.write_inputs(tmp, "d", jpegs)}
+        if not args.quick:
+            images["phone_4032x3024"] = [
+                tmp / f"phone_{i}.jpg" for i in range(len(bench_serve.phone_jpegs(jpegs, 6, tmp)))
+            ]
+        settings = bench_serve.server_settings(SERVICE_ENV, tmp)
+        raw = bench_serve.raw_ort(bundle, jpegs, seconds=1.0 if args.quick else 3.0, settings=settings)
+        starters: dict[str, Callable[[], tuple[subprocess.Popen, str]]] = {
+            "catsdogs": lambda: start_catsdogs(bundle, tmp),
+            "naive": lambda: start_naive(bundle, tmp),
+        }
+        if (bundle / "model.int8.onnx").exists() and not args.quick:
+            starters["catsdogs_int8"] = lambda: start_catsdogs(bundle, tmp, int8=True)
+        if not args.no_bentoml:
+            venv = bentoml_venv(args.cache.resolve())
+            starters["bentoml"] = lambda: start_bentoml(bundle, tmp, venv)
+        runs: dict[str, list[dict]] = {name: [] for name in starters}
+        for repeat in range(args.repeats):
+            for name, start in starters.items():
+                # The 10,000-request memory check is the service's bar: once, in its last round.
+                last = name == "catsdogs" and repeat == args.repeats - 1
+                rss_requests = args.rss_requests if last else 0
+                runs[name].append(measure_peer(name, start, images, args, tmp, rss_requests=rss_requests))
+    kinds = list(images)
+    result = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "bundle": str(bundle),
+        "client": args.client,
+        "levels": args.levels,
+        "repeats": args.repeats,
+        "service_env": {k: ("<set>" if "KEY" in k or "SECRET" in k else v) for k, v in SERVICE_ENV.items()},
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg": os.getloadavg(),
+        },
+        "raw_onnxruntime": raw,
+        "runs": runs,
+        "non_200": failures(runs, kinds),
+        "ratios_catsdogs_over_peer": ratios(runs, raw, kinds, args.levels),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp_out.replace(args.out)
+    print(json.dumps({k: result[k] for k in ("non_200", "ratios_catsdogs_over_peer")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
