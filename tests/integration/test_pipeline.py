@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from catsdogs.bundle import find_bundle, verify_manifest
-from catsdogs.registry.model_source import MANIFEST_TAG
+from catsdogs.registry.bundle_cache import MANIFEST_TAG
 from catsdogs.settings import Settings
 from catsdogs.training.evaluate import evaluate_bundle
 from support import dataset_photos

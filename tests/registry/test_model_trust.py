@@ -16,7 +16,8 @@ from catsdogs import CatsdogsError
 from catsdogs.bundle import MANIFEST, ONNX, BundleIntegrityError
 from catsdogs.files import file_sha256
 from catsdogs.registry import MlflowTracker, download_bundle, model_source, promote
-from catsdogs.registry.model_source import MANIFEST_TAG, make_client, resolve
+from catsdogs.registry.bundle_cache import MANIFEST_TAG
+from catsdogs.registry.model_source import make_client, resolve
 from catsdogs.settings import Settings
 
 GOOD = {"cat": 0.98, "dog": 0.98}

@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_testing import free_port, register_bundle, registered_run_id, wait_ready
 
-from catsdogs.registry.model_source import REFS_FILE, parse_models_uri
+from catsdogs.registry.bundle_cache import REFS_FILE
+from catsdogs.registry.model_source import parse_models_uri
 from catsdogs.settings import Settings
 from fakes import WEIGHTS_A, WEIGHTS_B, build_bundle
 

@@ -1,7 +1,8 @@
 """MLflow tracking, the model registry, its aliases and the promotion quality gate.
 
 * :mod:`~catsdogs.registry.model_source` — the one model-URI resolver (a folder or ``models:/…``
-  → a cached local bundle; mlflow-skinny only, imported lazily): what serving uses.
+  → a cached local bundle; mlflow-skinny only, imported lazily): what serving uses; its cache, keyed
+  by run id and verified on every load, is :mod:`~catsdogs.registry.bundle_cache`.
 * :mod:`~catsdogs.registry.tracking` — :class:`MlflowTracker`: one run per training, ending in a
   registered version with the ``challenger`` alias.
 * :mod:`~catsdogs.registry.promotion` — :func:`promote` (the quality gate), :func:`rollback`,

@@ -1,10 +1,10 @@
 """Where a model bundle comes from: a local folder, or ``models:/name@alias`` / ``models:/name/N``
 in the MLflow registry, downloaded once into ``cache_dir/bundles/<name>/<run id>/``.
 
-The cache is keyed by the run that produced the version, not by its number: a registry that was
-reset numbers its versions from 1 again, and its "v1" is another model. Every bundle is checked
-against its ``manifest.json`` (and that against the version's ``bundle_manifest_sha256`` tag) when
-it is downloaded and each time it is loaded from the cache: a changed byte is refused.
+The cache (:mod:`~catsdogs.registry.bundle_cache`) is keyed by the run that produced the version.
+Every bundle is checked against its ``manifest.json`` (and that against the version's
+``bundle_manifest_sha256`` tag) when it is downloaded and each time it is loaded: a changed byte is
+refused.
 
 The one resolver for serving, ``evaluate-deployed`` and the promotion gate. It needs only
 ``mlflow-skinny`` (``MlflowClient`` and artifact downloads, imported lazily so a local folder needs
@@ -16,8 +16,6 @@ cannot be reached the bundle this URI resolved to last time is used from the cac
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -31,8 +29,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catsdogs import CatsdogsError
-from catsdogs.bundle import MANIFEST, ONNX, ModelBundle, find_bundle, verify_manifest, write_json_atomic
+from catsdogs.bundle import ONNX, ModelBundle, find_bundle, write_json_atomic
 from catsdogs.files import file_sha256
+from catsdogs.registry.bundle_cache import (
+    SOURCE_FILE,
+    cache_key,
+    cache_root,
+    cached,
+    fallback,
+    read_json,
+    remember,
+    verified,
+)
 from catsdogs.settings import Settings
 
 if TYPE_CHECKING:
@@ -44,14 +52,6 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 #: Registry answers that mean "this does not exist" (an error to report), not "cannot reach it".
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST"}
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-#: In ``cache_dir/bundles/<name>/``: which version (and cache key) each URI resolved to last (the
-#: offline fallback).
-REFS_FILE = "refs.json"
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-#: In ``cache_dir/bundles/<name>/<key>/``: the registry facts of that version (run id, tags).
-SOURCE_FILE = ".catsdogs-source.json"
-#: Model-version tag: SHA-256 of the bundle's ``manifest.json``, recorded at registration.
-MANIFEST_TAG = "bundle_manifest_sha256"
 
 
 @dataclass(frozen=True)
@@ -190,27 +190,6 @@ def local_version(bundle: ModelBundle) -> str:
     return f"local-{file_sha256(bundle.path(ONNX))[:12]}"
 
 
-def cache_root(settings: Settings, name: str) -> Path:
-    return settings.cache_dir / "bundles" / name
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def cache_key(version: int, facts: dict[str, Any]) -> str:
-    """The cache folder of a model version: its run id (a fingerprint of its source when it has none)."""
-    run_id = str(facts.get("run_id") or "")
-    if _SAFE_KEY.match(run_id):
-        return run_id
-    source = str(facts.get("source") or version)
-    return f"source-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
-
-
 def identity(resolved: ResolvedBundle) -> str:
     """What is served: the version and, from a registry, the run behind it (numbers are reused)."""
     return _identity(resolved.version, resolved.registry.get("run_id"))
@@ -218,44 +197,6 @@ def identity(resolved: ResolvedBundle) -> str:
 
 def _identity(version: int | str, run_id: str | None) -> str:
     return f"{version}@{run_id}" if run_id else str(version)
-
-
-def verified(bundle: ModelBundle, facts: dict[str, Any], *, what: str) -> ModelBundle:
-    """``bundle`` once its files match its manifest and the manifest the version's tag.
-
-    A bundle written before manifests existed loads with a warning, unless the registry recorded a
-    digest for it (then it is refused like any other mismatch).
-
-    Raises:
-        BundleIntegrityError: a file differs from the manifest, or the manifest from the tag.
-    """
-    expected = (facts.get("tags") or {}).get(MANIFEST_TAG)
-    if verify_manifest(bundle.root, expected_sha256=expected) is None:
-        logger.warning("%s: %s has no %s, so its files cannot be verified", what, bundle.root, MANIFEST)
-    return bundle
-
-
-def _remember(root: Path, uri: str, version: int, key: str) -> None:
-    refs = _read_json(root / REFS_FILE)
-    refs[uri] = {"version": version, "key": key, "resolved_at": time.time()}
-    write_json_atomic(root / REFS_FILE, refs)
-
-
-def _cached(root: Path, key: str) -> ModelBundle | None:
-    try:
-        return find_bundle(root / key)
-    except CatsdogsError:
-        return None
-
-
-def _fallback(uri: str, root: Path) -> tuple[int, str, ModelBundle] | None:
-    """The bundle this URI resolved to last time, if it is still cached."""
-    ref = _read_json(root / REFS_FILE).get(uri, {})
-    if not isinstance(ref, dict) or "key" not in ref or "version" not in ref:
-        return None  # never resolved, or by a release that cached by version number
-    key = str(ref["key"])
-    bundle = _cached(root, key) if _SAFE_KEY.match(key) else None
-    return (int(ref["version"]), key, bundle) if bundle is not None else None
 
 
 def _lookup(settings: Settings, ref: ModelRef, uri: str) -> tuple[int, dict[str, Any]]:
@@ -321,7 +262,7 @@ def _download(
         try:
             local.rename(root / key)
         except OSError:  # another process cached it first
-            if _cached(root, key) is None:
+            if cached(root, key) is None:
                 raise
         return find_bundle(root / key)
     finally:
@@ -348,13 +289,13 @@ def _fetch(settings: Settings, ref: ModelRef, uri: str, version: int, facts: dic
     what = f"{uri} (version {version}, run {facts.get('run_id')})"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        bundle = _cached(root, key)
+        bundle = cached(root, key)
         if bundle is not None:
             verified(bundle, facts, what=what)
         else:
             bundle = _download(ref, version, root, key, settings, facts)
             logger.info("downloaded %s into %s", what, bundle.root)
-        _remember(root, uri, version, key)
+        remember(root, uri, version, key)
     except (MlflowException, OSError) as exc:  # ENOSPC, a dropped connection, a vanished artifact
         raise CatsdogsError(f"cannot download {what} into {root}: {_first_line(exc)}") from None
     return bundle
@@ -392,7 +333,7 @@ def resolve(settings: Settings, *, uri: str | None = None) -> ResolvedBundle:
 def _offline(settings: Settings, ref: ModelRef, uri: str, *, reason: str, waited: float) -> ResolvedBundle:
     """The registry is unreachable: the bundle this URI resolved to last time, verified again."""
     root = cache_root(settings, ref.name)
-    cached = _fallback(uri, root)
+    cached = fallback(uri, root)
     if cached is None:
         raise CatsdogsError(
             f"cannot reach the model registry at {registry_uri(settings)} ({reason}) and no bundle "
@@ -400,7 +341,7 @@ def _offline(settings: Settings, ref: ModelRef, uri: str, *, reason: str, waited
             "CATSDOGS_MODEL_URI at a local bundle folder"
         )
     version, key, bundle = cached
-    facts = _read_json(root / key / SOURCE_FILE)
+    facts = read_json(root / key / SOURCE_FILE)
     verified(bundle, facts, what=f"{uri} (cached version {version})")
     note = (
         f"registry unreachable after {waited:.1f}s ({reason}); "

@@ -23,6 +23,7 @@ from mlflow.tracking._tracking_service import utils as _tracking_utils
 from catsdogs import CatsdogsError, __version__
 from catsdogs.bundle import METADATA, find_bundle, write_json_atomic, write_manifest
 from catsdogs.files import file_sha256
+from catsdogs.registry.bundle_cache import MANIFEST_TAG
 from catsdogs.registry.client import (
     BUNDLE_ARTIFACT,
     CHALLENGER,
@@ -31,7 +32,7 @@ from catsdogs.registry.client import (
     move_alias,
 )
 from catsdogs.registry.lineage import dvc_data_version, git_commit, split_fingerprint
-from catsdogs.registry.model_source import MANIFEST_TAG, env_defaults, make_client, registry_uri
+from catsdogs.registry.model_source import env_defaults, make_client, registry_uri
 from catsdogs.settings import Settings
 
 _logger = logging.getLogger(__name__)
