@@ -49,7 +49,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "catsdogs.registry.model_source",  # `evaluate --model-uri models:/…` resolves through it
         }
     ),
-    "registry": frozenset({"catsdogs.data.download"}),  # file_sha256: the manifest's hash is the data version
+    "registry": frozenset(),
     "serve": frozenset({"catsdogs.registry.model_source"}),  # the one model-URI resolver, mlflow-skinny only
     "monitoring": frozenset({"data"}),
     "deploy": frozenset(),

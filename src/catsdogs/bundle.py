@@ -14,6 +14,8 @@ Layout (every consumer reads through :class:`ModelBundle`, never by hard-coded n
       model_card.md           data, metrics per class, intended use, limits, licences
       drift_reference.json    reference statistics for drift monitoring (optional)
       samples/                a few labelled test images: ``<label>.<anything>.jpg``
+      manifest.json           SHA-256 of every other file (:func:`write_manifest`); its own SHA-256
+                              is the registered version's ``bundle_manifest_sha256`` tag
 
 Only the standard library, NumPy and Pillow are needed here, so serving can use it.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from catsdogs import CatsdogsError
-from catsdogs.files import write_text_atomic
+from catsdogs.files import file_sha256, write_text_atomic
 from catsdogs.preprocessing import PREPROCESSING_FILE, PreprocessConfig
 
 WEIGHTS = "weights.pt"
@@ -38,6 +40,8 @@ METRICS = "metrics.json"
 MODEL_CARD = "model_card.md"
 DRIFT_REFERENCE = "drift_reference.json"
 SAMPLES = "samples"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
@@ -117,3 +121,63 @@ def find_bundle(path: Path | str) -> ModelBundle:
     raise CatsdogsError(
         f"no model bundle found in {root} (expected {PREPROCESSING} there or in artifacts/bundle)"
     )
+
+
+class BundleIntegrityError(CatsdogsError):
+    """A bundle's files do not match its manifest, or its manifest not the registered digest."""
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file in the bundle but the manifest itself, by POSIX path relative to ``root``."""
+    return {
+        path.relative_to(root).as_posix(): file_sha256(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST
+    }
+
+
+def write_manifest(root: Path) -> str:
+    """Record the SHA-256 of every file of the bundle in ``manifest.json``; call it after the last
+    change to the bundle's files. Returns the manifest's own SHA-256 (the registry tag)."""
+    manifest = {"format_version": MANIFEST_FORMAT, "algorithm": "sha256", "files": file_digests(root)}
+    write_json_atomic(root / MANIFEST, manifest)
+    return file_sha256(root / MANIFEST)
+
+
+def verify_manifest(root: Path, *, expected_sha256: str | None = None) -> str | None:
+    """Check the bundle's files against its manifest, and the manifest against ``expected_sha256``
+    (the registered digest) when one is given.
+
+    Returns:
+        The manifest's SHA-256, or ``None`` for a bundle written before manifests existed (only
+        acceptable when nothing is expected; the caller decides how loudly to say so).
+
+    Raises:
+        BundleIntegrityError: a file was changed, added or removed, or the manifest is not the
+            registered one.
+    """
+    path = root / MANIFEST
+    if not path.is_file():
+        if expected_sha256:
+            raise BundleIntegrityError(
+                f"{root} has no {MANIFEST} but the registry recorded digest {expected_sha256[:12]}: refused"
+            )
+        return None
+    actual = file_sha256(path)
+    if expected_sha256 and actual != expected_sha256:
+        raise BundleIntegrityError(
+            f"{path} has SHA-256 {actual[:12]}, the registry recorded {expected_sha256[:12]}: refused"
+        )
+    try:
+        recorded = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleIntegrityError(f"{path} is not a bundle manifest ({exc!r}): refused") from None
+    found = file_digests(root)
+    changed = sorted(name for name in set(recorded) | set(found) if recorded.get(name) != found.get(name))
+    if changed:
+        raise BundleIntegrityError(
+            f"{root}: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} "
+            f"{'does' if len(changed) == 1 else 'do'} not match {MANIFEST} (changed, added or removed): "
+            "refused"
+        )
+    return actual

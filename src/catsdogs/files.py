@@ -6,13 +6,15 @@ renamed over it. The file gets the mode any other tool would give it (``0666`` l
 ``tempfile.mkstemp`` creates ``0600`` files, which a container running as another user (the serving
 image's uid 10001 reading a bundle mounted read-only) cannot open.
 
-Whole folders (the ingested image store, a model bundle) are replaced by :func:`replace_folder`.
+Whole folders (the ingested image store, a model bundle) are replaced by :func:`replace_folder`;
+:func:`file_sha256` is the one file hash (archives, data manifests, bundle manifests).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -192,3 +194,12 @@ def replace_folder(staging: Path, target: Path) -> None:
             shutil.rmtree(staging)
         else:
             staging.unlink()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (archives and graphs can be larger than memory)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -229,6 +229,8 @@ class Settings(BaseSettings):
     """A prediction not answered within this is answered 504."""
     reload_interval_s: float = 30.0
     """How often the registry alias is polled for a new model version (0: only ``/admin/reload``)."""
+    reload_backoff_max_s: float = 600.0
+    """Longest wait between polls after failed loads (the wait doubles per failure from the interval)."""
     registry_timeout_s: float = 5.0
     """Bound on MLflow's HTTP retries; past it, the cached bundle of the last resolution is used."""
     ort_intra_threads: int | None = None

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
-from catsdogs.bundle import find_bundle
+from catsdogs.bundle import find_bundle, verify_manifest
+from catsdogs.registry.bundle_cache import MANIFEST_TAG
 from catsdogs.settings import Settings
 from catsdogs.training.evaluate import evaluate_bundle
 from support import dataset_photos
@@ -84,6 +85,9 @@ def test_training_registers_a_challenger_that_promotion_makes_champion(pipeline:
     assert 0.5 <= run.data.metrics["test_accuracy"] <= 1.0
     logged = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "roc_curve.png", "pr_curve.png", "misclassified.png"} <= logged
+    # The registered digest is the trained bundle's manifest, and every file matches it.
+    trained = Path(pipeline["root"]) / "runs" / "efficientnet_lite0-finetune" / "bundle"
+    assert verify_manifest(trained, expected_sha256=version.tags[MANIFEST_TAG]) is not None
 
 
 def test_every_bundle_carries_onnx_metrics_samples_and_a_drift_reference(pipeline: dict[str, object]) -> None:

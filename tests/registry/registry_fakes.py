@@ -65,3 +65,11 @@ def write_plots(folder: Path) -> Path:
         Image.new("RGB", (40, 30), (index * 40, 100, 200)).save(folder / name)
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "misclassified" / "gallery.png")
     return folder
+
+
+def run_id_of(settings: Settings, version: int | str) -> str:
+    """The MLflow run behind a registered version: the name of its folder in the bundle cache."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_registry_uri)
+    return str(client.get_model_version(settings.model_name, str(version)).run_id)

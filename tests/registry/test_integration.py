@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 from mlflow import MlflowClient
-from registry_fakes import hashes, write_manifest
+from registry_fakes import hashes, run_id_of, write_manifest
 
 from catsdogs.registry import CHALLENGER, MlflowTracker, download_bundle, promote
 from catsdogs.settings import Settings
@@ -143,4 +143,4 @@ def test_the_default_sqlite_store_needs_no_server(
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert (tmp_path / "mlruns").is_dir()  # artifacts land in ./mlruns next to the database
     assert promote(settings).accepted
-    assert download_bundle(CHAMPION_URI, settings).parts[-3] == str(version)
+    assert download_bundle(CHAMPION_URI, settings).parts[-3] == run_id_of(settings, version)

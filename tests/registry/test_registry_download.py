@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from registry_fakes import run_id_of
 
 from catsdogs import CatsdogsError
 from catsdogs.registry import ModelRef, download_bundle, promote
@@ -66,10 +67,8 @@ def test_the_champion_is_downloaded_once_into_the_cache(
     version = register_version(accuracy=0.98, recall=GOOD)
     promote(settings)
     bundle = download_bundle(CHAMPION_URI, settings)
-    assert (
-        bundle
-        == settings.cache_dir / "bundles" / "catsdogs-classifier" / str(version) / "artifacts" / "bundle"
-    )
+    run_id = run_id_of(settings, version)
+    assert bundle == settings.cache_dir / "bundles" / "catsdogs-classifier" / run_id / "artifacts" / "bundle"
     assert (bundle / "model.onnx").is_file() and (bundle / "metrics.json").is_file()
     assert not list(bundle.parents[2].glob(".tmp-*"))  # staging folders are cleaned up
     # The registry's artifact store is gone, yet the same version is served from the cache.
@@ -86,7 +85,7 @@ def test_a_moved_alias_downloads_the_new_version(settings: Settings, register_ve
     promote(settings)
     second = download_bundle(CHAMPION_URI, settings)
     assert second != first
-    assert second.parts[-3] == str(newer)
+    assert second.parts[-3] == run_id_of(settings, newer)
 
 
 def test_an_unknown_alias_is_an_error_not_a_fallback(settings: Settings, register_version: Callable) -> None:
@@ -156,4 +155,4 @@ print(download_bundle({CHAMPION_URI!r}, Settings(mlflow_tracking_uri=uri, cache_
         env={**os.environ, "PYTHONPATH": str(Path(catsdogs.__file__).parents[1])},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith(f"/{version}/artifacts/bundle")
+    assert result.stdout.strip().endswith(f"/{run_id_of(settings, version)}/artifacts/bundle")

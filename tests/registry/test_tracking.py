@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from registry_fakes import hashes, registry_bundle, write_manifest, write_plots
 
 from catsdogs import CatsdogsError, __version__
-from catsdogs.data.download import file_sha256
+from catsdogs.files import file_sha256
 from catsdogs.preprocessing import PreprocessConfig, decode_for_model, preprocess_batch, softmax
 from catsdogs.registry import CHALLENGER, MlflowTracker, alias_log, flatten_metrics
 from catsdogs.registry.lineage import dvc_data_version, split_fingerprint

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import free_port, wait_ready
+from serve_testing import free_port, register_bundle, registered_run_id, wait_ready
 
-from catsdogs.registry.model_source import REFS_FILE, parse_models_uri
+from catsdogs.registry.bundle_cache import REFS_FILE
+from catsdogs.registry.model_source import parse_models_uri
 from catsdogs.settings import Settings
 from fakes import WEIGHTS_A, WEIGHTS_B, build_bundle
 
@@ -22,13 +23,17 @@ def _closed_port_uri() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
-def _fill_cache(cache_dir: Path, version: str, bundle: Path) -> None:
+def _fill_cache(cache_dir: Path, version: str, bundle: Path, run_id: str = "run-a") -> None:
     import shutil
 
-    target = cache_dir / "bundles" / NAME / version
+    target = cache_dir / "bundles" / NAME / run_id
     shutil.copytree(bundle, target)
-    refs = {f"models:/{NAME}@champion": {"version": int(version)}}
+    refs = {f"models:/{NAME}@champion": {"version": int(version), "key": run_id}}
     (cache_dir / "bundles" / NAME / REFS_FILE).write_text(json.dumps(refs))
+
+
+def _register(settings: Settings, bundle: Path, tmp_path: Path) -> str:
+    return register_bundle(settings.mlflow_tracking_uri, bundle, tmp_path / "art")
 
 
 def test_models_uri_forms_are_parsed() -> None:
@@ -72,41 +77,20 @@ def test_registry_down_without_cache_is_not_ready_and_says_why(
     assert "no bundle is cached" in response.json()["detail"]
 
 
-def _register(tracking_uri: str, bundle: Path, artifacts: Path) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("serve-test")
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment("serve-test", artifact_location=artifacts.as_uri())
-    )
-    run = client.create_run(experiment_id)
-    client.log_artifacts(run.info.run_id, str(bundle), "model/artifacts/bundle")
-    client.set_terminated(run.info.run_id)
-    if not client.search_registered_models(f"name='{NAME}'"):
-        client.create_registered_model(NAME)
-    version = client.create_model_version(
-        NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-    ).version
-    client.set_registered_model_alias(NAME, "champion", version)
-    return str(version)
-
-
 @pytest.mark.integration
 def test_real_registry_download_cache_and_alias_move(
     make_client: Callable[..., TestClient], settings: Settings, tmp_path: Path, cat_jpeg: bytes
 ) -> None:
-    v1 = _register(settings.mlflow_tracking_uri, build_bundle(tmp_path / "b1", WEIGHTS_A), tmp_path / "art")
+    v1 = _register(settings, build_bundle(tmp_path / "b1", WEIGHTS_A), tmp_path)
     client = make_client(ready=False, model_uri=f"models:/{NAME}@champion", admin_token="t")
     wait_ready(client, timeout=30)
     info = client.get("/model-info").json()
     assert (info["source"], info["version"], info["alias"]) == ("registry", v1, "champion")
-    assert (settings.cache_dir / "bundles" / NAME / v1 / "artifacts" / "bundle" / "model.onnx").is_file()
+    run_id = registered_run_id(settings.mlflow_tracking_uri, v1)
+    assert (settings.cache_dir / "bundles" / NAME / run_id / "artifacts" / "bundle" / "model.onnx").is_file()
     before = client.post("/predict", files={"file": ("c.jpg", cat_jpeg)}).json()
 
-    v2 = _register(settings.mlflow_tracking_uri, build_bundle(tmp_path / "b2", WEIGHTS_B), tmp_path / "art")
+    v2 = _register(settings, build_bundle(tmp_path / "b2", WEIGHTS_B), tmp_path)
     reload = client.post("/admin/reload", headers={"X-Admin-Token": "t"}).json()
     assert (reload["reloaded"], reload["previous"], reload["version"]) == (True, v1, v2)
     after = client.post("/predict", files={"file": ("c.jpg", cat_jpeg)}).json()
@@ -122,11 +106,11 @@ def test_real_registry_download_cache_and_alias_move(
 def test_poll_notices_the_alias_move_in_the_registry(
     make_client: Callable[..., TestClient], settings: Settings, tmp_path: Path
 ) -> None:
-    v1 = _register(settings.mlflow_tracking_uri, build_bundle(tmp_path / "b1", WEIGHTS_A), tmp_path / "art")
+    v1 = _register(settings, build_bundle(tmp_path / "b1", WEIGHTS_A), tmp_path)
     client = make_client(ready=False, model_uri=f"models:/{NAME}@champion", reload_interval_s=0.3)
     wait_ready(client, timeout=30)
     assert client.get("/ready").json()["model_version"] == v1
-    v2 = _register(settings.mlflow_tracking_uri, build_bundle(tmp_path / "b2", WEIGHTS_B), tmp_path / "art")
+    v2 = _register(settings, build_bundle(tmp_path / "b2", WEIGHTS_B), tmp_path)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and client.get("/ready").json()["model_version"] != v2:
         time.sleep(0.1)

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from catsdogs import CatsdogsError
+from catsdogs.bundle import verify_manifest
 from catsdogs.cli import app
 from catsdogs.training.export import check_parity, export_onnx, export_verified
 from catsdogs.training.models import SimpleCNN
@@ -38,6 +39,7 @@ def test_export_rewrites_model_onnx_and_records_parity_on_real_images(cnn_run, t
     assert (bundle / "model.onnx").is_file()
     assert parity["passed"] and parity["labels_identical"] and parity["max_abs_prob_diff"] <= 1e-4
     assert parity["n_images"] == 8 + 32  # the bundle's samples and 32 validation images
+    assert verify_manifest(bundle) is not None  # the manifest names the new graph and metadata
 
 
 def test_int8_export_reports_its_accuracy_drop_on_val_and_test(cnn_run, tmp_path: Path, monkeypatch) -> None:
@@ -69,6 +71,7 @@ def test_int8_export_is_refused_when_it_loses_too_much_accuracy(cnn_run, tmp_pat
     assert isinstance(run.exception, CatsdogsError)
     assert "INT8 model refused" in str(run.exception)
     assert not (bundle / "model.int8.onnx").exists()
+    assert verify_manifest(bundle) is not None  # model.onnx was re-exported before the refusal
 
 
 def _export_to_folder(cnn_run, tmp_path: Path, monkeypatch, *, max_drop: str, previous: str):
@@ -102,6 +105,7 @@ def test_export_to_another_folder_leaves_the_source_bundle_untouched(
     assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == trained
     assert (out / "model.int8.onnx").is_file() and not (out / "previous.txt").exists()
     assert json.loads((out / "metadata.json").read_text())["int8"]["accepted"]
+    assert verify_manifest(out) is not None and "model.int8.onnx" in (out / "manifest.json").read_text()
     assert json.loads(run.output)["int8"]["accepted"] and not list(tmp_path.glob(".exported*"))
 
 

@@ -8,7 +8,6 @@ its final name, so a file without ``.part`` is always whole.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -17,6 +16,7 @@ import requests
 from tqdm import tqdm
 
 from catsdogs import CatsdogsError
+from catsdogs.files import file_sha256
 
 _logger = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -24,15 +24,6 @@ CHUNK = 1 << 20
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (archives can be larger than memory)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def target_name(url: str) -> str:

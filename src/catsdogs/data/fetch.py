@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from catsdogs import CatsdogsError
-from catsdogs.data.download import download, file_sha256, is_url
+from catsdogs.data.download import download, is_url
+from catsdogs.files import file_sha256
 from catsdogs.settings import DEFAULT_DATA_SHA256, DEFAULT_DATA_SOURCE, Settings
 
 _logger = logging.getLogger(__name__)

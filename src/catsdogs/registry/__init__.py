@@ -1,11 +1,12 @@
 """MLflow tracking, the model registry, its aliases and the promotion quality gate.
 
 * :mod:`~catsdogs.registry.model_source` — the one model-URI resolver (a folder or ``models:/…``
-  → a cached local bundle; mlflow-skinny only, imported lazily): what serving uses.
+  → a cached local bundle; mlflow-skinny only, imported lazily): what serving uses; its cache, keyed
+  by run id and verified on every load, is :mod:`~catsdogs.registry.bundle_cache`.
 * :mod:`~catsdogs.registry.tracking` — :class:`MlflowTracker`: one run per training, ending in a
   registered version with the ``challenger`` alias.
 * :mod:`~catsdogs.registry.promotion` — :func:`promote` (the quality gate), :func:`rollback`,
-  :func:`list_versions`.
+  :func:`list_versions`, and :func:`move_champion`, the one function that moves ``champion``.
 * :mod:`~catsdogs.registry.pyfunc_model` — the logged pyfunc ("models from code", no pickle).
 
 The names below are loaded on first use (PEP 562), so ``import catsdogs.registry.model_source``
@@ -30,6 +31,7 @@ _EXPORTS = {
     "PromotionDecision": "promotion",
     "VersionSummary": "promotion",
     "list_versions": "promotion",
+    "move_champion": "promotion",
     "promote": "promotion",
     "rollback": "promotion",
     "MlflowTracker": "tracking",

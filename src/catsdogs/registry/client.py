@@ -79,13 +79,28 @@ def append_bounded(log: list[Any], event: dict[str, str]) -> list[Any]:
 
 
 def move_alias(
-    client: MlflowClient, settings: Settings, alias: str, version: int, *, reason: str
+    client: MlflowClient,
+    settings: Settings,
+    alias: str,
+    version: int,
+    *,
+    reason: str,
+    champion_gate: bool = False,
 ) -> dict[str, str]:
     """Point ``alias`` at ``version`` and record who/when/why on the version and in the model's log.
+
+    ``champion`` is refused here unless the caller is the promotion gate
+    (:func:`catsdogs.registry.promotion.move_champion`, which passes ``champion_gate``): what is
+    served moves through one function (a test checks no other module moves it).
 
     Returns:
         The recorded event (``alias``, ``version``, ``previous``, ``by``, ``at``, ``why``).
     """
+    if alias == CHAMPION and not champion_gate:
+        raise CatsdogsError(
+            f"the {CHAMPION} alias moves only through catsdogs.registry.promotion.move_champion "
+            "(`catsdogs promote` / `catsdogs rollback`)"
+        )
     name = settings.model_name
     holder = version_by_alias(client, name, alias)
     previous = None if holder is None else holder.version

@@ -1,5 +1,10 @@
 """Where a model bundle comes from: a local folder, or ``models:/name@alias`` / ``models:/name/N``
-in the MLflow registry, downloaded once into ``cache_dir/bundles/<name>/<version>/``.
+in the MLflow registry, downloaded once into ``cache_dir/bundles/<name>/<run id>/``.
+
+The cache (:mod:`~catsdogs.registry.bundle_cache`) is keyed by the run that produced the version.
+Every bundle is checked against its ``manifest.json`` (and that against the version's
+``bundle_manifest_sha256`` tag) when it is downloaded and each time it is loaded: a changed byte is
+refused.
 
 The one resolver for serving, ``evaluate-deployed`` and the promotion gate. It needs only
 ``mlflow-skinny`` (``MlflowClient`` and artifact downloads, imported lazily so a local folder needs
@@ -11,8 +16,6 @@ cannot be reached the bundle this URI resolved to last time is used from the cac
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -27,6 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 from catsdogs import CatsdogsError
 from catsdogs.bundle import ONNX, ModelBundle, find_bundle, write_json_atomic
+from catsdogs.files import file_sha256
+from catsdogs.registry.bundle_cache import (
+    SOURCE_FILE,
+    cache_key,
+    cache_root,
+    cached,
+    fallback,
+    read_json,
+    remember,
+    verified,
+)
 from catsdogs.settings import Settings
 
 if TYPE_CHECKING:
@@ -38,10 +52,6 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 #: Registry answers that mean "this does not exist" (an error to report), not "cannot reach it".
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST"}
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-#: In ``cache_dir/bundles/<name>/``: which version each URI resolved to last (the offline fallback).
-REFS_FILE = "refs.json"
-#: In ``cache_dir/bundles/<name>/<version>/``: the registry facts of that version (run id, tags).
-SOURCE_FILE = ".catsdogs-source.json"
 
 
 @dataclass(frozen=True)
@@ -177,47 +187,16 @@ def local_version(bundle: ModelBundle) -> str:
     for key in ("registry_version", "version"):
         if meta.get(key):
             return str(meta[key])
-    digest = hashlib.sha256()
-    with bundle.path(ONNX).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"local-{digest.hexdigest()[:12]}"
+    return f"local-{file_sha256(bundle.path(ONNX))[:12]}"
 
 
-def cache_root(settings: Settings, name: str) -> Path:
-    return settings.cache_dir / "bundles" / name
+def identity(resolved: ResolvedBundle) -> str:
+    """What is served: the version and, from a registry, the run behind it (numbers are reused)."""
+    return _identity(resolved.version, resolved.registry.get("run_id"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _remember(root: Path, uri: str, version: int) -> None:
-    refs = _read_json(root / REFS_FILE)
-    refs[uri] = {"version": version, "resolved_at": time.time()}
-    write_json_atomic(root / REFS_FILE, refs)
-
-
-def _cached(root: Path, version: int) -> ModelBundle | None:
-    try:
-        return find_bundle(root / str(version))
-    except CatsdogsError:
-        return None
-
-
-def _fallback(uri: str, ref: ModelRef, root: Path) -> tuple[int, ModelBundle] | None:
-    """The bundle this URI resolved to last time (for an alias), or the pinned version, if cached."""
-    version = (
-        ref.version if ref.version is not None else _read_json(root / REFS_FILE).get(uri, {}).get("version")
-    )
-    if version is None:
-        return None
-    bundle = _cached(root, int(version))
-    return (int(version), bundle) if bundle is not None else None
+def _identity(version: int | str, run_id: str | None) -> str:
+    return f"{version}@{run_id}" if run_id else str(version)
 
 
 def _lookup(settings: Settings, ref: ModelRef, uri: str) -> tuple[int, dict[str, Any]]:
@@ -255,31 +234,37 @@ def resolve_version(model_uri: str, settings: Settings) -> int:
     return _lookup(settings, ModelRef.parse(model_uri), model_uri)[0]
 
 
-def _download(
-    ref: ModelRef, version: int, root: Path, settings: Settings, facts: dict[str, Any]
-) -> ModelBundle:
-    """Download a model version into the cache atomically (staging folder + rename)."""
+def download_files(settings: Settings, name: str, version: int, staging: Path) -> Path:
+    """Download a model version's files into ``staging``; returns the local model folder."""
     from mlflow.artifacts import download_artifacts
 
+    with bounded_http(settings):
+        # Not download_artifacts("models:/..."): MLflow resolves that through the *global*
+        # registry URI, ignoring the one passed in. Ask our client for the files' location.
+        location = make_client(settings).get_model_version_download_uri(name, str(version))
+        return Path(
+            download_artifacts(
+                artifact_uri=location, dst_path=str(staging), tracking_uri=settings.mlflow_tracking_uri
+            )
+        )
+
+
+def _download(
+    ref: ModelRef, version: int, root: Path, key: str, settings: Settings, facts: dict[str, Any]
+) -> ModelBundle:
+    """Download a model version into the cache atomically (staging folder + rename), verified."""
     staging = root / f".tmp-{uuid.uuid4().hex}"
     try:
-        with bounded_http(settings):
-            # Not download_artifacts("models:/..."): MLflow resolves that through the *global*
-            # registry URI, ignoring the one passed in. Ask our client for the files' location.
-            location = make_client(settings).get_model_version_download_uri(ref.name, str(version))
-            local = Path(
-                download_artifacts(
-                    artifact_uri=location, dst_path=str(staging), tracking_uri=settings.mlflow_tracking_uri
-                )
-            )
-        find_bundle(local)  # refuse a model that holds no bundle before it enters the cache
+        local = download_files(settings, ref.name, version, staging)
+        # Refuse a model that holds no bundle, or a changed one, before it enters the cache.
+        verified(find_bundle(local), facts, what=f"{ref.name} version {version}")
         write_json_atomic(local / SOURCE_FILE, {"name": ref.name, "version": str(version), **facts})
         try:
-            local.rename(root / str(version))
+            local.rename(root / key)
         except OSError:  # another process cached it first
-            if _cached(root, version) is None:
+            if cached(root, key) is None:
                 raise
-        return find_bundle(root / str(version))
+        return find_bundle(root / key)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -290,53 +275,81 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _fetch(settings: Settings, ref: ModelRef, uri: str, version: int, facts: dict[str, Any]) -> ModelBundle:
+    """The verified bundle of a version the registry just named: from the cache, else downloaded.
+
+    Raises:
+        BundleIntegrityError: the cached or downloaded files are not the registered ones.
+        CatsdogsError: the download failed (disk full, registry gone mid-way, ...).
+    """
+    from mlflow.exceptions import MlflowException
+
+    root = cache_root(settings, ref.name)
+    key = cache_key(version, facts)
+    what = f"{uri} (version {version}, run {facts.get('run_id')})"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        bundle = cached(root, key)
+        if bundle is not None:
+            verified(bundle, facts, what=what)
+        else:
+            bundle = _download(ref, version, root, key, settings, facts)
+            logger.info("downloaded %s into %s", what, bundle.root)
+        remember(root, uri, version, key)
+    except (MlflowException, OSError) as exc:  # ENOSPC, a dropped connection, a vanished artifact
+        raise CatsdogsError(f"cannot download {what} into {root}: {_first_line(exc)}") from None
+    return bundle
+
+
 def resolve(settings: Settings, *, uri: str | None = None) -> ResolvedBundle:
-    """Resolve a model URI (default: ``settings.model_uri``) to a bundle on disk.
+    """Resolve a model URI (default: ``settings.model_uri``) to a verified bundle on disk.
 
     ``models:/…`` URIs are looked up in the registry and downloaded once into the cache. When the
     registry cannot be reached within ``registry_timeout_s``, the bundle this URI resolved to last
-    time (or the pinned version) is used from the cache, with a warning and a ``note`` saying so.
+    time is used from the cache, with a warning and a ``note`` saying so.
 
     Raises:
-        CatsdogsError: the URI is malformed, refers to something that does not exist, or the registry
-            is unreachable and nothing is cached for this URI.
+        BundleIntegrityError: the bundle's files are not the ones its manifest (or the registry) records.
+        CatsdogsError: the URI is malformed, refers to something that does not exist, the download
+            failed, or the registry is unreachable and nothing is cached for this URI.
     """
     uri = uri or settings.model_uri
     ref = parse_models_uri(uri)
     if ref is None:
-        bundle = find_bundle(Path(uri.removeprefix("file://")))
+        bundle = verified(find_bundle(Path(uri.removeprefix("file://"))), {}, what=uri)
         return ResolvedBundle(bundle, settings.model_name, local_version(bundle), "", "local", uri)
     from mlflow.exceptions import MlflowException
 
     alias = ref.alias or ""
-    root = cache_root(settings, ref.name)
     started = time.monotonic()
     try:
         version, facts = _lookup(settings, ref, uri)
-        root.mkdir(parents=True, exist_ok=True)
-        bundle = _cached(root, version)
-        if bundle is None:
-            bundle = _download(ref, version, root, settings, facts)
-            logger.info("downloaded %s (version %d) into %s", uri, version, bundle.root)
-        _remember(root, uri, version)
-        return ResolvedBundle(bundle, ref.name, str(version), alias, "registry", uri, registry=facts)
     except (MlflowException, OSError) as exc:  # requests' connection errors are OSErrors
-        reason = _first_line(exc)
-        cached = _fallback(uri, ref, root)
-        if cached is None:
-            raise CatsdogsError(
-                f"cannot reach the model registry at {registry_uri(settings)} ({reason}) and no bundle "
-                f"is cached for {uri} in {root}: check CATSDOGS_MLFLOW_TRACKING_URI or point "
-                "CATSDOGS_MODEL_URI at a local bundle folder"
-            ) from None
-        version, bundle = cached
-        note = (
-            f"registry unreachable after {time.monotonic() - started:.1f}s ({reason}); "
-            f"serving cached version {version} from {bundle.root}"
+        return _offline(settings, ref, uri, reason=_first_line(exc), waited=time.monotonic() - started)
+    bundle = _fetch(settings, ref, uri, version, facts)
+    return ResolvedBundle(bundle, ref.name, str(version), alias, "registry", uri, registry=facts)
+
+
+def _offline(settings: Settings, ref: ModelRef, uri: str, *, reason: str, waited: float) -> ResolvedBundle:
+    """The registry is unreachable: the bundle this URI resolved to last time, verified again."""
+    root = cache_root(settings, ref.name)
+    cached = fallback(uri, root)
+    if cached is None:
+        raise CatsdogsError(
+            f"cannot reach the model registry at {registry_uri(settings)} ({reason}) and no bundle "
+            f"is cached for {uri} in {root}: check CATSDOGS_MLFLOW_TRACKING_URI or point "
+            "CATSDOGS_MODEL_URI at a local bundle folder"
         )
-        logger.warning("%s: %s", uri, note)
-        facts = _read_json(root / str(version) / SOURCE_FILE)
-        return ResolvedBundle(bundle, ref.name, str(version), alias, "cache", uri, note=note, registry=facts)
+    version, key, bundle = cached
+    facts = read_json(root / key / SOURCE_FILE)
+    verified(bundle, facts, what=f"{uri} (cached version {version})")
+    note = (
+        f"registry unreachable after {waited:.1f}s ({reason}); "
+        f"serving cached version {version} from {bundle.root}"
+    )
+    logger.warning("%s: %s", uri, note)
+    alias = ref.alias or ""
+    return ResolvedBundle(bundle, ref.name, str(version), alias, "cache", uri, note=note, registry=facts)
 
 
 def download_bundle(model_uri: str, settings: Settings) -> Path:
@@ -344,10 +357,15 @@ def download_bundle(model_uri: str, settings: Settings) -> Path:
     return resolve(settings, uri=model_uri).bundle.root
 
 
-def current_version(settings: Settings, *, uri: str | None = None) -> str:
-    """The version the URI points at right now (for polling); raises when the registry is down."""
+def current_identity(settings: Settings, *, uri: str | None = None) -> str:
+    """What the URI points at right now, as :func:`identity` spells it (for polling; no download).
+
+    Raises:
+        MlflowException | OSError: the registry cannot be reached.
+    """
     uri = uri or settings.model_uri
     ref = parse_models_uri(uri)
     if ref is None:
         return local_version(find_bundle(Path(uri.removeprefix("file://"))))
-    return str(_lookup(settings, ref, uri)[0])
+    version, facts = _lookup(settings, ref, uri)
+    return _identity(version, facts.get("run_id"))

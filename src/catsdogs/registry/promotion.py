@@ -263,7 +263,16 @@ def promote(
         )
         _logger.warning(decision.message)
         return decision
-    _move_champion(client, settings, current, candidate_no, reason=reason or "passed the quality gate")
+    history = champion_history(client, name)
+    if current is not None and (not history or history[-1] != int(current.version)):
+        history.append(int(current.version))  # an alias moved by hand: keep it reachable by rollback
+    move_champion(
+        client,
+        settings,
+        candidate_no,
+        history=[*history, candidate_no],
+        reason=reason or "passed the quality gate",
+    )
     decision.accepted = True
     decision.message = f"promoted {name} v{candidate_no} to {CHAMPION}" + (
         f" (was v{decision.champion_version})" if decision.champion_version else " (first champion)"
@@ -289,16 +298,20 @@ def _champion_metrics(
     return champion
 
 
-def _move_champion(
-    client: MlflowClient, settings: Settings, current: ModelVersion | None, version: int, *, reason: str
+def move_champion(
+    client: MlflowClient, settings: Settings, version: int, *, history: list[int], reason: str
 ) -> None:
-    """Give ``version`` the champion alias and append it to the history that rollback walks back."""
-    name = settings.model_name
-    history = champion_history(client, name)
-    if current is not None and (not history or history[-1] != int(current.version)):
-        history.append(int(current.version))  # an alias moved by hand: keep it reachable by rollback
-    move_alias(client, settings, CHAMPION, version, reason=reason)
-    set_champion_history(client, name, [*history, version])
+    """The one function that moves ``champion``: :func:`promote` (after the quality gate),
+    :func:`rollback`, and any later automation call it; nothing else may (a test reads the source).
+
+    Args:
+        history: the champion history rollback walks back, ending with ``version``.
+        reason: why, recorded with the alias change.
+    """
+    if not history or history[-1] != version:
+        raise CatsdogsError(f"the champion history must end with the new champion v{version}: {history}")
+    move_alias(client, settings, CHAMPION, version, reason=reason, champion_gate=True)
+    set_champion_history(client, settings.model_name, history)
 
 
 @_bounded
@@ -332,8 +345,7 @@ def rollback(settings: Settings, *, reason: str = "") -> int:
             f"{name} has no previous champion to roll back to (current: "
             f"{'none' if current_no is None else f'v{current_no}'})"
         )
-    move_alias(client, settings, CHAMPION, target, reason=reason or f"rollback from v{current_no}")
-    set_champion_history(client, name, history)
+    move_champion(client, settings, target, history=history, reason=reason or f"rollback from v{current_no}")
     _logger.info("rolled %s back from v%s to v%d", name, current_no, target)
     return target
 

@@ -21,8 +21,9 @@ from mlflow.tracking._model_registry import utils as _registry_utils
 from mlflow.tracking._tracking_service import utils as _tracking_utils
 
 from catsdogs import CatsdogsError, __version__
-from catsdogs.bundle import METADATA, find_bundle, write_json_atomic
-from catsdogs.data.download import file_sha256
+from catsdogs.bundle import METADATA, find_bundle, write_json_atomic, write_manifest
+from catsdogs.files import file_sha256
+from catsdogs.registry.bundle_cache import MANIFEST_TAG
 from catsdogs.registry.client import (
     BUNDLE_ARTIFACT,
     CHALLENGER,
@@ -233,6 +234,7 @@ class MlflowTracker:
         if "data_version" in tags:
             metadata.setdefault("data_version", tags["data_version"])
         write_json_atomic(bundle.root / METADATA, metadata)
+        tags[MANIFEST_TAG] = write_manifest(bundle.root)  # after the last change to the bundle
 
         model_info = self._log_pyfunc(bundle.root, tuple(bundle.preprocessing.class_names))
         version = self._register(model_info, test_metrics, tags)
@@ -269,7 +271,7 @@ class MlflowTracker:
         version_tags = {
             key: value
             for key, value in tags.items()
-            if key in {TEST_SPLIT_TAG, "data_version", "manifest_sha256"}
+            if key in {TEST_SPLIT_TAG, "data_version", "manifest_sha256", MANIFEST_TAG}
         }
         version_tags["git_commit"] = self._git_commit
         version_tags["package_version"] = __version__

@@ -17,7 +17,7 @@ import numpy as np
 
 from catsdogs import runtime
 from catsdogs.preprocessing import PreprocessConfig, softmax
-from catsdogs.registry.model_source import ResolvedBundle, current_version, resolve
+from catsdogs.registry.model_source import ResolvedBundle, current_identity, identity, resolve
 from catsdogs.runtime import available_cores, run_logits
 from catsdogs.settings import Settings
 
@@ -93,12 +93,24 @@ def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
     return model
 
 
+#: A pod without a model answers nothing: past this, it keeps retrying at this pace.
+NO_MODEL_BACKOFF_MAX_S = 30.0
+
+
+def backoff(wait: float, failures: int, *, cap: float) -> float:
+    """The wait after ``failures`` failed loads in a row: doubled per failure up to ``cap`` (never
+    below ``wait``), so a download that keeps failing (a full disk) is not retried every few seconds."""
+    return min(max(wait, cap), wait * 2 ** min(failures, 30))
+
+
 @dataclass(frozen=True)
 class ReloadResult:
     reloaded: bool
     version: str | None
     previous: str | None
     detail: str
+    failed: bool = False
+    """A model load was tried and failed (the poll backs off)."""
 
 
 class ModelStore:
@@ -153,29 +165,35 @@ class ModelStore:
         return model
 
     def reload(self, *, force: bool = False) -> ReloadResult:
-        """Swap in the model the URI points at now, if it differs from the served one (or ``force``)."""
+        """Swap in the model the URI points at now, if it differs from the served one (or ``force``).
+
+        A failed resolve, download, verification or load is a reload failure: counted, logged on one
+        line, and the served model stays.
+        """
         with self._lock:
             previous = self._current.version if self._current else None
+            served = identity(self._current.resolved) if self._current else None
             served_from_cache = bool(self._current and self._current.resolved.source == "cache")
-            if previous is not None and not force:
+            if served is not None and not force:
                 try:
-                    latest = current_version(self.settings)
+                    latest = current_identity(self.settings)
                 except Exception as exc:  # registry still down: keep serving what we have
                     detail = f"registry check failed: {type(exc).__name__}: {exc}".splitlines()[0]
                     logger.warning("%s", detail)
                     return ReloadResult(False, previous, previous, detail)
-                # Same version: nothing to do, unless it came from the cache (then confirm it).
-                if latest == previous and not served_from_cache:
+                # Same version of the same run: nothing to do, unless it came from the cache (confirm it).
+                if latest == served and not served_from_cache:
                     return ReloadResult(False, previous, previous, "already serving the current version")
             try:
                 model = self.load_now()
             except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                logger.error("model load failed: %s", self.last_error)
+                self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                keeping = "no model served yet" if previous is None else f"still serving version {previous}"
+                logger.error("model load failed (%s): %s", keeping, self.last_error)
                 if self._on_reload:
                     self._on_reload(False)
-                return ReloadResult(False, previous, previous, self.last_error)
-            if model.version == previous and model.resolved.source == "cache":
+                return ReloadResult(False, previous, previous, self.last_error, failed=True)
+            if identity(model.resolved) == served and model.resolved.source == "cache":
                 return ReloadResult(False, previous, previous, model.resolved.note)
             if self._on_reload and previous is not None:
                 self._on_reload(True)
@@ -187,19 +205,21 @@ class ModelStore:
         self._thread.start()
 
     def _run(self) -> None:
-        self.reload()
+        failures = int(self.reload().failed)
         interval = self.settings.reload_interval_s
         while True:
-            # Without a model yet, retry every 2 s; otherwise poll at the interval (0: /admin/reload only).
+            # Without a model yet, retry every 2 s (backing off); else poll at the interval (0: admin only).
             if self._current is None:
-                wait = 2.0
+                wait = backoff(
+                    2.0, failures, cap=min(NO_MODEL_BACKOFF_MAX_S, self.settings.reload_backoff_max_s)
+                )
             elif interval > 0:
-                wait = interval
+                wait = backoff(interval, failures, cap=self.settings.reload_backoff_max_s)
             else:
                 return
             if self._stop.wait(wait):
                 return
-            self.reload()
+            failures = failures + 1 if self.reload().failed else 0
 
     def stop(self) -> None:
         self._stop.set()

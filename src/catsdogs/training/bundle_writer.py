@@ -20,9 +20,8 @@ from torch import nn
 
 from catsdogs import __version__
 from catsdogs import bundle as bundle_files
-from catsdogs.data.download import file_sha256
 from catsdogs.data.labelled import LabelledImage
-from catsdogs.files import atomic_path, replace_folder
+from catsdogs.files import atomic_path, file_sha256, replace_folder
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
 from catsdogs.runtime import open_model
@@ -105,6 +104,7 @@ def write_bundle(
         "temperature": temperature,
     }
     _write_descriptions(staging, metadata, result, samples, settings, strategy)
+    bundle_files.write_manifest(staging)
     replace_folder(staging, bundle_dir)
     _write_artifacts(artifacts_dir, result.predictions, result.metrics, history, config.class_names)
     accuracy = result.metrics["accuracy"]

@@ -249,10 +249,13 @@ def _export_in_place(bundle: Any, *, settings: Any, int8: bool) -> ExportReport:
     )
     report = ExportReport(onnx_path, parity)
     metadata = {**bundle.metadata, "onnx": report.parity.to_dict()}
-    if int8:
-        report.int8_path, report.int8 = _export_int8(bundle, settings=settings, samples=samples)
-        metadata["int8"] = report.int8
-    bundle_files.write_json_atomic(bundle.path(bundle_files.METADATA), metadata)
+    try:
+        if int8:
+            report.int8_path, report.int8 = _export_int8(bundle, settings=settings, samples=samples)
+            metadata["int8"] = report.int8
+        bundle_files.write_json_atomic(bundle.path(bundle_files.METADATA), metadata)
+    finally:  # model.onnx is new even when INT8 is refused: the manifest describes what is there
+        bundle_files.write_manifest(bundle.root)
     return report
 
 
