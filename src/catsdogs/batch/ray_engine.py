@@ -8,6 +8,7 @@ cgroup-aware core count, bound to loopback, no dashboard, no usage statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -103,10 +104,11 @@ def run_ray(
         actors = workers or max(1, int(ray.available_resources().get("CPU", 1)))
         dataset = ray.data.from_items([{"path": name} for name in collection.names]).map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"collection": collection, "model": model},
+            # The actors read by name: the list itself travels only as the dataset's rows.
+            fn_constructor_kwargs={"collection": dataclasses.replace(collection, names=[]), "model": model},
             batch_size=batch_size,
             batch_format="numpy",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1,
         )
         for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
