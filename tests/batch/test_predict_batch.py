@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -82,15 +83,49 @@ def test_local_engine_scores_a_folder_and_reports_bad_files_per_file(
     assert list(rows) == sorted(rows), "rows come in the collection's order"
 
 
-def test_a_zip_archive_gives_the_rows_of_the_folder(tmp_path: Path, collection: Path, bundle: Path) -> None:
-    archive = tmp_path / "collection.zip"
-    with zipfile.ZipFile(archive, "w") as zipped:
-        for path in sorted(collection.rglob("*.jpg")):
-            zipped.write(path, path.relative_to(collection).as_posix())
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, collection: Path) -> Path:
+    """The same collection as a zip archive."""
+    path = tmp_path_factory.mktemp("zipped") / "collection.zip"
+    with zipfile.ZipFile(path, "w") as zipped:
+        for member in sorted(collection.rglob("*.jpg")):
+            zipped.write(member, member.relative_to(collection).as_posix())
+    return path
+
+
+def test_a_zip_archive_gives_the_rows_of_the_folder(
+    tmp_path: Path, collection: Path, archive: Path, bundle: Path
+) -> None:
     settings = _settings(tmp_path)
     predict_batch(collection, tmp_path / "folder.jsonl", settings=settings, model_uri=str(bundle))
     predict_batch(archive, tmp_path / "zip.jsonl", settings=settings, model_uri=str(bundle))
     assert _rows(tmp_path / "zip.jsonl") == _rows(tmp_path / "folder.jsonl")
+
+
+def test_a_models_uri_is_resolved_as_the_service_resolves_it(
+    tmp_path: Path, collection: Path, bundle: Path
+) -> None:
+    """``models:/name@alias`` → the registry's version, downloaded into the cache; same answers."""
+    from mlflow import MlflowClient
+
+    shutil.copytree(bundle, tmp_path / "model" / "artifacts" / "bundle")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("catsdogs-classifier")
+    version = client.create_model_version("catsdogs-classifier", str(tmp_path / "model")).version
+    client.set_registered_model_alias("catsdogs-classifier", "champion", version)
+    settings = _settings(tmp_path, mlflow_tracking_uri=uri)
+    result = predict_batch(
+        collection, tmp_path / "registry.jsonl", settings=settings,
+        model_uri="models:/catsdogs-classifier@champion",
+    )  # fmt: skip
+    predict_batch(collection, tmp_path / "folder.jsonl", settings=settings, model_uri=str(bundle))
+    assert result.model_version == str(version)
+    registry_rows, folder_rows = _rows(tmp_path / "registry.jsonl"), _rows(tmp_path / "folder.jsonl")
+    assert {row["model_version"] for row in registry_rows.values()} == {str(version)}
+    assert [(r["label"], r["probabilities"]) for r in registry_rows.values()] == [
+        (r["label"], r["probabilities"]) for r in folder_rows.values()
+    ]
 
 
 def test_csv_output_has_one_column_per_class(tmp_path: Path, collection: Path, bundle: Path) -> None:
@@ -168,12 +203,12 @@ def ray_local() -> Iterator[object]:
 
 @pytest.mark.slow
 def test_ray_engine_gives_the_local_engines_answers(
-    tmp_path: Path, collection: Path, bundle: Path, ray_local: object
+    tmp_path: Path, collection: Path, archive: Path, bundle: Path, ray_local: object
 ) -> None:
     settings = _settings(tmp_path, predict_workers=2)
     local = predict_batch(collection, tmp_path / "local.jsonl", settings=settings, model_uri=str(bundle))
-    on_ray = predict_batch(
-        collection, tmp_path / "ray.jsonl", settings=settings, model_uri=str(bundle), engine="ray"
+    on_ray = predict_batch(  # from the zip: each actor opens the archive itself
+        archive, tmp_path / "ray.jsonl", settings=settings, model_uri=str(bundle), engine="ray"
     )
     assert (on_ray.images, on_ray.failed, on_ray.labels) == (local.images, local.failed, local.labels)
     local_rows, ray_rows = _rows(tmp_path / "local.jsonl"), _rows(tmp_path / "ray.jsonl")
