@@ -65,10 +65,10 @@ def score(session: Any, model: ScoringModel, prepared: Sequence[Prepared]) -> li
         if good
         else np.zeros((0, len(names)), dtype=np.float32)
     )
-    by_name = {id(item): p for item, p in zip(good, probs, strict=True)}
+    scored = iter(probs)
     rows = []
     for item in prepared:
-        p = by_name.get(id(item))
+        p = next(scored) if item.array is not None else None
         best = int(p.argmax()) if p is not None else -1
         rows.append(
             {
