@@ -6,6 +6,9 @@ PY := $(BIN)/python
 # Data source: empty means params.yaml's data_source (the public download); SOURCE=path or URL overrides.
 SOURCE ?=
 SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE))
+# Extras installed beside train, serve and dev (comma-separated; `make setup EXTRAS=` for none):
+# ray runs `catsdogs predict-batch --engine ray` and its tests.
+EXTRAS ?= ray
 
 .DEFAULT_GOAL := help
 .PHONY: help setup install lint format test test-fast data train serve bench check-monitoring image stack manifests
@@ -14,10 +17,10 @@ help: ## Show this help.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 setup: ## Set up this machine (Debian/Ubuntu): system packages (root or sudo), .venv, tools, base image.
-	VENV=$(VENV) scripts/setup.sh
+	VENV=$(VENV) EXTRAS=$(EXTRAS) scripts/setup.sh
 
 install: ## Only the Python part of `make setup`: the package with every extra into .venv (CPU torch).
-	VENV=$(VENV) scripts/setup.sh venv
+	VENV=$(VENV) EXTRAS=$(EXTRAS) scripts/setup.sh venv
 
 $(PY):
 	@echo "$(VENV) does not exist yet: run 'make setup' (or 'make install') first" >&2; exit 1

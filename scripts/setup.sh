@@ -5,20 +5,23 @@
 #               passwordless sudo. Without either it prints the exact apt-get command and goes on:
 #               the tests whose tool is missing then skip (and fail under CI=true). Only Python 3.11
 #               with venv and pip is essential; without it the script stops and says what to install.
-#   venv        .venv with the package and its train, serve and dev extras; torch is the CPU build.
+#   venv        .venv with the package and its train, serve and dev extras, plus EXTRAS (default:
+#               ray, so the Ray engine's tests run); torch is the CPU build.
 #   tools       scripts/install-tools.sh: actionlint, npm-groovy-lint and checkov into .tools/.
 #   base-image  the python:3.11-slim image the serving image builds on, in podman: the stand-in from
 #               scripts/build-base-image.sh as root (debootstrap; no registry needed), else pulled.
 #
 # Usage: scripts/setup.sh [STEP ...]        (default: all four steps, in this order)
 # Env:   PYTHON (default python3), VENV (default .venv), TORCH_INDEX_URL (default PyTorch's CPU
-#        index; empty: none), SETUP_SYSTEM=0 (leave system packages alone).
+#        index; empty: none), SETUP_SYSTEM=0 (leave system packages alone), EXTRAS (more extras,
+#        comma-separated; default ray; empty: none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
+EXTRAS="${EXTRAS-ray}"
 BASE_TAG="${BASE_TAG:-docker.io/library/python:3.11-slim}"
 export DEBIAN_FRONTEND=noninteractive
 SUMMARY=()
@@ -117,8 +120,8 @@ step_venv() {
   fi
   local torch_args
   mapfile -t torch_args < <(torch_pip_args)
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${torch_args[@]}" -e ".[train,serve,dev]"
-  SUMMARY+=("venv: $VENV ready${torch_args[*]:+ (torch from ${torch_args[1]})}")
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${torch_args[@]}" -e ".[train,serve,dev${EXTRAS:+,$EXTRAS}]"
+  SUMMARY+=("venv: $VENV ready with train,serve,dev${EXTRAS:+,$EXTRAS}${torch_args[*]:+ (torch from ${torch_args[1]})}")
 }
 
 step_tools() {

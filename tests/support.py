@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import os
 import re
@@ -14,6 +15,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -47,6 +49,14 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{name} is not installed; `make setup` must install it (scripts/setup.sh)")
     pytest.skip(f"{name} is not installed here (`make setup` installs it, as root or with sudo)")
+
+
+def require_module(name: str, *, extra: str) -> Any:
+    """An optional Python package (a project extra); missing, it fails in CI (where `make setup`
+    installs every extra the tests need) and skips elsewhere."""
+    if os.environ.get("CI"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} is not installed (pip install '.[{extra}]')")
 
 
 def free_port() -> int:

@@ -52,10 +52,14 @@ ALLOWED: dict[str, frozenset[str]] = {
     "registry": frozenset(),
     "serve": frozenset({"catsdogs.registry.model_source"}),  # the one model-URI resolver, mlflow-skinny only
     "monitoring": frozenset({"data"}),
+    # `catsdogs predict-batch`: the data stage's safe listing, the model resolved as serving does
+    "batch": frozenset({"data", "catsdogs.registry.model_source"}),
     "deploy": frozenset(),
     # `catsdogs quickstart`: the whole lifecycle on a sample, one step of each stage in order
     "quickstart": frozenset({"data", "training", "registry", "serve"}),
-    "cli": frozenset({"data", "training", "registry", "serve", "monitoring", "deploy", "quickstart"}),
+    "cli": frozenset(
+        {"data", "training", "registry", "serve", "monitoring", "batch", "deploy", "quickstart"}
+    ),
     "__main__": frozenset({"cli"}),
 }
 

@@ -293,6 +293,12 @@ class Settings(BaseSettings):
     drift_reference_images: int = Field(default=1000, ge=50)
     """Training images whose statistics make the bundle's drift reference."""
 
+    # --- batch scoring (`catsdogs predict-batch`) -------------------------------------------------
+    predict_batch_size: int = Field(default=32, ge=1)
+    """Images per ONNX Runtime call of a batch-scoring job (and per Ray Data batch)."""
+    predict_workers: int | None = Field(default=None, ge=1)
+    """Decode threads (local engine) or scoring actors (Ray); ``None``: one per available core."""
+
     # --- deployment --------------------------------------------------------------------------
     deploy_namespace: str = "catsdogs"
     """Kubernetes namespace of the API (the overlays put everything there)."""

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from catsdogs import CatsdogsError, __version__
-from catsdogs.cli import data, deployment, monitoring, quickstart, registry, serving, training
+from catsdogs.cli import batch, data, deployment, monitoring, quickstart, registry, serving, training
 from catsdogs.cli.common import console
 from catsdogs.settings import PARAMS_FILE_ENV
 
@@ -34,6 +34,7 @@ app.add_typer(registry.app)
 app.add_typer(registry.models_app, name="models")
 app.add_typer(serving.app)
 app.add_typer(monitoring.app)
+app.add_typer(batch.app)
 app.add_typer(deployment.app, name="deploy")
 app.add_typer(quickstart.app)
 

@@ -169,7 +169,7 @@ def balanced(items: Sequence[Item], classes: Sequence[str], limit: int | None) -
     return ordered[:limit]
 
 
-class _Archive:
+class Archive:
     """One zip handle shared by the readers of its members, opened on first read.
 
     Reopening the archive per image would re-parse its central directory every time (62 ms for
@@ -181,6 +181,13 @@ class _Archive:
         self.path = path
         self._handle: zipfile.ZipFile | None = None
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Path]:
+        """Pickled as its path only (a Ray actor or a worker process opens its own handle)."""
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Path]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
 
     def reader(self, name: str) -> Callable[[], bytes]:
         return lambda: self.read(name)
@@ -200,7 +207,7 @@ def read_labelled(source: Path, classes: Sequence[str], *, limit: int | None = N
         UnsafeSourceError: see :func:`list_members`.
         CatsdogsError: the source is missing, unreadable or holds no labelled image.
     """
-    archive = None if source.is_dir() else _Archive(source)
+    archive = None if source.is_dir() else Archive(source)
     items = []
     for member in list_members(source, classes):
         if member.label is None or not is_image_name(member.name):
