@@ -268,9 +268,10 @@ print(plain, inside, after)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     plain, inside, after = map(int, out.stdout.split())
-    # "after" only has to show that freed memory goes back again: under a loaded machine it measured
-    # 0.4 x plain (some of its allocations reuse pages still mapped), against < 0.05 x inside.
-    assert plain > 5 * 1000 and inside < plain / 20 and after > plain / 4
+    # Five 64 MB allocations fault in five times their pages by default. Kept, at most one of them
+    # faults (on a loaded machine one extra round was measured: 0.2 x plain, usually ~0); after the
+    # context freed memory goes back to the kernel again (measured 0.4-1.0 x plain).
+    assert plain > 5 * 1000 and inside < plain / 3 and after > plain / 4
 
 
 def _image_source(tmp_path: Path, *, prefetch: int) -> ImageSource:
