@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,8 @@ class FeedbackStore:
     def __init__(self, url: URL) -> None:
         self.url = url
         self._engine: Engine | None = None
+        # An in-memory store is one connection shared by every thread: one transaction at a time on it.
+        self._shared_connection = threading.Lock()
 
     @property
     def sqlite_file(self) -> Path | None:
@@ -150,7 +152,8 @@ class FeedbackStore:
             "received_at": datetime.now(UTC),
         }
         try:
-            with self._engine.begin() as connection:
+            shared = self.sqlite_file is None and self.url.get_backend_name() == "sqlite"
+            with self._shared_connection if shared else nullcontext(), self._engine.begin() as connection:
                 connection.execute(feedback_table.insert().values(**row))
         except sa.exc.IntegrityError:
             return False
