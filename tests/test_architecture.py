@@ -41,7 +41,10 @@ SHARED = frozenset(
 #: ``python -m catsdogs`` sit on top, and nothing imports them.
 ALLOWED: dict[str, frozenset[str]] = {
     "shared": frozenset(),
-    "data": frozenset(),
+    # The feedback store (labels, kept images): written by serve, read by data (ingest --feedback)
+    # and monitoring (the rollback guard); sqlalchemy and alembic, no stage of its own to import.
+    "feedback": frozenset(),
+    "data": frozenset({"feedback"}),
     "training": frozenset(
         {
             "data",
@@ -50,15 +53,17 @@ ALLOWED: dict[str, frozenset[str]] = {
         }
     ),
     "registry": frozenset(),
-    "serve": frozenset({"catsdogs.registry.model_source"}),  # the one model-URI resolver, mlflow-skinny only
-    "monitoring": frozenset({"data"}),
+    # the one model-URI resolver (mlflow-skinny only), and the feedback store
+    "serve": frozenset({"catsdogs.registry.model_source", "feedback"}),
+    # the rollback guard reads live accuracy from the feedback store and moves champion back
+    "monitoring": frozenset({"data", "feedback", "registry"}),
     # `catsdogs predict-batch`: the data stage's safe listing, the model resolved as serving does
     "batch": frozenset({"data", "catsdogs.registry.model_source"}),
     "deploy": frozenset(),
     # `catsdogs quickstart`: the whole lifecycle on a sample, one step of each stage in order
     "quickstart": frozenset({"data", "training", "registry", "serve"}),
     "cli": frozenset(
-        {"data", "training", "registry", "serve", "monitoring", "batch", "deploy", "quickstart"}
+        {"data", "feedback", "training", "registry", "serve", "monitoring", "batch", "deploy", "quickstart"}
     ),
     "__main__": frozenset({"cli"}),
 }

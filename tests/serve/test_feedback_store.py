@@ -18,8 +18,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from catsdogs.feedback.store import VERSION_TABLE, FeedbackStore, FeedbackStoreError, store_url
 from catsdogs.serve.feedback import PredictionClaim
-from catsdogs.serve.feedback_store import VERSION_TABLE, FeedbackStore, FeedbackStoreError, store_url
 from catsdogs.settings import Settings
 from pg_cluster import create_database, postgres_cluster
 
@@ -81,7 +81,7 @@ def test_the_log_keeps_what_retraining_needs(postgres_url: str) -> None:
             version = connection.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
     finally:
         store.close()
-    assert version == "0001"
+    assert version == "0002"
     assert len(rows) == 1
     row = rows[0]
     assert (row["nonce"], row["kid"], row["model_version"], row["predicted"], row["label"]) == (
@@ -99,7 +99,7 @@ def test_the_log_keeps_what_retraining_needs(postgres_url: str) -> None:
 _OPEN_AND_RECORD = """
 import sys
 from catsdogs.serve.feedback import PredictionClaim
-from catsdogs.serve.feedback_store import FeedbackStore, store_url
+from catsdogs.feedback.store import FeedbackStore, store_url
 from catsdogs.settings import Settings
 
 store = FeedbackStore(store_url(Settings(feedback_store_url=sys.argv[1])))

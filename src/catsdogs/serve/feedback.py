@@ -5,7 +5,7 @@ label, its confidence, the time and a nonce; the signature is HMAC-SHA256 over `
 key named ``kid`` (``settings.feedback_keys``). Any worker or replica holding the key can join a
 feedback label to the prediction it corrects, and a rotated key keeps verifying the ids it signed
 while it stays in the list. Ids of the older ``body.signature`` form (no kid) are checked against
-every key. That a prediction gets one label only is the feedback store's job (``feedback_store``).
+every key. That a prediction gets one label only is the feedback store's job (``catsdogs.feedback.store``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+
+from catsdogs.feedback.store import PredictionClaim
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +41,6 @@ def _unb64(text: str) -> bytes:
 
 class InvalidTokenError(ValueError):
     """The prediction id was not issued by a service holding one of these keys, or is expired."""
-
-
-@dataclass(frozen=True)
-class PredictionClaim:
-    """What a prediction id says about the prediction it names."""
-
-    model_version: str
-    label: str
-    confidence: float
-    issued_at: float
-    nonce: str
-    kid: str
 
 
 def resolve_keys(configured: list[tuple[str, str]]) -> list[tuple[str, bytes]]:

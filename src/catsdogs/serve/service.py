@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from catsdogs.feedback.store import FeedbackStore, store_url
 from catsdogs.serve.drift import DriftFeed, DriftWindowFactory, default_window_factory
 from catsdogs.serve.feedback import LiveAccuracy, PredictionSigner, resolve_keys
-from catsdogs.serve.feedback_store import FeedbackStore, store_url
 from catsdogs.serve.metrics import Metrics
 from catsdogs.serve.model_store import LoadedModel, ModelStore
 from catsdogs.serve.predictor import Predictor

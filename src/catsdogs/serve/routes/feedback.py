@@ -7,9 +7,9 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from catsdogs.feedback.store import FeedbackStoreError
 from catsdogs.serve.errors import ApiError
 from catsdogs.serve.feedback import InvalidTokenError
-from catsdogs.serve.feedback_store import FeedbackStoreError
 from catsdogs.serve.schemas import ErrorBody, FeedbackIn, FeedbackOut
 from catsdogs.serve.security import require_api_key
 from catsdogs.serve.service import ServiceDep

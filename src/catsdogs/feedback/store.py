@@ -3,26 +3,29 @@
 A UNIQUE nonce makes a replayed prediction id fail its insert, whichever worker, replica or restart
 sees it the second time, so the store must be shared too: a SQLite file by default (one machine;
 WAL and a busy timeout let the workers write it concurrently), PostgreSQL by URL for several
-replicas. The rows are also the labelled feedback that retraining reads later. The schema is
-managed by the alembic migrations in ``feedback_migrations/``, run at service start.
+replicas. The rows are what the rollback guard reads live accuracy from (per model version, across
+replicas); the images kept with some of them (only where the operator enabled it, EXIF-stripped,
+deleted after the retention period) are what ``catsdogs data ingest --feedback`` turns into training
+data. The schema is managed by the alembic migrations in ``migrations/``, run by :meth:`open`.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
-from catsdogs.serve.feedback import PredictionClaim
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ SQLITE_FILE = "feedback.sqlite3"
 #: alembic's bookkeeping table, named for this schema so a database shared with another alembic
 #: user (MLflow's PostgreSQL, say) keeps the two apart.
 VERSION_TABLE = "catsdogs_feedback_alembic_version"
-MIGRATIONS = "catsdogs.serve:feedback_migrations"
+MIGRATIONS = "catsdogs.feedback:migrations"
 BUSY_TIMEOUT_MS = 5000
 #: alembic's ``context`` is one module-level proxy: apps in one process (tests) migrate in turn.
 _MIGRATING = threading.Lock()
@@ -40,6 +43,7 @@ _MIGRATING = threading.Lock()
 #: migrations' (feedback_migrations/versions).
 feedback_table = sa.table(
     "feedback",
+    sa.column("id", sa.Integer()),
     sa.column("nonce", sa.String()),
     sa.column("kid", sa.String()),
     sa.column("model_version", sa.String()),
@@ -50,6 +54,40 @@ feedback_table = sa.table(
     sa.column("predicted_at", sa.DateTime(timezone=True)),
     sa.column("received_at", sa.DateTime(timezone=True)),
 )
+images_table = sa.table(
+    "feedback_images",
+    sa.column("id", sa.Integer()),
+    sa.column("nonce", sa.String()),
+    sa.column("label", sa.String()),
+    sa.column("sha256", sa.String()),
+    sa.column("data", sa.LargeBinary()),
+    sa.column("received_at", sa.DateTime(timezone=True)),
+)
+
+
+@dataclass(frozen=True)
+class PredictionClaim:
+    """What a prediction id says about the prediction it names (``image_sha256``: of the upload,
+    only in ids issued while feedback images are kept)."""
+
+    model_version: str
+    label: str
+    confidence: float
+    issued_at: float
+    nonce: str
+    kid: str
+    image_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackImage:
+    """A labelled image kept from ``/feedback``: EXIF-stripped JPEG bytes, at most the store size."""
+
+    id: int
+    label: str
+    sha256: str
+    data: bytes
+    received_at: datetime
 
 
 class FeedbackStoreError(RuntimeError):
@@ -93,6 +131,7 @@ class FeedbackStore:
         self._engine: Engine | None = None
         # An in-memory store is one connection shared by every thread: one transaction at a time on it.
         self._shared_connection = threading.Lock()
+        self._in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
     @property
     def sqlite_file(self) -> Path | None:
@@ -135,11 +174,18 @@ class FeedbackStore:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
-    def record(self, claim: PredictionClaim, *, label: str) -> bool:
-        """Store the label of this prediction; ``False`` if it already had one (blocking: call it
-        from a thread)."""
-        if self._engine is None:
-            raise FeedbackStoreError("the feedback store is not open")
+    def record(
+        self,
+        claim: PredictionClaim,
+        *,
+        label: str,
+        image: bytes | None = None,
+        image_retention: timedelta | None = None,
+    ) -> bool:
+        """Store the label of this prediction (and ``image``, already stripped, in the same
+        transaction); ``False`` if it already had one. Kept images older than ``image_retention``
+        are deleted on the way. Blocking: call it from a thread."""
+        now = datetime.now(UTC)
         row = {
             "nonce": claim.nonce,
             "kid": claim.kid,
@@ -149,17 +195,78 @@ class FeedbackStore:
             "label": label,
             "correct": claim.label == label,
             "predicted_at": datetime.fromtimestamp(claim.issued_at, UTC),
-            "received_at": datetime.now(UTC),
+            "received_at": now,
         }
         try:
-            shared = self.sqlite_file is None and self.url.get_backend_name() == "sqlite"
-            with self._shared_connection if shared else nullcontext(), self._engine.begin() as connection:
+            with self._transaction() as connection:
                 connection.execute(feedback_table.insert().values(**row))
+                if image is not None:
+                    connection.execute(
+                        images_table.insert().values(
+                            nonce=claim.nonce,
+                            label=label,
+                            sha256=hashlib.sha256(image).hexdigest(),
+                            data=image,
+                            received_at=now,
+                        )
+                    )
+                if image_retention is not None:
+                    self._purge(connection, now - image_retention)
         except sa.exc.IntegrityError:
             return False
         except sa.exc.SQLAlchemyError as exc:
             raise FeedbackStoreError(f"cannot write the feedback store: {type(exc).__name__}") from exc
         return True
+
+    @staticmethod
+    def _purge(connection: sa.Connection, cutoff: datetime) -> int:
+        return connection.execute(images_table.delete().where(images_table.c.received_at < cutoff)).rowcount
+
+    def purge_images(self, *, older_than: timedelta) -> int:
+        """Delete kept images received more than ``older_than`` ago; how many went."""
+        with self._transaction() as connection:
+            return self._purge(connection, datetime.now(UTC) - older_than)
+
+    def images(self, *, after_id: int = 0, batch: int = 256) -> Iterator[FeedbackImage]:
+        """Kept images with an id above ``after_id``, oldest first, read ``batch`` rows at a time."""
+        columns = [images_table.c[name] for name in ("id", "label", "sha256", "data", "received_at")]
+        while True:
+            query = (
+                sa.select(*columns)
+                .where(images_table.c.id > after_id)
+                .order_by(images_table.c.id)
+                .limit(batch)
+            )
+            with self._transaction() as connection:
+                rows = connection.execute(query).all()
+            for row in rows:
+                yield FeedbackImage(row.id, row.label, row.sha256, bytes(row.data), _aware(row.received_at))
+            if len(rows) < batch:
+                return
+            after_id = rows[-1].id
+
+    def outcomes(self, model_version: str, *, limit: int, newest: bool) -> list[bool]:
+        """Whether each of a version's labelled predictions was right: its first ``limit`` in the
+        order the labels arrived, or (``newest``) its latest ``limit``."""
+        order = feedback_table.c.id.desc() if newest else feedback_table.c.id.asc()
+        query = (
+            sa.select(feedback_table.c.correct)
+            .where(feedback_table.c.model_version == model_version)
+            .order_by(order)
+            .limit(limit)
+        )
+        with self._transaction() as connection:
+            return [bool(row.correct) for row in connection.execute(query)]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        if self._engine is None:
+            raise FeedbackStoreError("the feedback store is not open")
+        with (
+            self._shared_connection if self._in_memory else nullcontext(),
+            self._engine.begin() as connection,
+        ):
+            yield connection
 
     def close(self) -> None:
         if self._engine is not None:
@@ -170,3 +277,8 @@ class FeedbackStore:
 @contextmanager
 def _no_lock() -> Iterator[None]:
     yield
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes for what was written in UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

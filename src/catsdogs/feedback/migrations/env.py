@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from catsdogs.serve.feedback_store import VERSION_TABLE
+from catsdogs.feedback.store import VERSION_TABLE
 
 #: pg_advisory_xact_lock key: workers and replicas starting together migrate one at a time.
 ADVISORY_LOCK_KEY = 0x6361_7473_646F_6773 & 0x7FFF_FFFF_FFFF_FFFF  # "catsdogs"
