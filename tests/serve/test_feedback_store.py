@@ -18,12 +18,14 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+import catsdogs.feedback
 from catsdogs.feedback.store import VERSION_TABLE, FeedbackStore, FeedbackStoreError, store_url
 from catsdogs.serve.feedback import PredictionClaim
 from catsdogs.settings import Settings
 from pg_cluster import create_database, postgres_cluster
 
 REPO = Path(__file__).resolve().parents[2]
+SOURCE_MIGRATIONS = Path(catsdogs.feedback.__file__).parent / "migrations"
 SECRET = "k1:replicas-share-this-0123456789"
 _databases = itertools.count()
 
@@ -224,5 +226,7 @@ def test_the_migrations_ship_in_the_wheel(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("catsdogs-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    migrations = "catsdogs/serve/feedback_migrations/"
-    assert {f"{migrations}env.py", f"{migrations}versions/0001_feedback_log.py"} <= names
+    migrations = "catsdogs/feedback/migrations/"
+    shipped = {path.relative_to(SOURCE_MIGRATIONS).as_posix() for path in SOURCE_MIGRATIONS.rglob("*.py")}
+    assert {"env.py", "versions/0001_feedback_log.py", "versions/0002_feedback_images.py"} <= shipped
+    assert {f"{migrations}{name}" for name in shipped} <= names
