@@ -5,6 +5,7 @@ Importing ``support`` here reads the dataset variables (CATSDOGS_TEST_DATASET, C
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from catsdogs.settings import Settings
+from pg_cluster import create_database, postgres_cluster
 from support import dataset_archive, require_tool  # noqa: F401  (re-exported for older imports)
 
 
@@ -51,3 +53,19 @@ def dataset_zip(request: pytest.FixtureRequest) -> Path:
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():  # a first download shows its progress
         return dataset_archive()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on loopback (Debian's server binaries), one per test run."""
+    with postgres_cluster() as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def postgres_url(postgres: str) -> str:
+    """A fresh database in that cluster."""
+    return create_database(postgres, f"feedback_{next(_databases)}")

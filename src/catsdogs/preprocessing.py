@@ -299,6 +299,20 @@ def decode_for_model(
     )
 
 
+#: JPEG quality of the images a data set stores (ingested photos, kept feedback images).
+STORE_JPEG_QUALITY = 95
+
+
+def store_jpeg(image: Image.Image, *, max_side: int) -> bytes:
+    """A decoded image (upright RGB: :func:`decode_image`) as a data set stores it: shrunk in place to
+    ``max_side``, JPEG quality 95, with no metadata (no EXIF, GPS, XMP or ICC profile is written)."""
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=STORE_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 

@@ -281,7 +281,11 @@ class Settings(BaseSettings):
     feedback_max_age_s: float = 30 * 24 * 3600.0
     """Older prediction ids are refused by ``/feedback``."""
     feedback_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
-    """Largest ``/feedback`` body; checked (with the API key) before the body is read."""
+    """Largest ``/feedback`` body without an image; checked (with the API key) before it is read."""
+    feedback_keep_images: bool = False
+    """Keep the image sent with a ``/feedback`` label (EXIF-stripped) as training data."""
+    feedback_image_retention_days: float = Field(default=30.0, gt=0)
+    """Kept feedback images older than this are deleted from the feedback store."""
     graceful_timeout_s: float = 30.0
     """On SIGTERM, how long in-flight requests may take to finish."""
 

@@ -3,13 +3,12 @@ prediction once (409 the second time), on SQLite by default and on PostgreSQL by
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,23 +21,10 @@ import catsdogs.feedback
 from catsdogs.feedback.store import VERSION_TABLE, FeedbackStore, FeedbackStoreError, store_url
 from catsdogs.serve.feedback import PredictionClaim
 from catsdogs.settings import Settings
-from pg_cluster import create_database, postgres_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_MIGRATIONS = Path(catsdogs.feedback.__file__).parent / "migrations"
 SECRET = "k1:replicas-share-this-0123456789"
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    with postgres_cluster() as base_url:
-        yield base_url
-
-
-@pytest.fixture
-def postgres_url(postgres: str) -> str:
-    return create_database(postgres, f"feedback_{next(_databases)}")
 
 
 def _claim(nonce: str = "n1") -> PredictionClaim:

@@ -23,10 +23,9 @@ from pathlib import Path
 import imagehash
 from PIL import Image
 
-from catsdogs.preprocessing import ImageError, decode_image
+from catsdogs.preprocessing import ImageError, decode_image, store_jpeg
 
 _logger = logging.getLogger(__name__)
-JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +103,7 @@ def process(source: str, label: str | None, data: bytes, config: StoreConfig) ->
         _logger.warning("unexpected %s decoding %s: %s", type(exc).__name__, source, exc)
         return Rejected(source, label, "decode_failed", f"{type(exc).__name__}: {exc}")
     sha256 = hashlib.sha256(data).hexdigest()
-    if copyable:
-        stored = data
-    else:
-        if max(image.size) > config.store_max_side:
-            image.thumbnail((config.store_max_side, config.store_max_side), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        stored = buffer.getvalue()
+    stored = data if copyable else store_jpeg(image, max_side=config.store_max_side)
     _write_once(config.images_dir / label / f"{sha256}.jpg", stored)
     width, height = image.size
     return Accepted(source, label, sha256, phash, width, height)

@@ -18,6 +18,7 @@ from catsdogs.serve.feedback_gate import FeedbackGate
 from catsdogs.serve.rate_limit import RATE_LIMITED, build_rate_limiter, enforce_rate_limit
 from catsdogs.serve.routes import admin, feedback, ops, predict, ui
 from catsdogs.serve.service import build_service
+from catsdogs.serve.uploads import FRAMING_ALLOWANCE
 from catsdogs.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(FeedbackGate, max_body_bytes=settings.feedback_max_body_bytes)
+    # A kept image rides along with the label: then /feedback takes an upload's size too.
+    image_bytes = settings.max_upload_bytes + FRAMING_ALLOWANCE if settings.feedback_keep_images else 0
+    app.add_middleware(FeedbackGate, max_body_bytes=settings.feedback_max_body_bytes + image_bytes)
     app.add_middleware(AccessLogMiddleware, metrics=service.metrics)
     return app

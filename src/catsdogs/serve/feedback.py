@@ -1,11 +1,13 @@
 """Signed prediction ids, and live accuracy from the feedback that names them.
 
 A ``prediction_id`` is ``kid.body.signature``: the body carries the model version, the predicted
-label, its confidence, the time and a nonce; the signature is HMAC-SHA256 over ``kid.body`` with the
-key named ``kid`` (``settings.feedback_keys``). Any worker or replica holding the key can join a
-feedback label to the prediction it corrects, and a rotated key keeps verifying the ids it signed
-while it stays in the list. Ids of the older ``body.signature`` form (no kid) are checked against
-every key. That a prediction gets one label only is the feedback store's job (``catsdogs.feedback.store``).
+label, its confidence, the time, a nonce and, while feedback images are kept, the upload's SHA-256
+(an image sent with the label must be the one classified); the signature is HMAC-SHA256 over
+``kid.body`` with the key named ``kid`` (``settings.feedback_keys``). Any worker or replica holding
+the key can join a feedback label to the prediction it corrects, and a rotated key keeps verifying
+the ids it signed while it stays in the list. Ids of the older ``body.signature`` form (no kid) are
+checked against every key. That a prediction gets one label only is the feedback store's job
+(``catsdogs.feedback.store``).
 """
 
 from __future__ import annotations
@@ -72,14 +74,19 @@ class PredictionSigner:
     def _mac(secret: bytes, message: str) -> str:
         return _b64(hmac.new(secret, message.encode("ascii"), hashlib.sha256).digest())
 
-    def issue(self, *, model_version: str, label: str, confidence: float) -> str:
-        payload = {
+    def issue(
+        self, *, model_version: str, label: str, confidence: float, image_sha256: str | None = None
+    ) -> str:
+        """A signed id for this prediction; ``image_sha256`` (of the upload) binds a feedback image to it."""
+        payload: dict[str, object] = {
             "v": model_version,
             "l": label,
             "c": round(confidence, 6),
             "t": int(time.time()),
             "n": f"{self._nonce_prefix}{next(self._nonce_counter):x}",
         }
+        if image_sha256 is not None:
+            payload["h"] = image_sha256
         body = _b64(json.dumps(payload, separators=(",", ":")).encode())
         return f"{self._kid}.{body}.{self._mac(self._secret, f'{self._kid}.{body}')}"
 
@@ -113,6 +120,7 @@ class PredictionSigner:
                 issued_at=float(payload["t"]),
                 nonce=str(payload["n"]),
                 kid=kid,
+                image_sha256=str(payload["h"]) if "h" in payload else None,
             )
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise InvalidTokenError(f"prediction_id payload is malformed: {type(exc).__name__}") from None

@@ -202,7 +202,9 @@ class Predictor:
                 probs, stats_copy = await self._probabilities(model, data, ticket)
         except TimeoutError:
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s}s") from None
-        return self._answer(model, probs, stats_copy, started)
+        # Only while feedback images are kept: binds an image sent to /feedback to this prediction.
+        image_sha256 = hashlib.sha256(data).hexdigest() if self.settings.feedback_keep_images else None
+        return self._answer(model, probs, stats_copy, started, image_sha256)
 
     def _label_children(self, label: str) -> tuple[Any, Any]:
         children = self._label_metrics.get(label)
@@ -212,7 +214,12 @@ class Predictor:
         return children
 
     def _answer(
-        self, model: LoadedModel, probs: np.ndarray, stats_copy: Image.Image | None, started: float
+        self,
+        model: LoadedModel,
+        probs: np.ndarray,
+        stats_copy: Image.Image | None,
+        started: float,
+        image_sha256: str | None,
     ) -> Prediction:
         index = int(np.argmax(probs))
         label = model.class_names[index]
@@ -228,7 +235,9 @@ class Predictor:
             label=label,
             confidence=confidence,
             probabilities={name: float(p) for name, p in zip(model.class_names, probs, strict=True)},
-            prediction_id=self.signer.issue(model_version=model.version, label=label, confidence=confidence),
+            prediction_id=self.signer.issue(
+                model_version=model.version, label=label, confidence=confidence, image_sha256=image_sha256
+            ),
             model_version=model.version,
             latency_ms=round(latency_ms, 3),
         )

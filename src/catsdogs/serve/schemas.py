@@ -109,6 +109,9 @@ class FeedbackOut(BaseModel):
     label: str
     model_version: str
     live_accuracy: float | None
+    image_kept: bool = Field(
+        default=False, description="The image sent with the label was kept as training data."
+    )
 
 
 class ReloadOut(BaseModel):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
@@ -18,6 +19,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from catsdogs.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from catsdogs.serve.admission import Ticket
+    from catsdogs.serve.service import Service
 
 # Multipart framing (boundaries, part headers) on top of the file bytes themselves.
 FRAMING_ALLOWANCE = 16 * 1024
@@ -186,6 +191,20 @@ async def read_multipart(
     except MultipartParseError as exc:
         raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {exc}") from None
     return collector.parts
+
+
+def admit_upload(request: Request, service: Service, body_limit: int) -> Ticket:
+    """Reserve the declared body before any of it is read. A declaration over the route's limit is
+    413 first (a body that will never be read is not told to retry later)."""
+    declared = declared_length(request) or 0
+    if declared > body_limit + FRAMING_ALLOWANCE:
+        raise too_large(body_limit)
+    return service.predictor.admit(declared)
+
+
+def upload_budget(service: Service, ticket: Ticket) -> BodyBudget:
+    """How an admitted upload is read: its bytes reserved on ``ticket``, within the read timeout."""
+    return BodyBudget(reserve=ticket.reserve_bytes, timeout_s=service.settings.upload_read_timeout_s)
 
 
 def is_multipart(request: Request) -> bool:

@@ -13,16 +13,15 @@ from catsdogs.serve.errors import ApiError
 from catsdogs.serve.predictor import Prediction
 from catsdogs.serve.schemas import BatchItemOut, BatchOut, ErrorBody, PredictionOut
 from catsdogs.serve.security import require_api_key
-from catsdogs.serve.service import Service, ServiceDep
+from catsdogs.serve.service import ServiceDep
 from catsdogs.serve.uploads import (
-    FRAMING_ALLOWANCE,
-    BodyBudget,
     Part,
-    declared_length,
+    admit_upload,
     is_multipart,
     read_multipart,
     read_raw,
     too_large,
+    upload_budget,
 )
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
@@ -86,9 +85,9 @@ async def predict(request: Request, service: ServiceDep) -> Response:
     started = time.perf_counter()
     predictor, limit = service.predictor, service.settings.max_upload_bytes
     predictor.model()
-    with _admit(request, service, limit) as ticket:
+    with admit_upload(request, service, limit) as ticket:
         ticket.reserve_images(1)
-        budget = _budget(service, ticket)
+        budget = upload_budget(service, ticket)
         if is_multipart(request):
             parts = await read_multipart(
                 request,
@@ -120,19 +119,6 @@ async def predict(request: Request, service: ServiceDep) -> Response:
     )
 
 
-def _admit(request: Request, service: Service, body_limit: int) -> Ticket:
-    """Reserve the declared body before any of it is read. A declaration over the route's limit is
-    413 first (a body that will never be read is not told to retry later)."""
-    declared = declared_length(request) or 0
-    if declared > body_limit + FRAMING_ALLOWANCE:
-        raise too_large(body_limit)
-    return service.predictor.admit(declared)
-
-
-def _budget(service: Service, ticket: Ticket) -> BodyBudget:
-    return BodyBudget(reserve=ticket.reserve_bytes, timeout_s=service.settings.upload_read_timeout_s)
-
-
 async def _one(service: ServiceDep, index: int, part: Part, ticket: Ticket, started: float) -> BatchItemOut:
     try:
         if part.too_large:
@@ -160,7 +146,7 @@ async def predict_batch(request: Request, service: ServiceDep) -> Response:
     predictor.model()
     if not is_multipart(request):
         raise ApiError(400, "missing_file", "send the images as multipart/form-data fields `files`")
-    with _admit(request, service, settings.max_batch_upload_bytes) as ticket:
+    with admit_upload(request, service, settings.max_batch_upload_bytes) as ticket:
         parts = await read_multipart(
             request,
             fields={"files", "file"},
@@ -168,7 +154,7 @@ async def predict_batch(request: Request, service: ServiceDep) -> Response:
             body_limit=settings.max_batch_upload_bytes,
             max_parts=settings.max_batch_images,
             fail_fast=False,
-            budget=_budget(service, ticket),
+            budget=upload_budget(service, ticket),
         )
         if not parts:
             raise ApiError(400, "missing_file", "send the images as multipart/form-data fields `files`")
