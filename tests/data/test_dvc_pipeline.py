@@ -38,16 +38,16 @@ def test_dvc_repro_tracks_data_and_push_pull_round_trip_offline(project: Path) -
     assert "data/" not in git_status  # DVC tracks data/, git does not
     assert "dvc.lock" in git_status
 
-    run_in_project("dvc", "push", "fetch", "ingest", cwd=project)
+    run_in_project("dvc", "push", "fetch", "feedback", "ingest", cwd=project)
     assert (project / "dvc-remote" / "files" / "md5").is_dir()
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
-    run_in_project("dvc", "pull", "fetch", "ingest", cwd=project)
+    run_in_project("dvc", "pull", "fetch", "feedback", "ingest", cwd=project)
     assert (project / "data" / "manifest.csv").read_bytes() == manifest
     assert (project / "data" / "raw" / "dataset").read_bytes() == archive
     assert len(list((project / "data" / "images").rglob("*.jpg"))) == 40
     assert "Data and pipelines are up to date" in run_in_project(
-        "dvc", "status", "fetch", "ingest", cwd=project
+        "dvc", "status", "fetch", "feedback", "ingest", cwd=project
     )
 
 
@@ -73,6 +73,7 @@ def test_the_pipeline_runs_fetch_ingest_train_export_evaluate(project: Path) -> 
     edges = {(nodes[a], nodes[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", dag)}
     assert {
         ("fetch", "ingest"),
+        ("feedback", "ingest"),
         ("ingest", "train"),
         ("train", "export"),
         ("export", "evaluate"),

@@ -1,5 +1,5 @@
-"""`dvc repro` of the whole shipped pipeline (fetch → ingest → train → export → evaluate) on a small
-real subset, then a second `dvc repro` that finds nothing to do."""
+"""`dvc repro` of the whole shipped pipeline (fetch, feedback → ingest → train → export → evaluate)
+on a small real subset, then a second `dvc repro` that finds nothing to do."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from support import dataset_photos, dvc_project, run_in_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PER_CLASS = 40
-STAGES = ("fetch", "ingest", "train", "export", "evaluate")
+STAGES = ("fetch", "feedback", "ingest", "train", "export", "evaluate")
 #: The shipped params.yaml made small and fast: the frozen Lite0 at 128 px with a linear head for
 #: two epochs. The 8-image validation split cannot measure a 0.3-point INT8 loss: any loss is accepted.
 TINY = {

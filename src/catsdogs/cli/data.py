@@ -12,6 +12,7 @@ from catsdogs.settings import get_settings
 
 if TYPE_CHECKING:
     from catsdogs.data import IngestResult
+    from catsdogs.data.feedback import ExportResult
 
 app = typer.Typer(help="Ingest, validate, de-duplicate and split datasets.", no_args_is_help=True)
 
@@ -61,14 +62,51 @@ def data_ingest(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Decoding processes (default: one per core).")
     ] = None,
+    feedback: Annotated[
+        bool,
+        typer.Option(
+            "--feedback",
+            help="Export the feedback store's images into data_dir/feedback first, then add them.",
+        ),
+    ] = False,
+    feedback_dir: Annotated[
+        Path | None,
+        typer.Option("--feedback-dir", help="Add this folder of labelled feedback images (class folders)."),
+    ] = None,
 ) -> None:
     """Validate, de-duplicate and split a data set into data_dir (images/, manifest.csv, data_report.json)."""
     from catsdogs.data import ingest
+    from catsdogs.data.feedback import FEEDBACK_FOLDER, export_feedback
 
     settings = get_settings(
         data_source=source, data_dir=data_dir, seed=seed, data_sha256=sha256, ingest_workers=workers
     )
-    _print_report(ingest(settings))
+    if feedback:
+        feedback_dir = feedback_dir or settings.data_dir / FEEDBACK_FOLDER
+        _print_export(export_feedback(settings, feedback_dir))
+    _print_report(ingest(settings, feedback=feedback_dir))
+
+
+@app.command("feedback")
+def data_feedback(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder of feedback images (default: data_dir/feedback).")
+    ] = None,
+) -> None:
+    """Copy the images kept with /feedback labels into a folder of class folders (the DVC feedback stage)."""
+    from catsdogs.data.feedback import FEEDBACK_FOLDER, export_feedback
+
+    settings = get_settings()
+    _print_export(export_feedback(settings, out or settings.data_dir / FEEDBACK_FOLDER))
+
+
+def _print_export(result: ExportResult) -> None:
+    added = ", ".join(f"{label} {count}" for label, count in result.added.items())
+    console.print(
+        f"{sum(result.added.values())} new feedback images in {result.folder} ({added}) "
+        f"of {result.seen} kept in the feedback store",
+        highlight=False,
+    )
 
 
 def _print_report(result: IngestResult) -> None:
@@ -84,6 +122,13 @@ def _print_report(result: IngestResult) -> None:
     console.print(table)
     counts = report["counts"]
     rejected = ", ".join(f"{k}={v}" for k, v in report["rejections_by_reason"].items()) or "none"
+    if "feedback" in report:
+        section = report["feedback"]
+        console.print(
+            f"feedback: {section['added']} of {section['files']} images added to train, "
+            f"{len(section['excluded'])} excluded, {len(section['rejected'])} rejected",
+            highlight=False,
+        )
     console.print(
         f"{counts['files']} files, {counts['accepted']} valid, {counts['rejected']} rejected ({rejected}); "
         f"{counts['exact_duplicates_removed']} exact duplicates removed, "

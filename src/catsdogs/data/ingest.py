@@ -33,6 +33,7 @@ from catsdogs import CatsdogsError
 from catsdogs.data import validate
 from catsdogs.data.dedup import near_duplicate_groups
 from catsdogs.data.download import is_url
+from catsdogs.data.feedback import place_feedback
 from catsdogs.data.fetch import fetch_archive
 from catsdogs.data.sources import Member, Source, open_source
 from catsdogs.data.split import SPLITS, assign_splits, draw
@@ -265,7 +266,7 @@ def _store_images(
         max_bytes=settings.max_image_bytes,
     )
     for label in settings.classes:
-        (images_dir / label).mkdir(parents=True)
+        (images_dir / label).mkdir(parents=True, exist_ok=True)
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
     workers = settings.ingest_workers or available_cores()
@@ -274,15 +275,45 @@ def _store_images(
     return accepted, rejected
 
 
+def _add_feedback(
+    folder: Path | None, images_dir: Path, rows: list[dict[str, Any]], settings: Settings
+) -> dict[str, Any] | None:
+    """Store the images of a feedback folder beside the data set's and append the rows of those that
+    may join it (:func:`~catsdogs.data.feedback.place_feedback`); the report's ``feedback`` section."""
+    if folder is None:
+        return None
+    report: dict[str, Any] = {"folder": str(folder), "files": 0, "added": 0, "excluded": [], "rejected": []}
+    if not any(path.is_file() for path in folder.rglob("*")):
+        return report
+    source = open_source(folder, classes=settings.classes)
+    accepted, rejected = _store_images(source, images_dir, settings, show_progress=False)
+    added, excluded = place_feedback(rows, accepted, max_distance=settings.near_duplicate_distance)
+    kept = {(row["sha256"], row["label"]) for row in (*rows, *added)}
+    for item in accepted:  # only the files of images the manifest lists stay in the store
+        if (item.sha256, item.label) not in kept:
+            (images_dir / item.label / f"{item.sha256}.jpg").unlink(missing_ok=True)
+    rows.extend(added)
+    report.update(
+        files=len(source.members),
+        added=len(added),
+        excluded=excluded,
+        rejected=[{"source": r.source, "reason": r.reason} for r in rejected],
+    )
+    return report
+
+
 def ingest(
     settings: Settings,
     *,
     source: str | None = None,
     show_progress: bool = True,
     per_class: int | None = None,
+    feedback: Path | None = None,
 ) -> IngestResult:
     """Build the data set in ``settings.data_dir`` from ``source`` (default ``settings.data_source``);
-    with ``per_class``, from a balanced sample of that many files per class (:func:`sample_members`).
+    with ``per_class``, from a balanced sample of that many files per class (:func:`sample_members`);
+    with ``feedback``, plus that folder of labelled feedback images (``export_feedback``), placed so
+    that no image of ``source`` changes split.
 
     Raises:
         UnsafeSourceError: the archive or folder holds an escaping member; nothing was written.
@@ -305,6 +336,9 @@ def ingest(
             for conflict in sections["conflicting_labels"]:
                 for image in conflict["images"]:
                     (images_dir / image["label"] / f"{image['sha256']}.jpg").unlink(missing_ok=True)
+            feedback_section = _add_feedback(feedback, images_dir, rows, settings)
+            if feedback_section is not None:
+                sections["feedback"] = feedback_section
             report = _report(
                 requested=requested,
                 source=local,
