@@ -266,6 +266,9 @@ class Settings(BaseSettings):
     """Threads that decode uploads off the event loop; ``None`` means one per core."""
     inference_workers: int | None = None
     """Concurrent ONNX Runtime calls; ``None``: one per core without micro-batching, else 1 on all cores."""
+    ort_lone_request_all_cores: bool = True
+    """A request alone in its worker runs on every core (a second ORT session); under load each call
+    keeps its share of the cores."""
     ort_allow_spinning: bool = False
     """Let idle ORT threads spin: faster alone, but steals CPU from decoding on small machines."""
     ort_cpu_arena: bool = True

@@ -63,6 +63,11 @@ class Metrics:
         self.batch_size = Histogram(
             "catsdogs_batch_size", "Images per forward pass.", buckets=BATCH_BUCKETS, registry=reg
         )
+        self.lone_runs = Counter(
+            "catsdogs_inference_lone_total",
+            "Forward passes that found the worker idle and ran on every core.",
+            registry=reg,
+        )
         self.queue_depth = Gauge(
             "catsdogs_queue_depth",
             "Images admitted and not answered yet.",

@@ -38,10 +38,15 @@ def inference_workers(settings: Settings) -> int:
     return available_cores() if batch_size(settings) == 1 else 1
 
 
-def session_options(settings: Settings) -> Any:
-    """ORT options sized for the core count: the cores shared by the workers, spinning as configured."""
+def intra_threads(settings: Settings) -> int:
+    """Threads of one forward pass under load: configured, or the cores shared by the workers."""
+    return settings.ort_intra_threads or max(1, available_cores() // inference_workers(settings))
+
+
+def session_options(settings: Settings, *, threads: int | None = None) -> Any:
+    """ORT options for ``threads`` per call (default :func:`intra_threads`), spinning as configured."""
     return runtime.session_options(
-        intra_threads=settings.ort_intra_threads or max(1, available_cores() // inference_workers(settings)),
+        intra_threads=threads or intra_threads(settings),
         allow_spinning=settings.ort_allow_spinning,
         cpu_arena=settings.ort_cpu_arena,
     )
@@ -54,6 +59,8 @@ class LoadedModel:
     resolved: ResolvedBundle
     session: Any
     config: PreprocessConfig
+    #: The same graph on every core, for a request that finds the worker idle (None: not needed).
+    wide_session: Any | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -72,15 +79,19 @@ class LoadedModel:
     def input_shape(self) -> list[int | str | None]:
         return list(self.session.get_inputs()[0].shape)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) float32 → (N, classes) probabilities."""
-        return softmax(run_logits(self.session, batch).astype(np.float32, copy=False))
+    def run(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        """(N, 3, H, W) float32 → (N, classes) probabilities; ``alone``: nothing else is running, so
+        the wide session may take every core."""
+        session = self.wide_session if alone and self.wide_session is not None else self.session
+        return softmax(run_logits(session, batch).astype(np.float32, copy=False))
 
     def warm_up(self, max_batch: int) -> None:
         """Run the sizes the service will run, so the first requests and the arena hold no surprise."""
         size = self.config.image_size
         for n in sorted({1, max(1, max_batch)}):
             self.run(np.zeros((n, 3, size, size), dtype=np.float32))
+        if self.wide_session is not None:
+            self.run(np.zeros((1, 3, size, size), dtype=np.float32), alone=True)
 
 
 def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
@@ -89,6 +100,11 @@ def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
     config = bundle.preprocessing
     path = bundle.onnx_path(int8=settings.serve_int8)
     model = LoadedModel(resolved, runtime.open_model(path, config, options=session_options(settings)), config)
+    cores = available_cores()
+    if settings.ort_lone_request_all_cores and intra_threads(settings) < cores:
+        model.wide_session = runtime.open_model(
+            path, config, options=session_options(settings, threads=cores)
+        )
     model.warm_up(batch_size(settings))
     return model
 

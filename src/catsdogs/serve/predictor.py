@@ -154,7 +154,12 @@ class Predictor:
         array, stats_copy = self._prepare(model, data)
         with self._run_slots:
             started = time.perf_counter()
-            probs = model.run(array[None])[0]
+            # Alone in this worker: the forward pass may take every core (the latency of the bare
+            # model); with others in flight each keeps its share (the throughput under load).
+            alone = self.admission.images <= 1 and model.wide_session is not None
+            probs = model.run(array[None], alone=alone)[0]
+            if alone:
+                self.metrics.lone_runs.inc()
             self._observe(1, time.perf_counter() - started)
         return probs, stats_copy
 
