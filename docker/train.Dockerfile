@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# Training image: `.[train]` (PyTorch CPU, MLflow, ONNX). Runs `catsdogs train` by default; the
-# Kubernetes training Job and `docker compose run train` use it.
+# Training image: `.[train]` (PyTorch CPU, MLflow, ONNX, DVC) and git. Runs `catsdogs train` by default; the
+# Kubernetes training Job, the retraining CronJob and `docker compose run train` use it.
 #
 #   docker build -f docker/train.Dockerfile -t catsdogs-train .
 #
@@ -27,6 +27,9 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="catsdogs-train" \
       org.opencontainers.image.description="Cats vs dogs training: PyTorch CPU, MLflow, ONNX export" \
       org.opencontainers.image.licenses="Apache-2.0"
+# git: `catsdogs retrain` (the weekly CronJob) clones the repository, commits dvc.lock and pushes it.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
     && mkdir -p /work && chown app:app /work

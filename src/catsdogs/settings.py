@@ -196,6 +196,14 @@ class Settings(BaseSettings):
     actor: str | None = None
     """Who is recorded on model alias changes (e.g. a CI bot's name); ``None`` means user@host."""
 
+    # --- scheduled retraining (`catsdogs retrain`) ----------------------------------------------
+    retrain_git_name: str = "catsdogs-retrain-bot"
+    """Author and committer of the dvc.lock commits ``catsdogs retrain --commit`` makes."""
+    retrain_git_email: str = "catsdogs-retrain-bot@users.noreply.github.com"
+    """E-mail address of that identity (GitHub's no-reply form: no mailbox is exposed)."""
+    retrain_timeout_s: float = Field(default=12 * 3600.0, gt=0)
+    """Longest one ``dvc repro`` (fetch to evaluate) of a retraining may run before it is stopped."""
+
     # --- serving -----------------------------------------------------------------------------
     model_uri: str = "models:/catsdogs-classifier@champion"
     """The served model: ``models:/name@alias``, ``models:/name/version`` or a bundle folder."""

@@ -48,6 +48,7 @@ def test_overlay_renders_the_whole_stack(rendered: dict[str, list[dict]], overla
         ("Service", "mlflow"),
         ("Job", "catsdogs-train"),
         ("CronJob", "catsdogs-evaluate-deployed"),
+        ("CronJob", "catsdogs-retrain"),
     ]:
         assert expected in kinds
     assert all(
@@ -69,7 +70,7 @@ def test_every_workload_is_non_root_read_only_without_capabilities(
     rendered: dict[str, list[dict]], overlay: str
 ) -> None:
     workloads = [d for d in rendered[overlay] if d["kind"] in {"Deployment", "Job", "CronJob"}]
-    assert len(workloads) == 4
+    assert len(workloads) == 5
     for doc in workloads:
         spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
         pod = spec["template"]["spec"]
@@ -267,52 +268,66 @@ def test_public_ingress_routes_only_the_public_api(rendered: dict[str, list[dict
     assert routed == []
 
 
+#: The Secrets pods read: the stack's, and the weekly retraining's own (a git token and the DVC
+#: remote's configuration, which nothing else needs).
+SECRETS = ("catsdogs-secrets", "catsdogs-retrain")
+
+
+def _secret_refs(docs: list[dict]) -> list[dict]:
+    return [
+        env["valueFrom"]["secretKeyRef"]
+        for doc in docs
+        for container in _all_containers(doc)
+        for env in container.get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    ]
+
+
 def test_secret_references_are_required_and_every_key_is_documented(rendered: dict[str, list[dict]]) -> None:
     """A misnamed Secret or key stops the pod (never an open API); the guide creates every key."""
     guide = (REPO / "docs" / "deployment.md").read_text()
     for overlay in ("local", "production"):
-        refs = [
-            env["valueFrom"]["secretKeyRef"]
-            for doc in rendered[overlay]
-            for container in _all_containers(doc)
-            for env in container.get("env", [])
-            if "secretKeyRef" in env.get("valueFrom", {})
-        ]
-        assert {ref["key"] for ref in refs} >= {
+        refs = _secret_refs(rendered[overlay])
+        assert {ref["key"] for ref in refs if ref["name"] == "catsdogs-secrets"} >= {
             "api-keys",
             "admin-token",
             "feedback-secret",
             "feedback-store-url",
             "eval-api-key",
         }
+        assert {ref["key"] for ref in refs if ref["name"] == "catsdogs-retrain"} == {
+            "git-token",
+            "dvc-config",
+        }
         for ref in refs:
             assert ref.get("optional") is not True, ref
-            assert ref["name"] == "catsdogs-secrets"
-            assert f"--from-literal={ref['key']}=" in guide, (
+            assert ref["name"] in SECRETS
+            assert f"--from-literal={ref['key']}=" in guide or f"--from-file={ref['key']}=" in guide, (
                 f"docs/deployment.md does not create {ref['key']}"
             )
 
 
-def _documented_secret_commands(guide: str) -> list[set[str]]:
-    """The keys each ``kubectl create secret generic catsdogs-secrets`` command of the guide creates."""
+def _documented_secret_commands(guide: str, secret: str = "catsdogs-secrets") -> list[set[str]]:
+    """The keys each ``kubectl create secret generic <secret>`` command of the guide creates."""
     lines = guide.replace("\\\n", " ").splitlines()  # shell continuation lines joined
-    commands = [line for line in lines if "create secret generic catsdogs-secrets" in line]
-    return [set(re.findall(r"--from-literal=([\w.-]+)=", command)) for command in commands]
+    commands = [line for line in lines if f"create secret generic {secret} " in line + " "]
+    return [set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", command)) for command in commands]
 
 
-def test_the_documented_secret_command_creates_every_referenced_key(rendered: dict[str, list[dict]]) -> None:
-    """Copying the guide's one command gives the pods every key they reference, and no stray one."""
+@pytest.mark.parametrize("secret", SECRETS)
+def test_the_documented_secret_command_creates_every_referenced_key(
+    rendered: dict[str, list[dict]], secret: str
+) -> None:
+    """Copying the guide's command gives the pods every key they reference, and no stray one."""
     referenced = {
-        env["valueFrom"]["secretKeyRef"]["key"]
+        ref["key"]
         for overlay in OVERLAY_NAMES
-        for doc in rendered[overlay]
-        for container in _all_containers(doc)
-        for env in container.get("env", [])
-        if "secretKeyRef" in env.get("valueFrom", {})
+        for ref in _secret_refs(rendered[overlay])
+        if ref["name"] == secret
     }
     guide = (REPO / "docs" / "deployment.md").read_text()
-    commands = _documented_secret_commands(guide)
-    assert commands, "docs/deployment.md has no `kubectl create secret generic catsdogs-secrets`"
+    commands = _documented_secret_commands(guide, secret)
+    assert commands, f"docs/deployment.md has no `kubectl create secret generic {secret}`"
     for keys in commands:
         assert keys == referenced
     for key in referenced:
@@ -327,6 +342,11 @@ def test_the_secret_check_reads_a_command_over_continuation_lines() -> None:
         "--from-literal=not-in-the-command=z\n"
     )
     assert _documented_secret_commands(guide) == [{"api-keys", "admin-token"}]
+    other = (
+        "kubectl create secret generic catsdogs-retrain --from-file=dvc-config=c --from-literal=git-token=t"
+    )
+    assert _documented_secret_commands(other, "catsdogs-retrain") == [{"dvc-config", "git-token"}]
+    assert _documented_secret_commands(other) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -343,8 +363,12 @@ def test_api_pods_drain_before_they_are_killed(rendered: dict[str, list[dict]], 
     assert pod["terminationGracePeriodSeconds"] > float(command[1]) + drain
 
 
+PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16")
+
+
 def _egress_destinations(docs: list[dict], pod_labels: dict[str, str]) -> set[tuple[str, int]]:
-    """What a pod with these labels may reach: ``(app name or "dns", port)``; ipBlocks fail the test."""
+    """What a pod with these labels may reach: ``(app name, "dns" or "internet", port)``; an ipBlock
+    other than "anywhere outside the private ranges" fails the test."""
     allowed = set()
     for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
         selector = policy["spec"]["podSelector"].get("matchLabels", {})
@@ -352,7 +376,12 @@ def _egress_destinations(docs: list[dict], pod_labels: dict[str, str]) -> set[tu
             continue
         for rule in policy["spec"].get("egress", []):
             for peer in rule["to"]:
-                assert "ipBlock" not in peer, policy["metadata"]["name"]
+                if "ipBlock" in peer:  # only "outside the cluster", every private range excepted
+                    block = peer["ipBlock"]
+                    assert block["cidr"] == "0.0.0.0/0", policy["metadata"]["name"]
+                    assert set(block["except"]) >= set(PRIVATE_RANGES), policy["metadata"]["name"]
+                    allowed |= {("internet", port["port"]) for port in rule["ports"]}
+                    continue
                 labels = peer.get("podSelector", {}).get("matchLabels", {})
                 name = "dns" if labels.get("k8s-app") == "kube-dns" else labels["app.kubernetes.io/name"]
                 allowed |= {(name, port["port"]) for port in rule["ports"]}
@@ -379,6 +408,8 @@ def test_egress_is_denied_by_default_with_a_few_destinations(
         "catsdogs-mlflow": dns,
         "catsdogs-evaluate": dns | {("catsdogs-api", 8000), ("catsdogs-mlflow", 5000)},
         "catsdogs-train": dns | {("catsdogs-mlflow", 5000)},
+        # git host and DVC remote over HTTPS; nothing else reaches outside the cluster
+        "catsdogs-retrain": dns | {("catsdogs-mlflow", 5000), ("catsdogs-postgres", 5432), ("internet", 443)},
     }
     seen = set()
     for doc in (d for d in docs if d["kind"] in {"Deployment", "Job", "CronJob"}):

@@ -176,3 +176,41 @@ def export_command(
             {"onnx": str(report.onnx_path), "parity": report.parity.to_dict(), "int8": report.int8}, indent=2
         )
     )
+
+
+@app.command("retrain")
+def retrain_command(
+    project: Annotated[
+        Path | None, typer.Option(help="The DVC project (a checkout of this repository); default: here.")
+    ] = None,
+    pull: Annotated[
+        str | None, typer.Option(help="Named DVC remote to restore the current data from first.")
+    ] = None,
+    push: Annotated[
+        str | None, typer.Option(help="Named DVC remote to push the new data version to.")
+    ] = None,
+    commit: Annotated[
+        bool, typer.Option("--commit", help="Commit dvc.lock (only it) as the retraining's git identity.")
+    ] = False,
+) -> None:
+    """Retrain on new data: re-export the feedback, `dvc repro` (ingest, train: a new `challenger`,
+    export, evaluate), optionally push the data and commit dvc.lock. `catsdogs promote` comes next."""
+    from catsdogs.training.retrain import retrain
+
+    settings = get_settings()
+    result = retrain(settings, project=project, pull=pull, push=push, commit=commit,
+                     echo=lambda line: typer.echo(line, err=True))  # fmt: skip
+    before, after = result.data_version_before, result.data_version
+    typer.echo(
+        f"data version: {after} ({'changed from ' + str(before) if result.data_changed else 'unchanged'})"
+    )
+    if result.new_challenger:
+        typer.echo(f"challenger: {settings.model_name} v{result.challenger} (new; `catsdogs promote` next)")
+    else:
+        typer.echo(
+            f"challenger: {'v' + str(result.challenger) if result.challenger else 'none'} (no new one)"
+        )
+    if result.pushed_to:
+        typer.echo(f"data pushed to DVC remote {result.pushed_to!r}")
+    if commit:
+        typer.echo(f"committed dvc.lock: {result.commit}" if result.commit else "nothing to commit")
