@@ -10,23 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import dataset_photos, dvc_project, run_in_project
+from support import TINY_PIPELINE, dataset_photos, dvc_project, run_in_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PER_CLASS = 40
 STAGES = ("fetch", "feedback", "ingest", "train", "export", "evaluate")
-#: The shipped params.yaml made small and fast: the frozen Lite0 at 128 px with a linear head for
-#: two epochs. The 8-image validation split cannot measure a 0.3-point INT8 loss: any loss is accepted.
-TINY = {
-    "architecture": "efficientnet_lite0",
-    "strategy": "head",
-    "image_size": 128,
-    "epochs": 2,
-    "batch_size": 32,
-    "int8_calibration_images": 16,
-    "int8_max_accuracy_drop": 1.0,
-    "drift_reference_images": 50,
-}
 
 
 @pytest.fixture
@@ -41,7 +29,7 @@ def subset(dataset_zip: Path, tmp_path: Path) -> Path:
 
 
 def test_dvc_repro_runs_every_stage_once_and_then_nothing(subset: Path, tmp_path: Path) -> None:
-    project = dvc_project(tmp_path / "project", data_source=str(subset), **TINY)
+    project = dvc_project(tmp_path / "project", data_source=str(subset), **TINY_PIPELINE)
     first = run_in_project("dvc", "repro", cwd=project, timeout=600)
     assert [f"Running stage '{stage}'" in first for stage in STAGES] == [True] * len(STAGES), first
 
