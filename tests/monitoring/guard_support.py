@@ -15,6 +15,8 @@ from catsdogs.registry.promotion import move_champion
 from catsdogs.settings import Settings
 from fakes import REGISTERED_NAME, WEIGHTS_A, WEIGHTS_B, build_bundle, register_bundle
 
+#: The guard's window in these tests (N): small, so a test labels a few dozen predictions.
+GUARD_N = 10
 _NONCES = itertools.count()
 
 

@@ -4,7 +4,6 @@ when it holds, and its Alertmanager webhook (token, bad payloads, firing vs reso
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from guard_support import champion, champions, history, label, last_alias_change, open_store
+from guard_support import GUARD_N, champion, champions, history, label, last_alias_change
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -25,29 +24,18 @@ from catsdogs.registry.promotion import rollback
 from catsdogs.settings import Settings
 from fakes import REGISTERED_NAME
 
-N = 10
+N = GUARD_N
 TOKEN = "guard-token-for-the-test"
 
 
 @pytest.fixture
-def settings(settings: Settings, tmp_path: Path, _migrated_db: Path) -> Settings:
-    """A fresh migrated MLflow store and a feedback store in tmp_path; N = 10, X = 10 points."""
-    shutil.copy(_migrated_db, tmp_path / "mlruns.db")
-    overrides = {
-        "guard_min_labels": N,
-        "guard_max_drop": 0.1,
-        "guard_cooldown_s": 600.0,
-        "guard_interval_s": 3600.0,
-        "feedback_store_url": f"sqlite:///{tmp_path / 'feedback.sqlite3'}",
-    }
-    return Settings(**{**settings.model_dump(), **overrides})
+def settings(guard_settings: Settings) -> Settings:
+    return guard_settings
 
 
 @pytest.fixture
-def store(settings: Settings) -> Iterator[FeedbackStore]:
-    store = open_store(settings.feedback_store_url.get_secret_value())  # type: ignore[union-attr]
-    yield store
-    store.close()
+def store(feedback_store: FeedbackStore) -> FeedbackStore:
+    return feedback_store
 
 
 def _with(settings: Settings, **overrides: object) -> Settings:
