@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from guard_support import GUARD_N, champion, champions
+from monitor_support import wait_for
 from PIL import Image
 
 from catsdogs.monitoring.guard import last_rollback
@@ -64,13 +65,6 @@ def processes() -> Iterator[list[Server]]:
         server.stop()
 
 
-def _wait(condition: object, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_falling_live_accuracy_rolls_back_and_the_service_follows_without_a_failed_request(
     guard_settings: Settings,
     tmp_path: Path,
@@ -108,11 +102,9 @@ def test_falling_live_accuracy_rolls_back_and_the_service_follows_without_a_fail
             feedback = api.post("/feedback", json={"prediction_id": answer["prediction_id"], "label": truth})
             assert feedback.status_code == 200, feedback.text
 
-        _wait(lambda: champion(client) == 1, "the guard to move champion back to v1")
-        _wait(
-            lambda: api.post("/predict", files={"file": ("r.jpg", image)}).json()["model_version"] == "1",
-            "the reload",
-        )
+        wait_for(lambda: champion(client) == 1, timeout_s=15, what="champion back at v1", log=guard.log)
+        served = lambda: api.post("/predict", files={"file": ("r.jpg", image)}).json()["model_version"]  # noqa: E731
+        wait_for(lambda: served() == "1", timeout_s=15, what="the reload of v1", log=service.log)
         answer = api.post("/predict", files={"file": ("red.jpg", image)}).json()
         assert (answer["model_version"], answer["label"]) == ("1", "cat")
     time.sleep(0.5)  # the hammer keeps going on the reloaded model
@@ -123,8 +115,9 @@ def test_falling_live_accuracy_rolls_back_and_the_service_follows_without_a_fail
     assert record is not None
     assert (record["from"], record["to"], record["trigger"]) == (2, 1, "live_accuracy")
     assert "live accuracy of v2 over its latest 10 labels is 0.000" in record["reason"]
+    counted = 'catsdogs_guard_rollbacks_total{trigger="live_accuracy"} 1.0'  # once its check has returned
+    wait_for(lambda: counted in httpx.get(f"{guard.url}/metrics", timeout=5).text, timeout_s=10, what=counted)
     metrics = httpx.get(f"{guard.url}/metrics", timeout=5).text
-    assert 'catsdogs_guard_rollbacks_total{trigger="live_accuracy"} 1.0' in metrics
     assert "catsdogs_guard_baseline_accuracy 1.0" in metrics
     sent = sum(hammer.statuses.values())
     assert hammer.errors == [] and set(hammer.statuses) == {200}, (hammer.statuses, hammer.errors[:3])
