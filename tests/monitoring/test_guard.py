@@ -156,6 +156,19 @@ def test_a_firing_error_alert_rolls_back_with_the_alert_in_the_reason(
     assert "alert CatsdogsHighErrorRate is firing: 12% of requests failed" in record["reason"]
 
 
+def test_the_guard_holds_from_memory_when_its_tag_is_lost(
+    settings: Settings, store: FeedbackStore, tmp_path: Path
+) -> None:
+    """The alias moved but the tag was not written (a registry hiccup): the same process still holds."""
+    client = champions(settings, tmp_path, 3)
+    label(store, 3, right=N, wrong=N)
+    label(store, 2, right=N, wrong=N)
+    assert check(settings, store=store).rolled_back_to == 2
+    client.delete_registered_model_tag(REGISTERED_NAME, LAST_ROLLBACK_TAG)
+    assert check(settings, store=store).result == "held"
+    assert champion(client) == 2
+
+
 def test_a_broken_guard_tag_is_ignored(settings: Settings, store: FeedbackStore, tmp_path: Path) -> None:
     client = champions(settings, tmp_path, 2)
     client.set_registered_model_tag(REGISTERED_NAME, LAST_ROLLBACK_TAG, "{not json")

@@ -43,6 +43,9 @@ Trigger = Literal["live_accuracy", "alert"]
 Result = Literal["rolled_back", "healthy", "too_few_labels", "held", "no_champion", "no_previous"]
 #: Serializes the guard's steps in one process: the periodic check and the webhook never both act.
 _STEP = threading.Lock()
+#: Each step also kept in memory, by (tracking URI, model): should the tag fail to be written after
+#: the alias moved, this process still holds instead of stepping again.
+_REMEMBERED: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -73,21 +76,22 @@ def _last_rollback(client: MlflowClient, name: str) -> dict[str, Any] | None:
 
 def _hold_reason(settings: Settings, client: MlflowClient, champion: int, now: datetime) -> str | None:
     """Why the guard must not act now (its one step is taken, or it is cooling down), else ``None``."""
-    last = _last_rollback(client, settings.model_name)
-    if last is None:
-        return None
-    if str(last.get("to")) == str(champion):
-        return (
-            f"the guard rolled back to v{champion} at {last.get('at')} and a human has not acted since: "
-            "promote or roll back to re-arm it"
-        )
-    try:
-        elapsed = (now - datetime.fromisoformat(str(last["at"]))).total_seconds()
-    except (KeyError, ValueError, TypeError):
-        return None
-    if elapsed < settings.guard_cooldown_s:
-        cooldown = settings.guard_cooldown_s
-        return f"cooling down: the last automatic rollback was {elapsed:.0f}s ago (< {cooldown:.0f}s)"
+    remembered = _REMEMBERED.get((settings.mlflow_tracking_uri, settings.model_name))
+    for last in (_last_rollback(client, settings.model_name), remembered):
+        if last is None:
+            continue
+        if str(last.get("to")) == str(champion):
+            return (
+                f"the guard rolled back to v{champion} at {last.get('at')} and a human has not acted since: "
+                "promote or roll back to re-arm it"
+            )
+        try:
+            elapsed = (now - datetime.fromisoformat(str(last["at"]))).total_seconds()
+        except (KeyError, ValueError, TypeError):
+            continue
+        if elapsed < settings.guard_cooldown_s:
+            cooldown = settings.guard_cooldown_s
+            return f"cooling down: the last automatic rollback was {elapsed:.0f}s ago (< {cooldown:.0f}s)"
     return None
 
 
@@ -205,7 +209,11 @@ def _step(
         return GuardDecision("none", "no_previous", f"{exc}; would roll back: {reason}", version, **numbers)
     record = {"from": version, "to": target, "at": now.isoformat(timespec="seconds"), "reason": why}
     record["trigger"] = trigger
-    client.set_registered_model_tag(settings.model_name, LAST_ROLLBACK_TAG, json.dumps(record))
+    _REMEMBERED[(settings.mlflow_tracking_uri, settings.model_name)] = record
+    try:
+        client.set_registered_model_tag(settings.model_name, LAST_ROLLBACK_TAG, json.dumps(record))
+    except Exception:  # the alias moved: report the step; this process holds from memory meanwhile
+        _logger.exception("the guard rolled back but could not record it in the registry")
     _logger.warning("guard rolled %s back from v%d to v%d: %s", settings.model_name, version, target, why)
     return GuardDecision("rollback", "rolled_back", why, version, rolled_back_to=target, **numbers)
 
