@@ -1,4 +1,5 @@
-"""Fake-but-real model bundles for every test folder (importable as ``fakes``, like ``support``).
+"""Fake-but-real model bundles for every test folder (importable as ``fakes``, like ``support``), and
+their registration in a real MLflow store.
 
 The graph is a tiny real ONNX model built with ``onnx.helper``: normalized image → (optionally its
 top half) → GlobalAveragePool → (N, 3) mean colour → MatMul ``W`` + ``b`` → logits. The answer
@@ -121,3 +122,33 @@ def build_bundle(
         for name, data in samples.items():
             (root / SAMPLES / name).write_bytes(data)
     return root
+
+
+REGISTERED_NAME = "catsdogs-classifier"
+
+
+def register_bundle(
+    tracking_uri: str, bundle: Path, artifacts: Path, *, alias: str | None = "champion"
+) -> str:
+    """Log a bundle as a run's model, register it and point ``alias`` at it (directly, as an
+    operator outside catsdogs could; ``None``: no alias); returns the version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("serve-test")
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment("serve-test", artifact_location=artifacts.as_uri())
+    )
+    run = client.create_run(experiment_id)
+    client.log_artifacts(run.info.run_id, str(bundle), "model/artifacts/bundle")
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name='{REGISTERED_NAME}'"):
+        client.create_registered_model(REGISTERED_NAME)
+    version = client.create_model_version(
+        REGISTERED_NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+    if alias is not None:
+        client.set_registered_model_alias(REGISTERED_NAME, alias, version)
+    return str(version)

@@ -8,9 +8,12 @@ import io
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -217,3 +220,66 @@ DECODER_FAILURES = [
     OverflowError("Python int too large to convert to C long"),
     TypeError("'float' object cannot be interpreted as an integer"),
 ]
+
+
+# --- real catsdogs processes -------------------------------------------------------------------
+
+
+class Server:
+    """A real ``catsdogs`` server process (``serve``, ``guard``) on loopback, stopped by its PID."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=5)
+
+
+def start_catsdogs(
+    command: list[str],
+    env: dict[str, str],
+    *,
+    cwd: Path,
+    host: str = "127.0.0.1",
+    ready: str | None = "/ready",
+) -> Server:
+    """Start ``python -m catsdogs <command> --host HOST --port <free port>`` from this checkout's
+    source with ``env`` over the current environment; wait until ``ready`` answers 200 (unless None)."""
+    import httpx
+
+    port = free_port()
+    log = cwd / f"{command[0]}-{port}.log"
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **env,
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "catsdogs", *command, "--host", host, "--port", str(port)],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    if ready is None:
+        return server
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.url}{ready}", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"{command[0]} exited: {log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"{command[0]} not ready: {log.read_text()[-3000:]}")

@@ -47,6 +47,17 @@ def derived_kid(secret: str) -> str:
     return hashlib.sha256(b"catsdogs-feedback-kid:" + secret.encode()).hexdigest()[:8]
 
 
+def is_loopback(host: str) -> bool:
+    """``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name (or "" for every interface) may resolve to anything
+        return False
+
+
 def _params_file() -> Path:
     return Path(os.environ.get(PARAMS_FILE_ENV, "params.yaml"))
 
@@ -308,6 +319,24 @@ class Settings(BaseSettings):
     drift_reference_images: int = Field(default=1000, ge=50)
     """Training images whose statistics make the bundle's drift reference."""
 
+    # --- rollback guard (`catsdogs guard`) ---------------------------------------------------------
+    guard_min_labels: int = Field(default=200, ge=1)
+    """Labelled predictions of the champion in the live-accuracy window (and in its own baseline)."""
+    guard_max_drop: float = Field(default=0.05, gt=0.0, lt=1.0)
+    """Live accuracy this far (a fraction: 0.05 = 5 points) below the baseline rolls the champion back."""
+    guard_accuracy_floor: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Baseline for every champion instead of its own first ``guard_min_labels`` labels (wins when set)."""
+    guard_cooldown_s: float = Field(default=3600.0, ge=0)
+    """After an automatic rollback the guard acts again no sooner than this."""
+    guard_interval_s: float = Field(default=60.0, gt=0)
+    """How often the long-running guard checks live accuracy."""
+    guard_webhook_token: SecretStr | None = None
+    """Bearer token the guard's Alertmanager webhook requires (needed to bind a non-loopback host)."""
+    guard_error_alerts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CatsdogsHighErrorRate"]
+    )
+    """Alert names (comma-separated in the environment) whose firing webhook rolls the champion back."""
+
     # --- batch scoring (`catsdogs predict-batch`) -------------------------------------------------
     predict_batch_size: int = Field(default=32, ge=1)
     """Images per ONNX Runtime call of a batch-scoring job (and per Ray Data batch)."""
@@ -339,7 +368,14 @@ class Settings(BaseSettings):
         yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=_params_file())
         return (init_settings, env_settings, yaml_source, file_secret_settings)
 
-    @field_validator("api_keys", "cors_origins", "ensemble_architectures", "feedback_secrets", mode="before")
+    @field_validator(
+        "api_keys",
+        "cors_origins",
+        "ensemble_architectures",
+        "feedback_secrets",
+        "guard_error_alerts",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # Accept "a,b" in an environment variable as well as a YAML/JSON list.
@@ -373,13 +409,7 @@ class Settings(BaseSettings):
     @property
     def loopback_only(self) -> bool:
         """``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
-        host = self.host.strip().strip("[]")
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:  # a host name (or "" for every interface) may resolve to anything
-            return False
+        return is_loopback(self.host)
 
     @property
     def feedback_keys(self) -> list[tuple[str, str]]:

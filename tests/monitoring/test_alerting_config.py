@@ -29,6 +29,7 @@ REQUIRED_ALERTS = {
     "CatsdogsLowMeanConfidence",
     "CatsdogsInputDrift",
     "CatsdogsLiveAccuracyDrop",
+    "CatsdogsAutomaticRollback",
     "CatsdogsModelReloadFailures",
     "CatsdogsPodNotReady",
     "CatsdogsPodCrashLooping",
@@ -121,6 +122,8 @@ def test_amtool_check_config() -> None:
         (["severity=critical", "alertname=CatsdogsServiceDown"], "pager-webhook-and-email"),
         (["severity=warning", "alertname=CatsdogsInputDrift"], "email-team"),
         (["alertname=SomethingUnlabelled"], "email-team"),
+        (["severity=critical", "alertname=CatsdogsHighErrorRate"], "catsdogs-guard,pager-webhook-and-email"),
+        (["severity=critical", "alertname=CatsdogsAutomaticRollback"], "pager-webhook-and-email"),
     ],
 )
 def test_alertmanager_routes_by_severity(labels: list[str], receiver: str) -> None:

@@ -39,10 +39,12 @@ from monitor_support import (
     wait_for,
 )
 from PIL import Image
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from catsdogs.drift import PSI_DRIFT
 from catsdogs.monitoring.evaluate_deployed import DeployedEvaluation, evaluate_deployed, log_to_mlflow
+from catsdogs.monitoring.guard_app import GuardMetrics
 from catsdogs.preprocessing import PreprocessConfig, decode_image, preprocess_batch
 from catsdogs.settings import Settings
 from fakes import IMAGE_SIZE, WEIGHTS_A
@@ -73,6 +75,7 @@ KUBERNETES_METRICS = {
 #: Series Prometheus makes itself for every scrape target.
 PROMETHEUS_METRICS = {"up": "Prometheus, one series per scrape target (1 when the scrape succeeded)"}
 SERVICE_GROUPS = {"catsdogs-service", "catsdogs-model-quality"}
+GUARD_GROUP = "catsdogs-guard"
 PANELS_WITH_DATA = {
     "Model version",
     "Model ready",
@@ -178,6 +181,8 @@ def test_every_alert_reads_only_exported_or_kubernetes_metrics(exported: set[str
         assert names, f"{rule['alert']}: no metric found in its expression"
         if rule["group"] in SERVICE_GROUPS:
             missing = names - exported - set(PROMETHEUS_METRICS)
+        elif rule["group"] == GUARD_GROUP:  # the rollback guard's own /metrics
+            missing = names - _exported_names(generate_latest(GuardMetrics().registry).decode())
         else:
             missing = names - set(KUBERNETES_METRICS)
         assert not missing, f"{rule['alert']} reads {missing}, which its source does not export"

@@ -44,18 +44,6 @@ def make_bundle(tmp_path: Path, sample_jpegs: dict[str, list[bytes]]) -> Callabl
     return build
 
 
-@pytest.fixture(scope="session")
-def _migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, fully migrated MLflow SQLite store: copying it is much faster than migrating anew."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
-    client = MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}")
-    client.search_experiments()
-    client.search_registered_models()
-    return path
-
-
 @pytest.fixture
 def settings(settings: Settings, tmp_path: Path, _migrated_db: Path) -> Settings:
     """The shared settings fixture, on a fresh copy of a migrated SQLite store."""

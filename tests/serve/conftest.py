@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serve_testing import expected_probabilities, free_port, read_dataset, wait_ready
+from serve_testing import expected_probabilities, read_dataset, wait_ready
 
 from catsdogs.serve.app import create_app
 from catsdogs.settings import Settings
 from fakes import WEIGHTS_A, build_bundle
-
-REPO = Path(__file__).resolve().parents[2]
+from support import Server, start_catsdogs
 
 
 @pytest.fixture(scope="session")
@@ -85,59 +78,17 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
 
 
-class Server:
-    """A real ``catsdogs serve`` process on loopback."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(timeout=5)
-
-
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def start(env: dict[str, str], *, wait: bool = True, host: str = "127.0.0.1") -> Server:
         """``host`` is the address bound; the tests reach every one of them through 127.0.0.1."""
-        port = free_port()
-        log = tmp_path / f"server-{port}.log"
-        full_env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "CATSDOGS_CACHE_DIR": str(tmp_path / "cache"),
-            "CATSDOGS_RELOAD_INTERVAL_S": "0",
-            **env,
-        }
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "catsdogs", "serve", "--host", host, "--port", str(port)],
-                env=full_env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=tmp_path,
-            )
-        server = Server(proc, f"http://127.0.0.1:{port}", log)
+        defaults = {"CATSDOGS_CACHE_DIR": str(tmp_path / "cache"), "CATSDOGS_RELOAD_INTERVAL_S": "0"}
+        server = start_catsdogs(
+            ["serve"], {**defaults, **env}, cwd=tmp_path, host=host, ready="/ready" if wait else None
+        )
         servers.append(server)
-        if wait:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
-                        return server
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
-                time.sleep(0.1)
-            raise AssertionError(f"server not ready: {log.read_text()[-3000:]}")
         return server
 
     yield start

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from catsdogs.preprocessing import PreprocessConfig, decode_for_model, preprocess_batch
-from fakes import IMAGE_SIZE
+from fakes import IMAGE_SIZE, REGISTERED_NAME, register_bundle  # noqa: F401  (serve tests import them here)
 from support import dataset_photos, free_port  # noqa: F401
 
 
@@ -53,34 +53,8 @@ def wait_ready(client: Any, timeout: float = 20.0) -> None:
     raise AssertionError(f"service not ready after {timeout}s: {client.get('/ready').text}")
 
 
-REGISTERED_NAME = "catsdogs-classifier"
-
-
 def registered_run_id(tracking_uri: str, version: str) -> str:
     """The run behind a registered version (its folder in the bundle cache)."""
     from mlflow import MlflowClient
 
     return str(MlflowClient(tracking_uri).get_model_version(REGISTERED_NAME, version).run_id)
-
-
-def register_bundle(tracking_uri: str, bundle: Path, artifacts: Path) -> str:
-    """Log a bundle as a run's model, register it and point ``champion`` at it; returns the version."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("serve-test")
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment("serve-test", artifact_location=artifacts.as_uri())
-    )
-    run = client.create_run(experiment_id)
-    client.log_artifacts(run.info.run_id, str(bundle), "model/artifacts/bundle")
-    client.set_terminated(run.info.run_id)
-    if not client.search_registered_models(f"name='{REGISTERED_NAME}'"):
-        client.create_registered_model(REGISTERED_NAME)
-    version = client.create_model_version(
-        REGISTERED_NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-    ).version
-    client.set_registered_model_alias(REGISTERED_NAME, "champion", version)
-    return str(version)

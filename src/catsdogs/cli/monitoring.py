@@ -1,4 +1,5 @@
-"""``catsdogs evaluate-deployed``: a running service measured on labelled photos."""
+"""``catsdogs evaluate-deployed``: a running service measured on labelled photos; ``catsdogs guard``:
+the automatic rollback."""
 
 from __future__ import annotations
 
@@ -39,3 +40,21 @@ def evaluate_deployed_command(
     )
     log_to_mlflow(result, settings, data_source=str(data))
     typer.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+
+
+@app.command("guard")
+def guard_command(
+    once: Annotated[
+        bool, typer.Option("--once", help="Check once, print the decision as JSON and exit (a CronJob).")
+    ] = False,
+    host: Annotated[str, typer.Option("--host", help="Interface the webhook binds.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port of the webhook and /metrics.")] = 9105,
+) -> None:
+    """Roll champion back when its live accuracy drops or an error alert fires (docs/monitoring.md)."""
+    from catsdogs.monitoring.guard_app import run_once, serve_guard
+
+    settings = get_settings()
+    if once:
+        typer.echo(json.dumps(run_once(settings).as_dict(), indent=2, sort_keys=True))
+        return
+    serve_guard(settings, host=host, port=port)
