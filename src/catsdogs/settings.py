@@ -289,7 +289,8 @@ class Settings(BaseSettings):
     """A request alone in its worker runs on every core (a second ORT session); under load each call
     keeps its share of the cores."""
     ort_allow_spinning: bool = False
-    """Let idle ORT threads spin: faster alone, but steals CPU from decoding on small machines."""
+    """Let idle ORT threads spin: faster alone, but steals CPU from decoding on small machines
+    (the lone-request session always spins: the other cores are idle then)."""
     ort_cpu_arena: bool = True
     """ORT's memory arena (grows to the largest batch run; batches are capped by ``batch_max_size``)."""
     serve_int8: bool = False

@@ -28,12 +28,19 @@ def _threads(session: object) -> int:
     return session.get_session_options().intra_op_num_threads  # type: ignore[attr-defined]
 
 
+def _spins(session: object) -> bool:
+    options = session.get_session_options()  # type: ignore[attr-defined]
+    return options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
 def test_a_lone_request_runs_on_every_core_and_a_crowded_one_on_its_share(
     two_cores: None, make_client: Callable[..., TestClient], cat_jpeg: bytes
 ) -> None:
     client = make_client()
     model = client.app.state.service.store.current  # type: ignore[attr-defined]
     assert (_threads(model.session), _threads(model.wide_session)) == (1, 2)
+    # The shared session leaves its core to decoding; the lone one spins, as the other core is idle.
+    assert (_spins(model.session), _spins(model.wide_session)) == (False, True)
     for _ in range(3):
         assert client.post("/predict", files={"file": ("c.jpg", cat_jpeg)}).status_code == 200
     assert _lone(client) == 3

@@ -43,12 +43,21 @@ def intra_threads(settings: Settings) -> int:
     return settings.ort_intra_threads or max(1, available_cores() // inference_workers(settings))
 
 
-def session_options(settings: Settings, *, threads: int | None = None) -> Any:
-    """ORT options for ``threads`` per call (default :func:`intra_threads`), spinning as configured."""
+def session_options(settings: Settings) -> Any:
+    """ORT options of the shared session: :func:`intra_threads` per call, spinning as configured."""
     return runtime.session_options(
-        intra_threads=threads or intra_threads(settings),
+        intra_threads=intra_threads(settings),
         allow_spinning=settings.ort_allow_spinning,
         cpu_arena=settings.ort_cpu_arena,
+    )
+
+
+def lone_session_options(settings: Settings) -> Any:
+    """ORT options of the session a request alone in its worker runs on: every core, spinning (as a
+    bare ORT session does by default: the other cores are idle then, and spinning saves each
+    operator's thread wake-up, 1.3 ms of a 13 ms answer measured on 2 cores)."""
+    return runtime.session_options(
+        intra_threads=available_cores(), allow_spinning=True, cpu_arena=settings.ort_cpu_arena
     )
 
 
@@ -102,9 +111,7 @@ def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
     model = LoadedModel(resolved, runtime.open_model(path, config, options=session_options(settings)), config)
     cores = available_cores()
     if settings.ort_lone_request_all_cores and intra_threads(settings) < cores:
-        model.wide_session = runtime.open_model(
-            path, config, options=session_options(settings, threads=cores)
-        )
+        model.wide_session = runtime.open_model(path, config, options=lone_session_options(settings))
     model.warm_up(batch_size(settings))
     return model
 
