@@ -170,15 +170,22 @@ def _median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
+def answered_rps(level: dict) -> float:
+    """Requests per second answered 200: a peer shedding load with 503s gets no credit for them."""
+    answered = sum(n for code, n in level["statuses"].items() if str(code) == "200")
+    return answered / level["seconds"] if level["seconds"] else 0.0
+
+
 def ratios(runs: dict[str, list[dict]], raw: dict, kinds: list[str], levels: list[int]) -> dict:
-    """catsdogs ÷ each peer, per image kind and level: throughput, and p50 latency at concurrency 1."""
+    """catsdogs ÷ each peer, per image kind and level: answered requests/s (:func:`answered_rps`),
+    and p50 latency at concurrency 1."""
     out: dict = {}
     for peer in (p for p in runs if p != "catsdogs"):
         for kind in kinds:
             for i, level in enumerate(levels):
                 pairs = list(zip(runs["catsdogs"], runs[peer], strict=True))
                 out[f"{kind}/c{level}/rps_vs_{peer}"] = _median(
-                    [a[kind][i]["throughput_rps"] / b[kind][i]["throughput_rps"] for a, b in pairs]
+                    [answered_rps(a[kind][i]) / max(answered_rps(b[kind][i]), 1e-9) for a, b in pairs]
                 )
                 if level == 1:
                     out[f"{kind}/c1/p50_vs_{peer}"] = _median(
@@ -191,7 +198,7 @@ def ratios(runs: dict[str, list[dict]], raw: dict, kinds: list[str], levels: lis
             ("raw_server_layout", raw["server_images_per_s"]),
         ):
             out[f"dataset/c16/rps_vs_{name}"] = _median(
-                [r["dataset"][i]["throughput_rps"] / rate for r in runs["catsdogs"]]
+                [answered_rps(r["dataset"][i]) / rate for r in runs["catsdogs"]]
             )
     return out
 
