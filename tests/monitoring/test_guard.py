@@ -245,6 +245,21 @@ def test_webhook_refuses_an_oversized_body(guard: TestClient) -> None:
     body = b'{"pad": "' + b"x" * (1024 * 1024) + b'"}'
     headers = {**AUTH, "Content-Type": "application/json"}
     assert guard.post("/alertmanager", content=body, headers=headers).status_code == 413
+    chunked = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])  # no Content-Length
+    assert guard.post("/alertmanager", content=chunked, headers=headers).status_code == 413
+
+
+def test_webhook_reads_no_body_before_the_token(guard: TestClient) -> None:
+    sent = []
+
+    def chunks():
+        for _ in range(64):
+            sent.append(1)
+            yield b"x" * 65536
+
+    response = guard.post("/alertmanager", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 401
+    assert len(sent) < 64  # refused before the 4 MiB body was read
 
 
 def test_webhook_ignores_resolved_and_unknown_alerts(

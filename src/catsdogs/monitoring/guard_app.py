@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from catsdogs import CatsdogsError
@@ -137,8 +137,23 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.close()
 
 
-async def _alertmanager(payload: WebhookIn, request: Request) -> dict[str, Any]:
+async def _read_payload(request: Request) -> WebhookIn:
+    """The webhook's JSON, read only after the token was checked and never past ``MAX_BODY_BYTES``
+    (a chunked body declares no length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413, "payload too large for an Alertmanager webhook")
+    try:
+        return WebhookIn.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise HTTPException(422, f"not an Alertmanager webhook payload: {exc.error_count()} errors") from None
+
+
+async def _alertmanager(request: Request) -> dict[str, Any]:
     settings: Settings = request.app.state.settings
+    payload = await _read_payload(request)
     decisions = []
     for alert in payload.alerts:
         name = alert.labels.get("alertname", "")
