@@ -52,7 +52,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "catsdogs.registry.model_source",  # `evaluate --model-uri models:/…` resolves through it
         }
     ),
-    "registry": frozenset(),
+    "registry": frozenset({"feedback"}),  # promote --require-shadow reads the shadow record
     # the one model-URI resolver (mlflow-skinny only), and the feedback store
     "serve": frozenset({"catsdogs.registry.model_source", "feedback"}),
     # the rollback guard reads live accuracy from the feedback store and moves champion back

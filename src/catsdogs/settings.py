@@ -218,6 +218,10 @@ class Settings(BaseSettings):
     # --- serving -----------------------------------------------------------------------------
     model_uri: str = "models:/catsdogs-classifier@champion"
     """The served model: ``models:/name@alias``, ``models:/name/version`` or a bundle folder."""
+    shadow_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of predictions also scored by the shadow model, off the request path; 0: no shadow."""
+    shadow_model_uri: str = "models:/catsdogs-classifier@challenger"
+    """The shadow model (a challenger proving itself on live traffic before ``promote``)."""
     host: str = "127.0.0.1"
     """Interface the service binds."""
     port: int = 8000

@@ -69,7 +69,7 @@ def test_the_log_keeps_what_retraining_needs(postgres_url: str) -> None:
             version = connection.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
     finally:
         store.close()
-    assert version == "0002"
+    assert version == "0003"
     assert len(rows) == 1
     row = rows[0]
     assert (row["nonce"], row["kid"], row["model_version"], row["predicted"], row["label"]) == (
@@ -214,5 +214,5 @@ def test_the_migrations_ship_in_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     migrations = "catsdogs/feedback/migrations/"
     shipped = {path.relative_to(SOURCE_MIGRATIONS).as_posix() for path in SOURCE_MIGRATIONS.rglob("*.py")}
-    assert {"env.py", "versions/0001_feedback_log.py", "versions/0002_feedback_images.py"} <= shipped
+    assert {"env.py", "versions/0001_feedback_log.py", "versions/0003_shadow_predictions.py"} <= shipped
     assert {f"{migrations}{name}" for name in shipped} <= names

@@ -32,13 +32,25 @@ def promote(
         int | None, typer.Option("--version", help="Version to promote (default: the challenger).")
     ] = None,
     reason: ReasonOption = "",
+    require_shadow: Annotated[
+        int,
+        typer.Option(
+            "--require-shadow",
+            min=0,
+            help="Also require N live requests shadowed by it, labelled accuracy there >= the champion's.",
+        ),
+    ] = 0,
 ) -> None:
     """Move the `champion` alias to the challenger if it passes the quality gate (exit 1 if refused)."""
     from catsdogs.registry import promote as promote_version
 
     settings = get_settings()
     decision = promote_version(
-        settings, version=version, reason=reason, evaluate=_champion_evaluator(settings)
+        settings,
+        version=version,
+        reason=reason,
+        evaluate=_champion_evaluator(settings),
+        require_shadow=require_shadow,
     )
     typer.echo(decision.table())
     typer.echo(decision.message)

@@ -64,6 +64,45 @@ images_table = sa.table(
     sa.column("received_at", sa.DateTime(timezone=True)),
 )
 
+shadow_table = sa.table(
+    "shadow_predictions",
+    sa.column("nonce", sa.String()),
+    sa.column("champion_version", sa.String()),
+    sa.column("champion_label", sa.String()),
+    sa.column("challenger_version", sa.String()),
+    sa.column("challenger_label", sa.String()),
+    sa.column("challenger_confidence", sa.Float()),
+    sa.column("created_at", sa.DateTime(timezone=True)),
+)
+
+
+@dataclass(frozen=True)
+class ShadowRecord:
+    """What the shadow model answered for one live prediction (joined to feedback by ``nonce``)."""
+
+    nonce: str
+    champion_version: str
+    champion_label: str
+    challenger_version: str
+    challenger_label: str
+    challenger_confidence: float
+
+
+@dataclass(frozen=True)
+class ShadowSummary:
+    """A challenger's shadow record: requests it scored, how often it agreed with the champion,
+    and, over those that got a feedback label, how often each model was right."""
+
+    shadowed: int
+    agreed: int
+    labelled: int
+    challenger_correct: int
+    champion_correct: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.shadowed if self.shadowed else None
+
 
 @dataclass(frozen=True)
 class PredictionClaim:
@@ -257,6 +296,43 @@ class FeedbackStore:
         )
         with self._transaction() as connection:
             return [bool(row.correct) for row in connection.execute(query)]
+
+    def record_shadow(self, record: ShadowRecord) -> None:
+        """Keep one shadow prediction (blocking: call it from a thread)."""
+        row = {**record.__dict__, "created_at": datetime.now(UTC)}
+        try:
+            with self._transaction() as connection:
+                connection.execute(shadow_table.insert().values(**row))
+        except sa.exc.SQLAlchemyError as exc:
+            raise FeedbackStoreError(f"cannot write the feedback store: {type(exc).__name__}") from exc
+
+    def shadow_of(self, nonce: str) -> ShadowRecord | None:
+        """The shadow prediction of this request, if it was shadowed."""
+        columns = [shadow_table.c[name] for name in ShadowRecord.__dataclass_fields__]
+        with self._transaction() as connection:
+            row = connection.execute(sa.select(*columns).where(shadow_table.c.nonce == nonce)).first()
+        return None if row is None else ShadowRecord(*row)
+
+    def shadow_summary(self, challenger_version: str) -> ShadowSummary:
+        """Every replica's shadow predictions of ``challenger_version``, with the labels they got."""
+        shadow, feedback = shadow_table.c, feedback_table.c
+        agreed = sa.case((shadow.challenger_label == shadow.champion_label, 1), else_=0)
+        challenger_right = sa.case((shadow.challenger_label == feedback.label, 1), else_=0)
+        champion_right = sa.case((shadow.champion_label == feedback.label, 1), else_=0)
+        query = (
+            sa.select(
+                sa.func.count(),
+                sa.func.coalesce(sa.func.sum(agreed), 0),
+                sa.func.count(feedback.label),
+                sa.func.coalesce(sa.func.sum(challenger_right), 0),
+                sa.func.coalesce(sa.func.sum(champion_right), 0),
+            )
+            .select_from(shadow_table.outerjoin(feedback_table, feedback.nonce == shadow.nonce))
+            .where(shadow.challenger_version == challenger_version)
+        )
+        with self._transaction() as connection:
+            row = connection.execute(query).one()
+        return ShadowSummary(*(int(value) for value in row))
 
     @contextmanager
     def _transaction(self) -> Iterator[sa.Connection]:

@@ -193,6 +193,40 @@ def _checks(
     return rows
 
 
+def _shadow_checks(settings: Settings, version: str, required: int) -> list[GateCheck]:
+    """The candidate's shadow record against live traffic (``catsdogs promote --require-shadow``)."""
+    from catsdogs.feedback.store import FeedbackStore, store_url
+
+    store = FeedbackStore(store_url(settings))
+    store.open()
+    try:
+        summary = store.shadow_summary(version)
+    finally:
+        store.close()
+    labelled = max(summary.labelled, 1)
+    challenger_acc = summary.challenger_correct / labelled
+    champion_acc = summary.champion_correct / labelled
+    agreement = "-" if summary.agreement is None else f"{summary.agreement:.3f}"
+    return [
+        GateCheck(
+            "shadowed requests",
+            float(summary.shadowed),
+            None,
+            float(required),
+            f">= {required} (agreement with the champion {agreement})",
+            summary.shadowed >= required,
+        ),
+        GateCheck(
+            "shadow live accuracy",
+            challenger_acc,
+            champion_acc,
+            champion_acc,
+            f">= champion on the same {summary.labelled} labelled requests",
+            summary.challenger_correct >= summary.champion_correct,
+        ),
+    ]
+
+
 def _bounded(function: Callable[..., _T]) -> Callable[..., _T]:
     """Run a registry command with MLflow's HTTP retries bounded by ``settings.registry_timeout_s``,
     so an unreachable tracking server fails in seconds instead of retrying for minutes."""
@@ -224,6 +258,7 @@ def promote(
     version: int | None = None,
     reason: str = "",
     evaluate: Callable[[Path], dict] | None = None,
+    require_shadow: int = 0,
 ) -> PromotionDecision:
     """Move ``champion`` to the challenger (or ``version``) if it passes the quality gate.
 
@@ -233,6 +268,9 @@ def promote(
         reason: why, recorded with the alias change.
         evaluate: ``bundle folder -> metrics.json-shaped dict`` on the current test split; used to
             re-test the champion when it was tested on another split.
+        require_shadow: also require this many live requests scored by the candidate in shadow
+            (the feedback store's record), and its accuracy on those that got a label at least
+            the champion's on the same requests.
 
     Returns:
         The decision; ``accepted`` is False when the gate refused (nothing was changed then).
@@ -255,6 +293,8 @@ def promote(
         checks=_checks(settings, challenger, champion),
         champion_reevaluated=bool(champion and champion.reevaluated),
     )
+    if require_shadow > 0:
+        decision.checks.extend(_shadow_checks(settings, str(candidate_no), require_shadow))
     failed = [check for check in decision.checks if not check.passed]
     if failed:
         decision.message = f"refused to promote {name} v{candidate_no}: " + "; ".join(

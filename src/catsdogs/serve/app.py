@@ -36,12 +36,16 @@ def create_app(
         await asyncio.to_thread(service.feedback_log.open)  # migrations first: a bad URL stops the start
         await service.predictor.start()
         service.store.start()
+        if service.shadow is not None:
+            service.shadow.start()
         if settings.workers > 1:  # see Settings.worker_start_wait_s
             wait = settings.worker_start_wait_s
             if not await asyncio.to_thread(service.store.wait_loaded, wait):
                 logger.warning("no model after %.0f s; accepting requests anyway (503 until loaded)", wait)
         yield
         service.store.stop()
+        if service.shadow is not None:
+            await asyncio.to_thread(service.shadow.stop)
         await service.predictor.stop()  # in-flight work finishes first (uvicorn drains on SIGTERM)
         service.drift.stop()
         service.feedback_log.close()

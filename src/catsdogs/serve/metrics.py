@@ -63,6 +63,32 @@ class Metrics:
         self.batch_size = Histogram(
             "catsdogs_batch_size", "Images per forward pass.", buckets=BATCH_BUCKETS, registry=reg
         )
+        self.shadow_predictions = Counter(
+            "catsdogs_shadow_predictions_total",
+            "Live requests the shadow model also scored, by whether it agreed with the served model.",
+            ["agree"],
+            registry=reg,
+        )
+        self.shadow_confidence = Histogram(
+            "catsdogs_shadow_confidence",
+            "The shadow model's confidence in its answer.",
+            buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+            registry=reg,
+        )
+        self.shadow_feedback = Counter(
+            "catsdogs_shadow_feedback_total",
+            "Feedback labels of shadowed requests, by model (champion, challenger) and correctness.",
+            ["model", "correct"],
+            registry=reg,
+        )
+        self.shadow_skipped = Counter(
+            "catsdogs_shadow_skipped_total", "Samples skipped because the shadow was busy.", registry=reg
+        )
+        self.shadow_failures = Counter(
+            "catsdogs_shadow_failures_total",
+            "Shadow scorings that failed (the answer was not affected).",
+            registry=reg,
+        )
         self.lone_runs = Counter(
             "catsdogs_inference_lone_total",
             "Forward passes that found the worker idle and ran on every core.",

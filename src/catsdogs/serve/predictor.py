@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -24,7 +24,14 @@ from PIL import Image
 from catsdogs.bundle import write_json_atomic
 from catsdogs.drift import stats_image
 from catsdogs.files import atomic_path
-from catsdogs.preprocessing import ImageBytes, ImageError, decode_for_model, resize, to_array
+from catsdogs.preprocessing import (
+    ImageBytes,
+    ImageError,
+    PreprocessConfig,
+    decode_for_model,
+    resize,
+    to_array,
+)
 from catsdogs.runtime import available_cores
 from catsdogs.serve.admission import Admission, Ticket
 from catsdogs.serve.batcher import MicroBatcher
@@ -50,6 +57,25 @@ class Prediction:
     latency_ms: float
 
 
+def decode_upload(data: ImageBytes, config: PreprocessConfig, settings: Settings) -> Image.Image:
+    """An upload decoded for the model ``config`` belongs to, within the service's limits."""
+    return decode_for_model(
+        data,
+        config,
+        max_pixels=settings.max_image_pixels,
+        min_side=settings.min_image_side,
+        max_decode_bytes=settings.max_decode_bytes,
+    )
+
+
+class ShadowSink(Protocol):
+    """Where answered uploads may go to be scored again (``serve.shadow.ShadowScorer``)."""
+
+    def offer(
+        self, data: ImageBytes, *, prediction_id: str, champion_version: str, champion_label: str
+    ) -> None: ...
+
+
 class Predictor:
     """Turns uploaded bytes into predictions with bounded queueing and per-request timeouts."""
 
@@ -69,6 +95,8 @@ class Predictor:
         self.stats = stats
         self.signer = signer
         self.drift = drift
+        #: Set by the service when shadow testing is on (``shadow_fraction`` > 0).
+        self.shadow: ShadowSink | None = None
         self.admission = Admission(
             max_images=settings.queue_max,
             max_bytes=settings.max_inflight_bytes,
@@ -137,13 +165,7 @@ class Predictor:
     def _prepare(self, model: LoadedModel, data: ImageBytes) -> tuple[np.ndarray, Image.Image | None]:
         if self.settings.store_uploads:
             self._store(data)
-        image = decode_for_model(
-            data,
-            model.config,
-            max_pixels=self.settings.max_image_pixels,
-            min_side=self.settings.min_image_side,
-            max_decode_bytes=self.settings.max_decode_bytes,
-        )
+        image = decode_upload(data, model.config, self.settings)
         # Drift statistics need the upload itself (its size, sharpness), as a small copy.
         stats_copy = stats_image(image) if self.drift.wants_sample() else None
         resized = resize(image, model.config)
@@ -209,7 +231,15 @@ class Predictor:
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s}s") from None
         # Only while feedback images are kept: binds an image sent to /feedback to this prediction.
         image_sha256 = hashlib.sha256(data).hexdigest() if self.settings.feedback_keep_images else None
-        return self._answer(model, probs, stats_copy, started, image_sha256)
+        answer = self._answer(model, probs, stats_copy, started, image_sha256)
+        if self.shadow is not None:
+            self.shadow.offer(
+                data,
+                prediction_id=answer.prediction_id,
+                champion_version=answer.model_version,
+                champion_label=answer.label,
+            )
+        return answer
 
     def _label_children(self, label: str) -> tuple[Any, Any]:
         children = self._label_metrics.get(label)

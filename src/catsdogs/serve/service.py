@@ -13,6 +13,7 @@ from catsdogs.serve.feedback import LiveAccuracy, PredictionSigner, resolve_keys
 from catsdogs.serve.metrics import Metrics
 from catsdogs.serve.model_store import LoadedModel, ModelStore
 from catsdogs.serve.predictor import Predictor
+from catsdogs.serve.shadow import ShadowScorer
 from catsdogs.serve.stats import RunningStats
 from catsdogs.settings import Settings
 
@@ -30,6 +31,7 @@ class Service:
     drift: DriftFeed
     api_keys: list[str]
     admin_token: str | None
+    shadow: ShadowScorer | None = None
 
 
 def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | None = None) -> Service:
@@ -61,6 +63,9 @@ def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | Non
     store = ModelStore(settings, on_swap=on_swap, on_reload=on_reload)
     signer = PredictionSigner(resolve_keys(settings.feedback_keys), max_age_s=settings.feedback_max_age_s)
     predictor = Predictor(settings, store=store, metrics=metrics, stats=stats, signer=signer, drift=drift)
+    feedback_log = FeedbackStore(store_url(settings))
+    if settings.shadow_fraction > 0:
+        predictor.shadow = ShadowScorer(settings, metrics=metrics, feedback_log=feedback_log, signer=signer)
     return Service(
         settings=settings,
         metrics=metrics,
@@ -69,10 +74,11 @@ def build_service(settings: Settings, *, drift_factory: DriftWindowFactory | Non
         predictor=predictor,
         signer=signer,
         live=LiveAccuracy(settings.feedback_window),
-        feedback_log=FeedbackStore(store_url(settings)),
+        feedback_log=feedback_log,
         drift=drift,
         api_keys=[key.get_secret_value() for key in settings.api_keys],
         admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+        shadow=predictor.shadow,
     )
 
 

@@ -89,7 +89,21 @@ async def feedback(request: Request, service: ServiceDep) -> FeedbackOut:
         ) from None
     if not first:
         raise ApiError(409, "duplicate_feedback", "this prediction already received feedback")
+    if service.shadow is not None:
+        await run_in_threadpool(_count_shadow, service, claim.nonce, body.label)
     return _count(service, request, claim, body.label, image_kept=image is not None)
+
+
+def _count_shadow(service: Service, nonce: str, label: str) -> None:
+    """Both models' live accuracy on shadowed requests (the label was recorded either way)."""
+    try:
+        shadow = service.feedback_log.shadow_of(nonce)
+    except FeedbackStoreError as exc:
+        logger.warning("shadow accuracy not counted: %s", exc)
+        return
+    if shadow is not None:
+        for model, answer in (("champion", shadow.champion_label), ("challenger", shadow.challenger_label)):
+            service.metrics.shadow_feedback.labels(model, str(answer == label).lower()).inc()
 
 
 def _parse(raw: bytes) -> FeedbackIn:

@@ -1,0 +1,120 @@
+"""Shadow testing: a share of live requests is also scored by a challenger, off the request path,
+kept in the feedback store and counted; the answers never depend on it."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from serve_testing import expected_probabilities
+
+from fakes import WEIGHTS_A, WEIGHTS_B, build_bundle
+
+CLASSES = ("cat", "dog")
+
+
+def _count(metrics: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics, re.M))
+
+
+def _settled(client: TestClient, sent: int, timeout: float = 10.0) -> str:
+    """/metrics once every offered upload was scored, skipped or failed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = client.get("/metrics").text
+        done = sum(
+            _count(metrics, name)
+            for name in (
+                "catsdogs_shadow_predictions_total",
+                "catsdogs_shadow_skipped_total",
+                "catsdogs_shadow_failures_total",
+            )
+        )
+        if done >= sent or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.05)
+
+
+def _rows(store: Path) -> list[sa.Row]:
+    with sa.create_engine(f"sqlite:///{store}").connect() as connection:
+        query = "SELECT champion_label, challenger_label, challenger_version FROM shadow_predictions"
+        return connection.execute(sa.text(query)).all()
+
+
+@pytest.fixture
+def shadowed(make_client: Callable[..., TestClient], tmp_path: Path) -> tuple[TestClient, Path]:
+    """The service on model A, shadowed on every request by B, the model whose answers all flip."""
+    challenger = build_bundle(tmp_path / "challenger", WEIGHTS_B)
+    store = tmp_path / "feedback.db"
+    client = make_client(
+        shadow_fraction=1.0, shadow_model_uri=str(challenger), feedback_store_url=f"sqlite:///{store}"
+    )
+    deadline = time.monotonic() + 10
+    while client.app.state.service.shadow.store.current is None and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    return client, store
+
+
+def test_shadow_answers_are_kept_and_counted_and_the_answers_are_the_champions(
+    shadowed: tuple[TestClient, Path], images: list[tuple[str, str, bytes]]
+) -> None:
+    client, store = shadowed
+    for _, _, data in images[:6]:
+        answer = client.post("/predict", files={"file": ("x.jpg", data)}).json()
+        assert answer["label"] == CLASSES[int(np.argmax(expected_probabilities(WEIGHTS_A, data)))]
+        _settled(client, 1)
+    metrics = _settled(client, 6)
+    rows = _rows(store)
+    scored = _count(metrics, "catsdogs_shadow_predictions_total")
+    assert scored == len(rows) >= 1
+    assert scored + _count(metrics, "catsdogs_shadow_skipped_total") == 6
+    assert all(champion != challenger for champion, challenger, _ in rows)  # B flips every answer
+    assert 'catsdogs_shadow_predictions_total{agree="false"}' in metrics
+    assert _count(metrics, "catsdogs_shadow_confidence_count") == scored
+
+
+def test_feedback_on_a_shadowed_request_counts_both_models(
+    shadowed: tuple[TestClient, Path], cat_jpeg: bytes
+) -> None:
+    client, _ = shadowed
+    answer = client.post("/predict", files={"file": ("x.jpg", cat_jpeg)}).json()
+    _settled(client, 1)
+    assert (
+        client.post(
+            "/feedback", json={"prediction_id": answer["prediction_id"], "label": answer["label"]}
+        ).status_code
+        == 200
+    )
+    metrics = client.get("/metrics").text
+    assert 'catsdogs_shadow_feedback_total{correct="true",model="champion"} 1.0' in metrics
+    assert 'catsdogs_shadow_feedback_total{correct="false",model="challenger"} 1.0' in metrics
+
+
+def test_a_failing_shadow_never_touches_the_answer(
+    shadowed: tuple[TestClient, Path], images: list[tuple[str, str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = shadowed
+    service = client.app.state.service  # type: ignore[attr-defined]
+
+    def broken(record: object) -> None:
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(service.feedback_log, "record_shadow", broken)
+    statuses = [client.post("/predict", files={"file": ("x", d)}).status_code for _, _, d in images[:3]]
+    assert statuses == [200, 200, 200]
+    assert _count(_settled(client, 3), "catsdogs_shadow_failures_total") >= 1
+
+
+def test_no_shadow_model_loads_without_a_fraction_and_a_missing_one_costs_nothing(
+    make_client: Callable[..., TestClient], cat_jpeg: bytes, tmp_path: Path
+) -> None:
+    assert make_client().app.state.service.shadow is None  # type: ignore[attr-defined]
+    client = make_client(shadow_fraction=1.0, shadow_model_uri=str(tmp_path / "no-such-bundle"))
+    assert client.post("/predict", files={"file": ("x.jpg", cat_jpeg)}).status_code == 200
+    assert _count(client.get("/metrics").text, "catsdogs_shadow_predictions_total") == 0
