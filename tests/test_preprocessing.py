@@ -166,7 +166,8 @@ def test_config_round_trips_through_json(tmp_path) -> None:
     config.save(tmp_path / "preprocessing.json")
     assert PreprocessConfig.load(tmp_path / "preprocessing.json") == config
     saved = json.loads((tmp_path / "preprocessing.json").read_text())
-    assert saved["format_version"] == FORMAT_VERSION == 2 and saved["decode_draft_factor"] == 3
+    assert saved["format_version"] == FORMAT_VERSION == 3 and saved["decode_draft_factor"] == 3
+    assert saved["decoder"] == "pillow"
 
 
 def _write(path: Path, payload: dict) -> Path:
@@ -176,14 +177,23 @@ def _write(path: Path, payload: dict) -> Path:
 
 def test_a_version_1_file_migrates_to_the_values_its_model_was_served_with(tmp_path: Path) -> None:
     config = PreprocessConfig.load(_write(tmp_path / "preprocessing.json", V1_FILE))
-    assert config.format_version == 2
+    assert config.format_version == 3
     assert config.decode_draft_factor == V1_DECODE_DRAFT_FACTOR == 2.0  # the service's setting then
-    assert config.model_dump(mode="json", exclude={"format_version", "decode_draft_factor"}) == {
+    assert config.decoder == "pillow"
+    assert config.model_dump(mode="json", exclude={"format_version", "decode_draft_factor", "decoder"}) == {
         **V1_FILE,
         "mean": [0.5] * 3,
         "std": [0.5] * 3,
     }
     assert migrate({**V1_FILE, "format_version": 1}) == migrate(V1_FILE)  # explicit or implied
+
+
+def test_a_version_2_file_migrates_to_the_decoder_it_was_decoded_with(tmp_path: Path) -> None:
+    v2 = PreprocessConfig(image_size=280, decode_draft_factor=3).model_dump(mode="json")
+    v2 = {key: value for key, value in v2.items() if key != "decoder"} | {"format_version": 2}
+    config = PreprocessConfig.load(_write(tmp_path / "preprocessing.json", v2))
+    assert (config.format_version, config.decoder, config.decode_draft_factor) == (3, "pillow", 3)
+    assert config == PreprocessConfig(image_size=280, decode_draft_factor=3)
 
 
 def test_a_version_1_file_missing_one_of_its_own_keys_is_refused(tmp_path: Path) -> None:
@@ -192,7 +202,7 @@ def test_a_version_1_file_missing_one_of_its_own_keys_is_refused(tmp_path: Path)
         PreprocessConfig.load(_write(tmp_path / "preprocessing.json", payload))
 
 
-@pytest.mark.parametrize("key", ["decode_draft_factor", "image_size", "class_names"])
+@pytest.mark.parametrize("key", ["decode_draft_factor", "decoder", "image_size", "class_names"])
 def test_a_current_file_missing_a_key_is_an_error_not_a_default(tmp_path: Path, key: str) -> None:
     payload = PreprocessConfig(image_size=224).model_dump(mode="json")
     del payload[key]
@@ -201,8 +211,8 @@ def test_a_current_file_missing_a_key_is_an_error_not_a_default(tmp_path: Path, 
 
 
 def test_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
-    payload = {**PreprocessConfig(image_size=224).model_dump(mode="json"), "format_version": 3}
-    with pytest.raises(CatsdogsError, match=r"format_version 3.*upgrade catsdogs"):
+    payload = {**PreprocessConfig(image_size=224).model_dump(mode="json"), "format_version": 4}
+    with pytest.raises(CatsdogsError, match=r"format_version 4.*upgrade catsdogs"):
         PreprocessConfig.load(_write(tmp_path / "preprocessing.json", payload))
 
 

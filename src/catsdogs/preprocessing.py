@@ -44,9 +44,15 @@ class ImageError(ValueError):
         self.detail = detail
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The ``preprocessing.json`` schema. Version 1 (the first bundles, no ``format_version`` key) had
-every key of version 2 except ``format_version`` and ``decode_draft_factor``."""
+every key of version 2 except ``format_version`` and ``decode_draft_factor``; version 2 every key of
+version 3 except ``decoder``."""
+
+DECODER = "pillow"
+"""The one JPEG decoder: Pillow (libjpeg-turbo) with its DCT draft. simplejpeg, PyTurboJPEG and
+OpenCV gave byte-identical model inputs at 0.83-1.06x its speed, and simplejpeg's faster modes
+changed pixels and labels (``benchmarks/results/decode.json``); every earlier bundle used it."""
 
 DEFAULT_DECODE_DRAFT_FACTOR = 2.0
 """New models' :attr:`PreprocessConfig.decode_draft_factor`: phone JPEGs decode 2.5-7x faster with
@@ -72,7 +78,7 @@ class PreprocessConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format_version: Literal[2] = FORMAT_VERSION
+    format_version: Literal[3] = FORMAT_VERSION
     image_size: int = Field(gt=0)
     """The model input is image_size × image_size pixels (the network is built for it)."""
     resize: Literal["squash", "shorter_side_crop"] = "squash"
@@ -85,6 +91,9 @@ class PreprocessConfig(BaseModel):
     channel_order: Literal["RGB"] = "RGB"
     layout: Literal["NCHW"] = "NCHW"
     class_names: tuple[str, ...] = ("cat", "dog")
+    decoder: Literal["pillow"] = DECODER
+    """The decoder training, evaluation and serving all use for this model (recorded, so a later
+    decoder can only be adopted with a model trained on it)."""
     decode_draft_factor: float = Field(default=DEFAULT_DECODE_DRAFT_FACTOR, ge=0.0)
     """JPEGs are DCT-decoded at no less than this × ``image_size`` on a side (0: full size). Applied
     by :func:`decode_for_model`, i.e. by evaluation, the MLflow pyfunc model and the service alike."""
@@ -127,14 +136,17 @@ class PreprocessConfig(BaseModel):
 def migrate(data: dict[str, Any], *, source: str = PREPROCESSING_FILE) -> dict[str, Any]:
     """Bring a ``preprocessing.json`` payload of any known version to :data:`FORMAT_VERSION`.
 
-    Version 1 gets the keys it lacks with the values its models were served with; a version-1 file
-    missing one of its own keys, or an unknown version, is an error.
+    Versions 1 and 2 get the keys they lack with the values their models were served with (every one
+    was decoded by Pillow); a version-1 file missing one of its own keys, or an unknown version, is an
+    error.
     """
     if not isinstance(data, dict):
         raise CatsdogsError(f"{source} must hold a JSON object, not {type(data).__name__}")
     version = data.get("format_version", 1)
     if version == FORMAT_VERSION:
         return data
+    if version == 2:
+        return {**data, "format_version": FORMAT_VERSION, "decoder": DECODER}
     if version != 1:
         raise CatsdogsError(
             f"{source} has format_version {version!r}; this catsdogs reads versions 1 to {FORMAT_VERSION}: "
@@ -143,7 +155,12 @@ def migrate(data: dict[str, Any], *, source: str = PREPROCESSING_FILE) -> dict[s
     missing = [key for key in _V1_KEYS if key not in data]
     if missing:
         raise CatsdogsError(f"{source} (format 1) lacks {', '.join(missing)}: it is not a catsdogs bundle's")
-    return {**data, "format_version": FORMAT_VERSION, "decode_draft_factor": V1_DECODE_DRAFT_FACTOR}
+    return {
+        **data,
+        "format_version": FORMAT_VERSION,
+        "decode_draft_factor": V1_DECODE_DRAFT_FACTOR,
+        "decoder": DECODER,
+    }
 
 
 #: What Pillow's format plugins raise on hostile or damaged bytes besides ``OSError``: header fields

@@ -108,8 +108,9 @@ def image_batches(
 
 
 #: Config fields that do not change a stored image's features: training decodes the image store
-#: without a draft (:func:`load_image`), so caches written before a field existed stay valid.
-_NOT_IN_FEATURES = {"class_names", "format_version", "decode_draft_factor"}
+#: without a draft (:func:`load_image`), and every cache so far was decoded by Pillow (``decoder``'s
+#: one value), so caches written before a field existed stay valid.
+_NOT_IN_FEATURES = {"class_names", "format_version", "decode_draft_factor", "decoder"}
 
 
 def _config_digest(config: PreprocessConfig) -> str:
