@@ -26,6 +26,7 @@ SHARED = frozenset(
     {
         "catsdogs",  # the package's __init__: __version__ and CatsdogsError
         "catsdogs.settings",
+        "catsdogs.access",
         "catsdogs.preprocessing",
         "catsdogs.bundle",
         "catsdogs.runtime",

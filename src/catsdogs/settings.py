@@ -10,10 +10,7 @@ Nothing happens at import time: call :func:`get_settings` (or build :class:`Sett
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +23,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from catsdogs.access import is_loopback, signing_keys
+
 #: The public Microsoft download of the Kaggle cats-and-dogs archive ("PetImages" layout).
 DEFAULT_DATA_SOURCE = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
@@ -37,25 +36,6 @@ DEFAULT_DATA_SOURCE = (
 #: It applies to this URL only: another source has no default checksum.
 DEFAULT_DATA_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 PARAMS_FILE_ENV = "CATSDOGS_PARAMS_FILE"
-
-
-_KID = re.compile(r"[A-Za-z0-9_-]{1,32}")
-
-
-def derived_kid(secret: str) -> str:
-    """The key id of a signing key given without one: a short hash of it, stable across restarts."""
-    return hashlib.sha256(b"catsdogs-feedback-kid:" + secret.encode()).hexdigest()[:8]
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
-    host = host.strip().strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name (or "" for every interface) may resolve to anything
-        return False
 
 
 def _params_file() -> Path:
@@ -418,24 +398,10 @@ class Settings(BaseSettings):
 
     @property
     def feedback_keys(self) -> list[tuple[str, str]]:
-        """The prediction-id signing keys as ``(kid, secret)``, the signing one first; empty when none is set.
-
-        ``feedback_secret`` and a bare entry of ``feedback_secrets`` get the kid
-        :func:`derived_kid`, so moving one key between the two settings keeps its ids valid."""
-        if self.feedback_secret:
-            secret = self.feedback_secret.get_secret_value()
-            return [(derived_kid(secret), secret)]
-        keys = []
-        for entry in self.feedback_secrets:
-            kid, sep, secret = entry.get_secret_value().partition(":")
-            if not sep:
-                kid, secret = derived_kid(kid), kid
-            if not _KID.fullmatch(kid) or not secret:
-                raise ValueError(
-                    "a feedback_secrets entry is kid:secret (kid: 1-32 of A-Z a-z 0-9 - _) or a bare secret"
-                )
-            keys.append((kid, secret))
-        return keys
+        """The prediction-id signing keys as ``(kid, secret)``, the signing one first; empty when none
+        is set (:func:`catsdogs.access.signing_keys`)."""
+        single = self.feedback_secret.get_secret_value() if self.feedback_secret else None
+        return signing_keys(single, [entry.get_secret_value() for entry in self.feedback_secrets])
 
     # --- derived paths (pure, nothing is created here) -----------------------------------------
     @property

@@ -13,8 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from catsdogs.access import derived_kid
 from catsdogs.serve.feedback import InvalidTokenError, PredictionSigner
-from catsdogs.settings import Settings, derived_kid
+from catsdogs.settings import Settings
 
 OLD, NEW = "old-secret-0123456789", "new-secret-9876543210"
 

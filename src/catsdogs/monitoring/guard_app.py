@@ -21,9 +21,10 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from catsdogs import CatsdogsError
+from catsdogs.access import is_loopback
 from catsdogs.feedback.store import FeedbackStore, store_url
 from catsdogs.monitoring.guard import GuardDecision, Trigger, check, on_alert
-from catsdogs.settings import Settings, is_loopback
+from catsdogs.settings import Settings
 
 _logger = logging.getLogger(__name__)
 
