@@ -77,7 +77,8 @@ async def feedback(request: Request, service: ServiceDep) -> FeedbackOut:
     except InvalidTokenError as exc:
         raise ApiError(400, "invalid_prediction_id", str(exc)) from None
     image = await _image_to_keep(service, claim, upload)
-    retention = timedelta(days=service.settings.feedback_image_retention_days)
+    # Expired images are purged when one is kept (and before every export), not on every label.
+    retention = timedelta(days=service.settings.feedback_image_retention_days) if image else None
     try:  # a database round trip: off the event loop
         first = await run_in_threadpool(
             service.feedback_log.record, claim, label=body.label, image=image, image_retention=retention
