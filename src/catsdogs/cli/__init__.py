@@ -80,9 +80,10 @@ def main() -> None:
         import click
         from pydantic import ValidationError
 
-        if isinstance(exc, click.ClickException):
+        # Typer 0.29 raises its own copy of click's exceptions (typer.TyperException), not click's.
+        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(getattr(exc, "exit_code", 2))
         if isinstance(exc, ValidationError):
             console.print(f"[bold red]error:[/] invalid settings: {exc}", highlight=False)
             sys.exit(2)
