@@ -14,7 +14,7 @@ import pytest
 
 from catsdogs.settings import Settings
 from pg_cluster import create_database, postgres_cluster
-from support import dataset_archive, require_tool  # noqa: F401  (re-exported for older imports)
+from support import build_dataset, dataset_archive, require_tool  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +81,34 @@ def postgres() -> Iterator[str]:
 def postgres_url(postgres: str) -> str:
     """A fresh database in that cluster."""
     return create_database(postgres, f"feedback_{next(_databases)}")
+
+
+@pytest.fixture(scope="session")
+def isolated_env():
+    """Session fixtures run before the autouse isolation: isolate them the same way."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in list(os.environ):
+            if key.startswith("CATSDOGS_"):
+                patch.delenv(key)
+        patch.setenv("CATSDOGS_PARAMS_FILE", "/nonexistent/params.yaml")
+        yield
+
+
+@pytest.fixture(scope="session")
+def trust_run(isolated_env, dataset_zip: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real model with its unknown detector and activation maps: a linear head on frozen
+    EfficientNet-Lite2 features (the default backbone), trained by the real ``train()`` on 200
+    photos per class, its detector calibrated on 500 validation photos per class and tested on 200
+    others."""
+    from catsdogs.training.train import train
+
+    data_dir = build_dataset(
+        dataset_zip, tmp_path_factory.mktemp("trust-data"), per_class={"train": 200, "val": 500, "test": 200},
+        offset=300,
+    )  # fmt: skip
+    settings = Settings(
+        architecture="efficientnet_lite2", strategy="head", data_dir=data_dir,
+        runs_dir=tmp_path_factory.mktemp("trust-runs"), cache_dir=tmp_path_factory.mktemp("trust-cache"),
+        epochs=5, batch_size=32,
+    )  # fmt: skip
+    return train(settings), settings

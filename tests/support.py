@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import hashlib
 import importlib
 import io
 import os
@@ -283,3 +285,31 @@ def start_catsdogs(
         time.sleep(0.1)
     server.stop()
     raise AssertionError(f"{command[0]} not ready: {log.read_text()[-3000:]}")
+
+
+DATASET_COLUMNS = ["path", "label", "sha256", "phash", "width", "height", "split"]
+
+
+def build_dataset(zip_path: Path, data_dir: Path, *, per_class: dict[str, int], offset: int = 0) -> Path:
+    """Write ``data_dir/images/<label>/<sha256>.jpg`` and a manifest.csv in the ingest's layout.
+
+    ``per_class`` gives the number of images per class and split, e.g. {"train": 80, "val": 20, "test": 20}.
+    """
+    rows = []
+    total = sum(per_class.values())
+    for label in ("cat", "dog"):
+        photos = dataset_photos(zip_path, label, total, offset=offset)
+        splits = [split for split, count in per_class.items() for _ in range(count)]
+        for data, split in zip(photos, splits, strict=True):
+            sha = hashlib.sha256(data).hexdigest()
+            rel = Path("images") / label / f"{sha}.jpg"
+            (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data_dir / rel).write_bytes(data)
+            rows.append({"path": str(rel), "label": label, "sha256": sha, "phash": "0" * 16,
+                         "width": 0, "height": 0, "split": split})  # fmt: skip
+    rows.sort(key=lambda row: row["sha256"])
+    with (data_dir / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=DATASET_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return data_dir

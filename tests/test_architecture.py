@@ -34,6 +34,8 @@ SHARED = frozenset(
         "catsdogs.drift",
         "catsdogs.files",
         "catsdogs.image_memory",
+        "catsdogs.ood",
+        "catsdogs.explain",
     }
 )
 

@@ -13,6 +13,8 @@ Layout (every consumer reads through :class:`ModelBundle`, never by hard-coded n
       metrics.json            evaluation metrics with 95% confidence intervals
       model_card.md           data, metrics per class, intended use, limits, licences
       drift_reference.json    reference statistics for drift monitoring (optional)
+      ood.npz                 the unknown detector's feature density (optional; its thresholds are
+                              metadata.json's ``ood`` record): :mod:`catsdogs.ood`
       samples/                a few labelled test images: ``<label>.<anything>.jpg``
       manifest.json           SHA-256 of every other file (:func:`write_manifest`); its own SHA-256
                               is the registered version's ``bundle_manifest_sha256`` tag
@@ -29,6 +31,7 @@ from typing import Any
 
 from catsdogs import CatsdogsError
 from catsdogs.files import file_sha256, write_text_atomic
+from catsdogs.ood import FeatureDensity, UnknownDetector
 from catsdogs.preprocessing import PREPROCESSING_FILE, PreprocessConfig
 
 WEIGHTS = "weights.pt"
@@ -39,6 +42,7 @@ METADATA = "metadata.json"
 METRICS = "metrics.json"
 MODEL_CARD = "model_card.md"
 DRIFT_REFERENCE = "drift_reference.json"
+OOD = "ood.npz"
 SAMPLES = "samples"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -92,6 +96,13 @@ class ModelBundle:
     @property
     def drift_reference(self) -> dict[str, Any]:
         return _read_json(self.root / DRIFT_REFERENCE)
+
+    def unknown_detector(self) -> UnknownDetector | None:
+        """The model's calibrated unknown detector, or ``None`` for a bundle without one."""
+        record = self.metadata.get("ood")
+        if not record or not self.path(OOD).is_file():
+            return None
+        return UnknownDetector.from_record(FeatureDensity.load(self.path(OOD)), record)
 
     def onnx_path(self, *, int8: bool = False) -> Path:
         path = self.root / (ONNX_INT8 if int8 else ONNX)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,12 @@ INPUT_NAME = "input"
 """The graph's input: (N, 3, H, W) float32, H×W equal to ``preprocessing.json``'s ``image_size``."""
 OUTPUT_NAME = "logits"
 """The graph's output: (N, classes) float32 logits, one column per ``class_names`` entry."""
+FEATURES_NAME = "features"
+"""Optional output: (N, D) pooled features, what the unknown detector measures (:mod:`catsdogs.ood`)."""
+PET_MASS_NAME = "pet_mass"
+"""Optional output: (N,) probability of the ImageNet cat and dog classes (the unknown detector's)."""
+CAM_NAME = "cam"
+"""Optional output: (N, classes, h, w) class activation maps (``/explain``); only for linear heads."""
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -127,3 +134,13 @@ def run_logits(session: Any, batch: np.ndarray) -> np.ndarray:
     """(N, 3, H, W) float32 → (N, classes) logits of a model graph."""
     (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
     return logits
+
+
+def output_names(session: Any) -> tuple[str, ...]:
+    """The graph's outputs (older bundles have ``logits`` only)."""
+    return tuple(tensor.name for tensor in session.get_outputs())
+
+
+def run_named(session: Any, batch: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """(N, 3, H, W) float32 → the named outputs of one pass (ORT computes only what they need)."""
+    return dict(zip(names, session.run(list(names), {INPUT_NAME: batch}), strict=True))

@@ -168,6 +168,21 @@ class Settings(BaseSettings):
     """Training images that calibrate the INT8 quantization."""
     int8_max_accuracy_drop: float = 0.003
     """An INT8 model losing more validation accuracy than this (0.3 points) is refused."""
+    unknown_target_rate: float = Field(default=0.008, gt=0.0, lt=0.5)
+    """Share of validation cats and dogs the unknown detector may call ``unknown`` (split between its
+    two signals); 0.008 keeps the test split under 1% (docs/serving.md, "Not a cat or a dog")."""
+    unknown_fit_images: int = Field(default=3000, ge=20)
+    """Training images whose features fit the unknown detector's density."""
+    unknown_components: int = Field(default=256, ge=1)
+    """Main directions of that density's covariance (the rest share one variance)."""
+    unknown_min_side: int = Field(default=64, ge=1)
+    """Images smaller than this on a side are answered ``unknown`` (``min_image_side``: refused)."""
+    unknown_flat_std: float = Field(default=0.02, ge=0.0)
+    """Images whose every channel varies less than this (normalised units: 0.02 ≈ 2.5 of 255 levels)
+    are answered ``unknown`` (blank, one colour)."""
+    unknown_min_smoothness: float = Field(default=0.6, ge=0.0, le=1.0)
+    """Images whose neighbouring pixels correlate less than this are answered ``unknown`` (noise;
+    photos correlate at 0.89 or more)."""
 
     # --- tracking and registry -----------------------------------------------------------------
     mlflow_tracking_uri: str = "sqlite:///mlruns.db"
@@ -184,6 +199,8 @@ class Settings(BaseSettings):
     """The quality gate's floor on every class's test recall."""
     promotion_max_recall_drop: float = 0.01
     """How much lower than the champion's a class's recall may be."""
+    promotion_max_unknown_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+    """The gate's ceiling on test cats and dogs answered ``unknown`` (gated apart from accuracy)."""
     actor: str | None = None
     """Who is recorded on model alias changes (e.g. a CI bot's name); ``None`` means user@host."""
 
@@ -198,6 +215,8 @@ class Settings(BaseSettings):
     # --- serving -----------------------------------------------------------------------------
     model_uri: str = "models:/catsdogs-classifier@champion"
     """The served model: ``models:/name@alias``, ``models:/name/version`` or a bundle folder."""
+    unknown_answers: bool = True
+    """Answer ``unknown`` for uploads the model's detector finds are not cats or dogs (bundles with one)."""
     shadow_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of predictions also scored by the shadow model, off the request path; 0: no shadow."""
     shadow_model_uri: str = "models:/catsdogs-classifier@challenger"

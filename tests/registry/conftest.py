@@ -72,11 +72,14 @@ def register_version(
         recall: dict[str, float] | None = None,
         test_split: list[str] | None = None,
         bias: tuple[float, float] = (0.0, 0.0),
+        unknown_rate: float | None = None,
     ) -> int:
         index = next(counter)
         manifest = write_manifest(settings, test_split or hashes("a", "b", "c"))
         bundle = make_bundle(f"v{index}", accuracy=accuracy, recall=recall, bias=bias)
         metrics = json.loads((bundle / "metrics.json").read_text())
+        if unknown_rate is not None:  # what evaluation reports for a model with an unknown detector
+            metrics["unknown_rate"] = unknown_rate
         with MlflowTracker(settings, run_name=f"test-{index}") as tracker:
             tracker.log_params({"epochs": 1})
             return tracker.finish(

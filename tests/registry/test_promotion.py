@@ -53,6 +53,27 @@ def test_a_class_recall_under_the_floor_is_refused(settings: Settings, register_
     assert "recall[dog]" not in decision.message
 
 
+def test_a_challenger_calling_too_many_test_pets_unknown_is_refused(
+    settings: Settings, register_version: Callable
+) -> None:
+    register_version(accuracy=0.99, recall=GOOD, unknown_rate=0.05)
+    decision = promote(settings)
+    assert not decision.accepted
+    assert "unknown_rate 0.0500" in decision.message and "0.0200" in decision.message
+    assert "unknown_rate" in decision.table()
+
+
+def test_an_unknown_rate_under_the_ceiling_passes_and_is_shown(
+    settings: Settings, register_version: Callable
+) -> None:
+    version = register_version(accuracy=0.99, recall=GOOD, unknown_rate=0.008)
+    decision = promote(settings)
+    assert decision.accepted, decision.message
+    row = next(check for check in decision.checks if check.metric == "unknown_rate")
+    assert row.challenger == pytest.approx(0.008) and row.required == 0.02 and row.passed
+    assert _champion(settings) == version
+
+
 def test_a_challenger_less_accurate_than_the_champion_is_refused(
     settings: Settings, register_version: Callable
 ) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from catsdogs.serve.batcher import MicroBatcher
+from catsdogs.serve.model_store import Scores
 
 
 @dataclass
@@ -20,10 +21,10 @@ class FakeModel:
     batches: list[int] = field(default_factory=list)
     delay_s: float = 0.02
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> Scores:
         self.batches.append(len(batch))
         time.sleep(self.delay_s)  # a forward pass takes time; arrivals queue meanwhile
-        return batch[:, :, 0, 0] + self.offset
+        return Scores(batch[:, :, 0, 0] + self.offset, None)
 
 
 def _item(value: float) -> np.ndarray:
@@ -31,9 +32,11 @@ def _item(value: float) -> np.ndarray:
 
 
 async def _submit_all(batcher: MicroBatcher, jobs: list[tuple[FakeModel, float]]) -> list[np.ndarray]:
+    """Each job's probabilities row."""
     batcher.start()
     try:
-        return await asyncio.gather(*(batcher.submit(model, _item(v)) for model, v in jobs))  # type: ignore[arg-type]
+        scores = await asyncio.gather(*(batcher.submit(model, _item(v)) for model, v in jobs))  # type: ignore[arg-type]
+        return [row.probabilities for row in scores]
     finally:
         await batcher.stop()
 
@@ -62,10 +65,10 @@ def test_a_batch_never_mixes_two_models() -> None:
 
 def test_a_failing_forward_pass_fails_only_its_batch() -> None:
     class Broken(FakeModel):
-        def run(self, batch: np.ndarray) -> np.ndarray:
+        def run(self, batch: np.ndarray) -> Scores:
             raise RuntimeError("boom")
 
-    async def scenario() -> tuple[list[object], np.ndarray]:
+    async def scenario() -> tuple[list[object], Scores]:
         batcher = MicroBatcher(max_size=4, max_wait_s=0.0, workers=1)
         batcher.start()
         try:
@@ -80,7 +83,7 @@ def test_a_failing_forward_pass_fails_only_its_batch() -> None:
 
     broken, fine = asyncio.run(scenario())
     assert all(isinstance(r, RuntimeError) for r in broken)
-    assert float(fine[0]) == 2.0
+    assert float(fine.probabilities[0]) == 2.0
 
 
 def test_default_batch_size_batches_int8_and_many_cores_only(monkeypatch: pytest.MonkeyPatch) -> None:

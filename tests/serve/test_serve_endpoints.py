@@ -92,9 +92,13 @@ def test_predict_multipart_returns_the_models_answer(client: TestClient, cat_jpe
         "prediction_id",
         "model_version",
         "latency_ms",
+        "predicted",
+        "ood_score",
+        "unknown_reason",
     }
     assert body["probabilities"]["cat"] == pytest.approx(float(expected[0]), abs=1e-5)
-    assert body["label"] == ("cat" if expected[0] > expected[1] else "dog")
+    assert body["label"] == body["predicted"] == ("cat" if expected[0] > expected[1] else "dog")
+    assert body["ood_score"] is None and body["unknown_reason"] is None  # a bundle without a detector
     assert body["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
     assert body["latency_ms"] > 0
 
@@ -200,7 +204,7 @@ def test_stats_count_classes_confidence_and_latency(
     assert stats["predictions"] == 6
     assert stats["errors"] == 1
     labels = [a["label"] for a in answers]
-    assert stats["counts"] == {"cat": labels.count("cat"), "dog": labels.count("dog")}
+    assert stats["counts"] == {"cat": labels.count("cat"), "dog": labels.count("dog"), "unknown": 0}
     assert stats["mean_confidence"] == pytest.approx(np.mean([a["confidence"] for a in answers]), abs=1e-6)
     assert 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
 

@@ -3,53 +3,12 @@ the model tests (training once keeps the suite within its time budget)."""
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import os
 from pathlib import Path
 
 import pytest
 
 from catsdogs.settings import Settings
-from support import dataset_photos
-
-COLUMNS = ["path", "label", "sha256", "phash", "width", "height", "split"]
-
-
-def build_dataset(zip_path: Path, data_dir: Path, *, per_class: dict[str, int], offset: int = 0) -> Path:
-    """Write ``data_dir/images/<label>/<sha256>.jpg`` and a manifest.csv in the ingest's layout.
-
-    ``per_class`` gives the number of images per class and split, e.g. {"train": 80, "val": 20, "test": 20}.
-    """
-    rows = []
-    total = sum(per_class.values())
-    for label in ("cat", "dog"):
-        photos = dataset_photos(zip_path, label, total, offset=offset)
-        splits = [split for split, count in per_class.items() for _ in range(count)]
-        for data, split in zip(photos, splits, strict=True):
-            sha = hashlib.sha256(data).hexdigest()
-            rel = Path("images") / label / f"{sha}.jpg"
-            (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            (data_dir / rel).write_bytes(data)
-            rows.append({"path": str(rel), "label": label, "sha256": sha, "phash": "0" * 16,
-                         "width": 0, "height": 0, "split": split})  # fmt: skip
-    rows.sort(key=lambda row: row["sha256"])
-    with (data_dir / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return data_dir
-
-
-@pytest.fixture(scope="session")
-def isolated_env():
-    """Session fixtures run before the autouse isolation: isolate them the same way."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key in list(os.environ):
-            if key.startswith("CATSDOGS_"):
-                patch.delenv(key)
-        patch.setenv("CATSDOGS_PARAMS_FILE", "/nonexistent/params.yaml")
-        yield
+from support import build_dataset
 
 
 @pytest.fixture(scope="session")

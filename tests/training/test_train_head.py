@@ -71,7 +71,7 @@ def test_every_bundle_file_has_the_mode_the_umask_gives(head_run) -> None:
 def test_evaluation_artifacts_are_written(head_run) -> None:
     result, _, _ = head_run
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "training_curves.png",
-                 "misclassified.png", "predictions.csv"):  # fmt: skip
+                 "misclassified.png", "explained_errors.png", "predictions.csv"):  # fmt: skip
         assert (result.artifacts_dir / name).stat().st_size > 0, name
     rows = (result.artifacts_dir / "predictions.csv").read_text().splitlines()
     assert len(rows) == 1 + result.test_metrics["n_images"]

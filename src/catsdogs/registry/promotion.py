@@ -4,7 +4,9 @@ Rules (thresholds from the settings):
 
 * test accuracy ≥ ``promotion_min_accuracy`` and ≥ the champion's accuracy on the same test split;
 * every class's recall ≥ ``promotion_min_class_recall`` and ≥ the champion's recall for that class
-  minus ``promotion_max_recall_drop``.
+  minus ``promotion_max_recall_drop``;
+* the share of test cats and dogs answered ``unknown`` ≤ ``promotion_max_unknown_rate`` (a version
+  with an unknown detector only; accuracy above judges the predicted class either way).
 
 Accuracies are comparable only on the same test split (the fingerprint of its image hashes): when the
 data have grown, the champion is re-evaluated on the challenger's split through ``evaluate``.
@@ -56,13 +58,22 @@ class VersionMetrics:
     recall: dict[str, float]
     split: str | None
     reevaluated: bool = False
+    unknown_rate: float | None = None
+    """Test cats and dogs answered ``unknown`` (``None``: a version without an unknown detector)."""
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any], *, split: str | None, reevaluated: bool) -> VersionMetrics:
         """From a ``metrics.json``-shaped dict (``accuracy``, ``per_class.<label>.recall``)."""
         try:
             recall = {label: float(row["recall"]) for label, row in metrics["per_class"].items()}
-            return cls(float(metrics["accuracy"]), recall, split, reevaluated)
+            unknown = metrics.get("unknown_rate")
+            return cls(
+                float(metrics["accuracy"]),
+                recall,
+                split,
+                reevaluated,
+                None if unknown is None else float(unknown),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CatsdogsError(f"evaluation metrics lack accuracy or per-class recall ({exc!r})") from None
 
@@ -128,7 +139,12 @@ def _run_metrics(client: MlflowClient, model_version: ModelVersion) -> VersionMe
         raise CatsdogsError(
             f"the run of version {model_version.version} logged no test_accuracy or per-class recall"
         )
-    return VersionMetrics(metrics["test_accuracy"], recall, model_version.tags.get(TEST_SPLIT_TAG))
+    return VersionMetrics(
+        metrics["test_accuracy"],
+        recall,
+        model_version.tags.get(TEST_SPLIT_TAG),
+        unknown_rate=metrics.get("test_unknown_rate"),
+    )
 
 
 def _reevaluate_champion(
@@ -190,6 +206,13 @@ def _checks(
         required = floor_recall if previous is None else max(floor_recall, previous - drop)
         rule = f">= floor {floor_recall:.3f}" + ("" if previous is None else f" and >= champion - {drop:.3f}")
         rows.append(GateCheck(f"recall[{label}]", value, previous, required, rule, value >= required - _EPS))
+    if challenger.unknown_rate is not None:
+        ceiling = settings.promotion_max_unknown_rate
+        previous = champion.unknown_rate if champion else None
+        passed = challenger.unknown_rate <= ceiling + _EPS
+        rows.append(
+            GateCheck("unknown_rate", challenger.unknown_rate, previous, ceiling, "<= ceiling", passed)
+        )
     return rows
 
 
@@ -298,7 +321,8 @@ def promote(
     failed = [check for check in decision.checks if not check.passed]
     if failed:
         decision.message = f"refused to promote {name} v{candidate_no}: " + "; ".join(
-            f"{check.metric} {check.challenger:.4f} < required {check.required:.4f} ({check.rule})"
+            f"{check.metric} {check.challenger:.4f} {'>' if check.rule.startswith('<=') else '<'} "
+            f"required {check.required:.4f} ({check.rule})"
             for check in failed
         )
         _logger.warning(decision.message)

@@ -221,6 +221,10 @@ class MlflowTracker:
         bundle = find_bundle(bundle_dir)
         mlflow.log_metrics(flatten_metrics(test_metrics))
         mlflow.log_dict(json.loads(json.dumps(test_metrics, default=_plain)), "test_metrics.json")
+        ood = bundle.metadata.get("ood")
+        if ood:  # the unknown detector: its thresholds and validation rate next to the test rate
+            mlflow.log_metrics(flatten_metrics(ood, "unknown"))
+            mlflow.log_dict(ood, "unknown_detector.json")
         if artifacts_dir.is_dir():
             mlflow.log_artifacts(str(artifacts_dir))
         if report_path is not None and report_path.is_file():

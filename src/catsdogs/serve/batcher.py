@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from catsdogs.serve.model_store import LoadedModel
+from catsdogs.serve.model_store import LoadedModel, Scores
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 class _Item:
     model: LoadedModel
     array: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Scores]
 
 
 class MicroBatcher:
@@ -63,9 +63,9 @@ class MicroBatcher:
                 await task
         self._pool.shutdown(wait=True)
 
-    async def submit(self, model: LoadedModel, array: np.ndarray) -> np.ndarray:
-        """Probabilities for one preprocessed image (3, H, W)."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+    async def submit(self, model: LoadedModel, array: np.ndarray) -> Scores:
+        """Scores for one preprocessed image (3, H, W)."""
+        future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(model, array, future))
         return await future
 
@@ -98,11 +98,11 @@ class MicroBatcher:
                         if not item.future.done():
                             item.future.set_exception(exc)
                     continue
-                for item, row in zip(group, probs, strict=True):
+                for index, item in enumerate(group):
                     if not item.future.done():
-                        item.future.set_result(row)
+                        item.future.set_result(probs.row(index))
 
-    def _run(self, model: LoadedModel, group: list[_Item]) -> np.ndarray:
+    def _run(self, model: LoadedModel, group: list[_Item]) -> Scores:
         batch = group[0].array[None] if len(group) == 1 else np.stack([item.array for item in group])
         started = time.perf_counter()
         probs = model.run(batch)

@@ -112,7 +112,16 @@ class Metrics:
     def _declare_model(self, reg: CollectorRegistry) -> None:
         """What the model answered, and which model is loaded."""
         self.predictions = Counter(
-            "catsdogs_predictions", "Predictions made, by label.", ["label"], registry=reg
+            "catsdogs_predictions",
+            "Predictions made, by label (`unknown` included).",
+            ["label"],
+            registry=reg,
+        )
+        self.unknown_answers = Counter(
+            "catsdogs_unknown_answers",
+            "Answers `unknown`, by reason (unfamiliar, flat_image, too_small).",
+            ["reason"],
+            registry=reg,
         )
         self.confidence = Histogram(
             "catsdogs_prediction_confidence",

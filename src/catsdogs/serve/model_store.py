@@ -6,19 +6,29 @@ mixes two models in one answer: old requests finish on the old session, new ones
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from catsdogs import runtime
+from catsdogs.ood import UnknownDetector
 from catsdogs.preprocessing import PreprocessConfig, softmax
 from catsdogs.registry.model_source import ResolvedBundle, current_identity, identity, resolve
-from catsdogs.runtime import available_cores, run_logits
+from catsdogs.runtime import (
+    CAM_NAME,
+    FEATURES_NAME,
+    OUTPUT_NAME,
+    PET_MASS_NAME,
+    available_cores,
+    run_logits,
+    run_named,
+)
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -61,6 +71,17 @@ def lone_session_options(settings: Settings) -> Any:
     )
 
 
+class Scores(NamedTuple):
+    """What one forward pass says: (N, classes) probabilities and (N,) OOD scores (None: no detector)."""
+
+    probabilities: np.ndarray
+    ood: np.ndarray | None
+
+    def row(self, index: int) -> Scores:
+        """One image's scores (a (classes,) row and a 0-d score)."""
+        return Scores(self.probabilities[index], None if self.ood is None else self.ood[index])
+
+
 @dataclass
 class LoadedModel:
     """One model version ready to run: ORT session plus everything a response reports about it."""
@@ -70,6 +91,8 @@ class LoadedModel:
     config: PreprocessConfig
     #: The same graph on every core, for a request that finds the worker idle (None: not needed).
     wide_session: Any | None = None
+    #: The bundle's unknown detector (None: an older bundle, or ``unknown_answers`` off).
+    detector: UnknownDetector | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -88,11 +111,37 @@ class LoadedModel:
     def input_shape(self) -> list[int | str | None]:
         return list(self.session.get_inputs()[0].shape)
 
-    def run(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        """(N, 3, H, W) float32 → (N, classes) probabilities; ``alone``: nothing else is running, so
-        the wide session may take every core."""
+    @property
+    def explains(self) -> bool:
+        """The graph has class activation maps (``/explain``)."""
+        return CAM_NAME in runtime.output_names(self.session)
+
+    def run(self, batch: np.ndarray, *, alone: bool = False) -> Scores:
+        """(N, 3, H, W) float32 → probabilities and OOD scores; ``alone``: nothing else is running,
+        so the wide session may take every core."""
         session = self.wide_session if alone and self.wide_session is not None else self.session
-        return softmax(run_logits(session, batch).astype(np.float32, copy=False))
+        if self.detector is None:
+            return Scores(softmax(run_logits(session, batch).astype(np.float32, copy=False)), None)
+        out = run_named(session, batch, self._judged_outputs)
+        probabilities = softmax(out[OUTPUT_NAME].astype(np.float32, copy=False))
+        return Scores(probabilities, self.detector.scores(out[FEATURES_NAME], out.get(PET_MASS_NAME)))
+
+    @functools.cached_property
+    def _judged_outputs(self) -> tuple[str, ...]:
+        available = runtime.output_names(self.session)
+        return tuple(name for name in (OUTPUT_NAME, FEATURES_NAME, PET_MASS_NAME) if name in available)
+
+    def explain(self, batch: np.ndarray) -> tuple[Scores, np.ndarray]:
+        """Scores plus (N, classes, h, w) class activation maps, from one pass of the narrow session."""
+        names = (*self._judged_outputs, CAM_NAME) if self.detector else (OUTPUT_NAME, CAM_NAME)
+        out = run_named(self.session, batch, names)
+        probabilities = softmax(out[OUTPUT_NAME].astype(np.float32, copy=False))
+        ood = (
+            None
+            if self.detector is None
+            else self.detector.scores(out[FEATURES_NAME], out.get(PET_MASS_NAME))
+        )
+        return Scores(probabilities, ood), out[CAM_NAME]
 
     def warm_up(self, max_batch: int) -> None:
         """Run the sizes the service will run, so the first requests and the arena hold no surprise."""
@@ -109,6 +158,10 @@ def load_model(resolved: ResolvedBundle, settings: Settings) -> LoadedModel:
     config = bundle.preprocessing
     path = bundle.onnx_path(int8=settings.serve_int8)
     model = LoadedModel(resolved, runtime.open_model(path, config, options=session_options(settings)), config)
+    if settings.unknown_answers:
+        model.detector = bundle.unknown_detector()
+        if model.detector is not None and FEATURES_NAME not in runtime.output_names(model.session):
+            model.detector = None  # an INT8 graph quantized before the detector existed
     cores = available_cores()
     if settings.ort_lone_request_all_cores and intra_threads(settings) < cores:
         model.wide_session = runtime.open_model(path, config, options=lone_session_options(settings))

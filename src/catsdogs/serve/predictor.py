@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -23,7 +23,9 @@ from PIL import Image
 
 from catsdogs.bundle import write_json_atomic
 from catsdogs.drift import stats_image
+from catsdogs.explain import display_image, evidence, overlay_png
 from catsdogs.files import atomic_path
+from catsdogs.ood import answer_label, unknown_reason
 from catsdogs.preprocessing import (
     ImageBytes,
     ImageError,
@@ -39,22 +41,54 @@ from catsdogs.serve.drift import DriftFeed
 from catsdogs.serve.errors import ApiError, image_error
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
-from catsdogs.serve.model_store import LoadedModel, ModelStore, batch_size, inference_workers
+from catsdogs.serve.model_store import LoadedModel, ModelStore, Scores, batch_size, inference_workers
 from catsdogs.serve.stats import RunningStats
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
 _Result = TypeVar("_Result")
+NO_SCORES = Scores(np.zeros(0, np.float32), None)
 
 
 @dataclass(frozen=True)
 class Prediction:
     label: str
+    """The predicted class, or ``unknown`` (:mod:`catsdogs.ood`)."""
     confidence: float
     probabilities: dict[str, float]
     prediction_id: str
     model_version: str
     latency_ms: float
+    predicted: str
+    """The most probable class, also when ``label`` is ``unknown``."""
+    ood_score: float | None = None
+    unknown_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """The evidence drawn over the photo: PNG bytes and their (width, height)."""
+
+    png: bytes
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A prediction, the (h, w) evidence map of its predicted class, and its overlay."""
+
+    prediction: Prediction
+    evidence: np.ndarray
+    overlay: Overlay
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """A forward pass's scores for one upload, and what the upload itself says about its quality."""
+
+    scores: Scores
+    quality: str | None
+    stats_copy: Image.Image | None
 
 
 def decode_upload(data: ImageBytes, config: PreprocessConfig, settings: Settings) -> Image.Image:
@@ -162,28 +196,32 @@ class Predictor:
         return self.admission.ticket(nbytes)
 
     # --- work done on pool threads ----------------------------------------------------------------
-    def _prepare(self, model: LoadedModel, data: ImageBytes) -> tuple[np.ndarray, Image.Image | None]:
+    def _prepare(self, model: LoadedModel, data: ImageBytes) -> tuple[np.ndarray, _Judged]:
+        """The model input, and (with no scores yet) the upload's quality and drift sample."""
         if self.settings.store_uploads:
             self._store(data)
         image = decode_upload(data, model.config, self.settings)
         # Drift statistics need the upload itself (its size, sharpness), as a small copy.
         stats_copy = stats_image(image) if self.drift.wants_sample() else None
+        size = image.size
         resized = resize(image, model.config)
         del image  # a 48 MP upload is freed here, before the forward pass
-        return to_array(resized, model.config), stats_copy
+        array = to_array(resized, model.config)
+        quality = model.detector.quality(size, array) if model.detector else None
+        return array, _Judged(NO_SCORES, quality, stats_copy)
 
-    def _prepare_and_run(self, model: LoadedModel, data: ImageBytes) -> tuple[np.ndarray, Image.Image | None]:
-        array, stats_copy = self._prepare(model, data)
+    def _prepare_and_run(self, model: LoadedModel, data: ImageBytes) -> _Judged:
+        array, judged = self._prepare(model, data)
         with self._run_slots:
             started = time.perf_counter()
             # Alone in this worker: the forward pass may take every core (the latency of the bare
             # model); with others in flight each keeps its share (the throughput under load).
             alone = self.admission.images <= 1 and model.wide_session is not None
-            probs = model.run(array[None], alone=alone)[0]
+            scores = model.run(array[None], alone=alone).row(0)
             if alone:
                 self.metrics.lone_runs.inc()
             self._observe(1, time.perf_counter() - started)
-        return probs, stats_copy
+        return replace(judged, scores=scores)
 
     def _store(self, data: ImageBytes) -> None:
         digest = hashlib.sha256(data).hexdigest()
@@ -207,14 +245,12 @@ class Predictor:
         job.add_done_callback(ticket.drop)
         return await asyncio.wrap_future(job)
 
-    async def _probabilities(
-        self, model: LoadedModel, data: ImageBytes, ticket: Ticket
-    ) -> tuple[np.ndarray, Image.Image | None]:
+    async def _judge(self, model: LoadedModel, data: ImageBytes, ticket: Ticket) -> _Judged:
         try:
             if self.batcher is None:
                 return await self._on_pool(ticket, self._prepare_and_run, model, data)
-            array, stats_copy = await self._on_pool(ticket, self._prepare, model, data)
-            return await self.batcher.submit(model, array), stats_copy
+            array, judged = await self._on_pool(ticket, self._prepare, model, data)
+            return replace(judged, scores=await self.batcher.submit(model, array))
         except ImageError as exc:
             self.metrics.rejected_inputs.labels(exc.code).inc()
             self.stats.record_error()
@@ -226,20 +262,57 @@ class Predictor:
         model = self.model()
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                probs, stats_copy = await self._probabilities(model, data, ticket)
+                judged = await self._judge(model, data, ticket)
         except TimeoutError:
             raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s}s") from None
         # Only while feedback images are kept: binds an image sent to /feedback to this prediction.
         image_sha256 = hashlib.sha256(data).hexdigest() if self.settings.feedback_keep_images else None
-        answer = self._answer(model, probs, stats_copy, started, image_sha256)
+        answer = self._answer(model, judged, started, image_sha256)
         if self.shadow is not None:
             self.shadow.offer(
                 data,
                 prediction_id=answer.prediction_id,
                 champion_version=answer.model_version,
-                champion_label=answer.label,
+                champion_label=answer.predicted,
             )
         return answer
+
+    # --- /explain ------------------------------------------------------------------------------------
+    def _explain_on_pool(self, model: LoadedModel, data: ImageBytes) -> tuple[_Judged, np.ndarray, Overlay]:
+        """Decode, run the graph with its maps, and draw the overlay (a PNG encode: off the loop)."""
+        image = decode_upload(data, model.config, self.settings)
+        shown = display_image(image, model.config)
+        size = image.size
+        array = to_array(resize(image, model.config), model.config)
+        del image
+        quality = model.detector.quality(size, array) if model.detector else None
+        with self._run_slots:
+            scores, cams = model.explain(array[None])
+        judged = _Judged(scores.row(0), quality, None)
+        values = evidence(cams[0], int(np.argmax(judged.scores.probabilities)))
+        return judged, values, Overlay(overlay_png(shown, values), shown.size)
+
+    async def explain(self, data: ImageBytes, *, ticket: Ticket, started: float) -> Explanation:
+        """One image → its prediction and the evidence map of the predicted class (409 for a model
+        without activation maps)."""
+        model = self.model()
+        if not model.explains:
+            raise ApiError(
+                409,
+                "explain_unavailable",
+                f"model version {model.version} ({model.architecture}, head "
+                f"{model.resolved.bundle.metadata.get('head', 'none')}) has no class activation maps: "
+                "/explain needs a linear head on a pretrained backbone's pooled features",
+            )
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                judged, values, overlay = await self._on_pool(ticket, self._explain_on_pool, model, data)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s}s") from None
+        except ImageError as exc:
+            self.metrics.rejected_inputs.labels(exc.code).inc()
+            raise image_error(exc) from None
+        return Explanation(self._answer(model, judged, started, None), values, overlay)
 
     def _label_children(self, label: str) -> tuple[Any, Any]:
         children = self._label_metrics.get(label)
@@ -249,29 +322,32 @@ class Predictor:
         return children
 
     def _answer(
-        self,
-        model: LoadedModel,
-        probs: np.ndarray,
-        stats_copy: Image.Image | None,
-        started: float,
-        image_sha256: str | None,
+        self, model: LoadedModel, judged: _Judged, started: float, image_sha256: str | None
     ) -> Prediction:
+        probs, ood = judged.scores
         index = int(np.argmax(probs))
-        label = model.class_names[index]
+        predicted = model.class_names[index]
+        reason = unknown_reason(judged.quality, float(ood)) if ood is not None else None
+        label = answer_label(predicted, reason)
+        if reason is not None:
+            self.metrics.unknown_answers.labels(reason).inc()
         confidence = float(probs[index])
         latency_ms = (time.perf_counter() - started) * 1000
         counter, histogram = self._label_children(label)
         counter.inc()
         histogram.observe(confidence)
         self.stats.record(label, confidence, latency_ms)
-        if stats_copy is not None:
-            self.drift.offer(stats_copy, probs)
+        if judged.stats_copy is not None:
+            self.drift.offer(judged.stats_copy, probs)
         return Prediction(
             label=label,
+            predicted=predicted,
+            ood_score=None if ood is None else round(float(ood), 4),
+            unknown_reason=reason,
             confidence=confidence,
             probabilities={name: float(p) for name, p in zip(model.class_names, probs, strict=True)},
             prediction_id=self.signer.issue(
-                model_version=model.version, label=label, confidence=confidence, image_sha256=image_sha256
+                model_version=model.version, label=predicted, confidence=confidence, image_sha256=image_sha256
             ),
             model_version=model.version,
             latency_ms=round(latency_ms, 3),

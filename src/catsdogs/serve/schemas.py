@@ -12,13 +12,38 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong and what to do, for humans.")
 
 
+_LABEL = "The predicted class, or `unknown`: the upload does not look like a cat or dog photo."
+_PREDICTED = "The most probable class, also when `label` is `unknown`."
+_OOD_SCORE = (
+    "How unfamiliar the upload is to the model: above 1 it is answered `unknown`; "
+    "`null` for a model without an unknown detector."
+)
+_REASON = "Why `label` is `unknown`: `unfamiliar`, `flat_image` or `too_small`; `null` otherwise."
+
+
 class PredictionOut(BaseModel):
-    label: str = Field(examples=["cat"])
-    confidence: float = Field(ge=0, le=1, examples=[0.97])
+    label: str = Field(description=_LABEL, examples=["cat"])
+    confidence: float = Field(ge=0, le=1, examples=[0.97], description="Probability of `predicted`.")
     probabilities: dict[str, float] = Field(examples=[{"cat": 0.97, "dog": 0.03}])
     prediction_id: str = Field(description="Signed token; send it back to `/feedback` with the true label.")
     model_version: str
     latency_ms: float
+    predicted: str = Field(description=_PREDICTED, examples=["cat"])
+    ood_score: float | None = Field(default=None, description=_OOD_SCORE, examples=[0.42])
+    unknown_reason: str | None = Field(default=None, description=_REASON, examples=[None])
+
+
+class ExplanationOut(PredictionOut):
+    overlay_png: str = Field(
+        description="Base64 PNG: the photo with the evidence for `predicted` as a heat map over it "
+        "(a `data:image/png;base64,` URL shows it)."
+    )
+    overlay_size: list[int] = Field(description="The overlay's width and height in pixels.")
+    evidence: list[list[float]] | None = Field(
+        default=None,
+        description="With `?map=true`: the raw (h, w) evidence map for `predicted` (its vote minus the "
+        "classes' mean vote per place of the last feature map), covering the overlay's area.",
+    )
 
 
 class BatchItemOut(BaseModel):
@@ -31,6 +56,9 @@ class BatchItemOut(BaseModel):
     probabilities: dict[str, float] | None = None
     prediction_id: str | None = None
     model_version: str | None = None
+    predicted: str | None = None
+    ood_score: float | None = None
+    unknown_reason: str | None = None
     error: str | None = None
     detail: str | None = None
 

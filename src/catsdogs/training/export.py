@@ -32,22 +32,33 @@ PARITY_MAX_PROB_DIFF = 1e-4
 INT8_MAX_DROP_POINTS = 0.3
 
 
-def export_onnx(model: nn.Module, path: Path, *, image_size: int, output_name: str = OUTPUT_NAME) -> Path:
-    """Export ``model`` to one self-contained ONNX file with a dynamic batch axis, checked by onnx.checker."""
+def export_model(model: nn.Module, path: Path, *, image_size: int) -> Path:
+    """Export a classifier as its :class:`~catsdogs.training.models.ServingGraph`: logits, pooled
+    features and, for linear heads, activation maps, from one pass."""
+    from catsdogs.training.models import ServingGraph
+
+    graph = ServingGraph(model.eval().cpu()).eval()
+    return export_onnx(graph, path, image_size=image_size, output_names=graph.output_names)
+
+
+def export_onnx(
+    module: nn.Module, path: Path, *, image_size: int, output_names: Sequence[str] = (OUTPUT_NAME,)
+) -> Path:
+    """Export ``module`` to one self-contained ONNX file with a dynamic batch axis (onnx.checker-checked)."""
     import onnx
 
     # The exporter's optimizer logs every deduplicated initializer at INFO.
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
-    model = model.eval().cpu()
+    module = module.eval().cpu()
     example = torch.zeros(2, 3, image_size, image_size)
     with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            module,
             (example,),
             tmp,
             input_names=[INPUT_NAME],
-            output_names=[output_name],
+            output_names=list(output_names),
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             dynamo=True,
             external_data=False,
@@ -60,8 +71,10 @@ def export_onnx(model: nn.Module, path: Path, *, image_size: int, output_name: s
 
 
 def onnx_logits(session: Any, batch: np.ndarray, *, chunk: int = 64) -> np.ndarray:
-    """Run an ONNX Runtime session over a batch in chunks (bounded memory); its first output."""
-    outputs = [session.run(None, {INPUT_NAME: batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)]
+    """Run an ONNX Runtime session over a batch in chunks (bounded memory); its logits."""
+    outputs = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)
+    ]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
@@ -110,7 +123,7 @@ def export_verified(
     model: nn.Module, path: Path, *, image_size: int, parity_batch: np.ndarray
 ) -> ParityReport:
     """Export, then refuse (delete) the file unless it matches PyTorch on ``parity_batch``."""
-    export_onnx(model, path, image_size=image_size)
+    export_model(model, path, image_size=image_size)
     report = check_parity(model, path, parity_batch)
     if not report.passed:
         path.unlink(missing_ok=True)
@@ -249,6 +262,8 @@ def _export_in_place(bundle: Any, *, settings: Any, int8: bool) -> ExportReport:
     )
     report = ExportReport(onnx_path, parity)
     metadata = {**bundle.metadata, "onnx": report.parity.to_dict()}
+    if any(s.split == "train" for s in samples) and val:
+        metadata["ood"] = _refit_unknown(bundle, settings=settings, samples=samples)
     try:
         if int8:
             report.int8_path, report.int8 = _export_int8(bundle, settings=settings, samples=samples)
@@ -257,6 +272,30 @@ def _export_in_place(bundle: Any, *, settings: Any, int8: bool) -> ExportReport:
     finally:  # model.onnx is new even when INT8 is refused: the manifest describes what is there
         bundle_files.write_manifest(bundle.root)
     return report
+
+
+def _refit_unknown(bundle: Any, *, settings: Any, samples: Sequence[Any]) -> dict[str, Any] | None:
+    """Fit the unknown detector of the new graph and measure it on the test split (a bundle trained
+    before the detector existed gets one; with the dataset at hand, a refit costs a minute)."""
+    from catsdogs import bundle as bundle_files
+    from catsdogs.bundle import OOD
+    from catsdogs.ood import FeatureDensity, UnknownDetector
+    from catsdogs.training.evaluate import evaluate_session
+    from catsdogs.training.features import split_samples
+    from catsdogs.training.unknown import fit_unknown_detector, split_rate, to_images
+
+    config = bundle.preprocessing
+    splits = {name: split_samples(samples, name, limit=settings.max_eval_images) for name in ("val", "test")}
+    splits["train"] = split_samples(samples, "train")
+    record = fit_unknown_detector(bundle.root, config, splits, settings)
+    if record is not None and splits["test"]:
+        detector = UnknownDetector.from_record(FeatureDensity.load(bundle.path(OOD)), record)
+        session = open_session(bundle.path(bundle_files.ONNX))
+        metrics = evaluate_session(
+            session, config, to_images(splits["test"]), detector=detector, progress=False
+        ).metrics
+        record["test"] = split_rate(metrics)
+    return record
 
 
 def _export_int8(bundle: Any, *, settings: Any, samples: Sequence[Any]) -> tuple[Path, dict[str, Any]]:

@@ -20,7 +20,14 @@ from torch import nn
 
 from catsdogs import CatsdogsError
 from catsdogs.preprocessing import PreprocessConfig
-from catsdogs.training.backbones import BACKBONES, LiteFeatures, frozen_trunk
+from catsdogs.training.backbones import (
+    BACKBONES,
+    IMAGENET_CAT_CLASSES,
+    IMAGENET_DOG_CLASSES,
+    LiteFeatures,
+    frozen_trunk,
+    imagenet_head,
+)
 
 if TYPE_CHECKING:
     from catsdogs.bundle import ModelBundle
@@ -235,6 +242,96 @@ class SimpleCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+class ServingGraph(nn.Module):
+    """What ``model.onnx`` computes from one pass: the logits; the pooled features and the ImageNet
+    pet mass the unknown detector judges (:mod:`catsdogs.ood`); and, where the head is linear on
+    pooled features, the class activation maps behind ``/explain``.
+
+    The pet mass is the probability the backbone's own pretrained ImageNet classifier, applied to the
+    model's pooled features, gives the ImageNet cat and dog classes: the fine-tuned last blocks keep
+    features that head still reads, so no second branch through the original blocks is needed.
+
+    For a linear head ``logits = W · mean_hw(F) + b``, so ``W · F[:, :, h, w] + b`` is exactly how
+    much each place voted for each class (its mean over places is the logits): no gradients, and
+    serving computes it in ONNX Runtime. An ensemble averages its members' maps and pet masses (when
+    every member has them); an MLP head has no map, the from-scratch CNN neither map nor pet mass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.has_cam = activation_maps_available(model)
+        members = list(model.members) if isinstance(model, Ensemble) else [model]
+        pretrained = all(isinstance(m, TransferClassifier) for m in members)
+        self.imagenet_heads = nn.ModuleList(
+            [imagenet_head(m.backbone.architecture) for m in members] if pretrained else []
+        )
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        from catsdogs.runtime import CAM_NAME, FEATURES_NAME, OUTPUT_NAME, PET_MASS_NAME
+
+        return (
+            (OUTPUT_NAME, FEATURES_NAME)
+            + ((PET_MASS_NAME,) if len(self.imagenet_heads) else ())
+            + ((CAM_NAME,) if self.has_cam else ())
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, features, cam = _graph_outputs(self.model, x)
+        outputs: tuple[torch.Tensor, ...] = (logits, features)
+        if len(self.imagenet_heads):
+            width = features.shape[1] // len(self.imagenet_heads)
+            masses = [
+                _pet_mass(head(features[:, k * width : (k + 1) * width]))
+                for k, head in enumerate(self.imagenet_heads)
+            ]
+            outputs += (torch.stack(masses).mean(0),)
+        return outputs + ((cam,) if self.has_cam and cam is not None else ())
+
+
+def _pet_mass(imagenet_logits: torch.Tensor) -> torch.Tensor:
+    probabilities = torch.softmax(imagenet_logits, dim=1)
+    pets = [*IMAGENET_CAT_CLASSES, *IMAGENET_DOG_CLASSES]
+    return probabilities[:, pets].sum(1)
+
+
+def activation_maps_available(model: nn.Module) -> bool:
+    """Exact class activation maps exist: a linear head on a backbone's pooled features (every member's)."""
+    if isinstance(model, Ensemble):
+        return all(activation_maps_available(member) for member in model.members)
+    return isinstance(model, TransferClassifier) and _linear_head(model.head) is not None
+
+
+def _linear_head(head: nn.Module) -> nn.Linear | None:
+    layers = [m for m in head.modules() if not isinstance(m, (nn.Sequential, nn.Dropout))]
+    return layers[0] if len(layers) == 1 and isinstance(layers[0], nn.Linear) else None
+
+
+def _graph_outputs(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logits, pooled features, activation maps or None) of one model, from one forward pass."""
+    if isinstance(model, Ensemble):
+        outputs = [_graph_outputs(member, x) for member in model.members]
+        cams = [cam for _, _, cam in outputs]
+        return (
+            mean_of_softmaxes([logits for logits, _, _ in outputs]),
+            torch.cat([features for _, features, _ in outputs], dim=1),
+            None if any(cam is None for cam in cams) else torch.stack(cams).mean(0),
+        )
+    if isinstance(model, SimpleCNN):
+        features = model.features(x).mean(dim=(2, 3))
+        return model.classifier(features), features, None
+    fmap = model.backbone.feature_map(x)
+    features = fmap.mean(dim=(2, 3))
+    linear = _linear_head(model.head)
+    cam = None
+    if linear is not None:
+        cam = torch.einsum("kc,nchw->nkhw", linear.weight, fmap) + linear.bias[None, :, None, None]
+    return model.head(features), features, cam
 
 
 @dataclass(frozen=True)

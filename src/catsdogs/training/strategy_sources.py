@@ -45,7 +45,7 @@ def feature_extractor(
     if not path.is_file():
         backbone = LiteFeatures(architecture, image_size=config.image_size)
         module = backbone if stop is None else LiteTrunk(backbone, stop=stop)
-        export_onnx(module, path, image_size=config.image_size, output_name="features")
+        export_onnx(module, path, image_size=config.image_size, output_names=("features",))
     session = open_session(path)
     return lambda batch: session.run(None, {INPUT_NAME: batch})[0]
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from catsdogs.serve.admission import Ticket
 from catsdogs.serve.errors import ApiError
 from catsdogs.serve.predictor import Prediction
-from catsdogs.serve.schemas import BatchItemOut, BatchOut, ErrorBody, PredictionOut
+from catsdogs.serve.schemas import BatchItemOut, BatchOut, ErrorBody, ExplanationOut, PredictionOut
 from catsdogs.serve.security import require_api_key
 from catsdogs.serve.service import ServiceDep
 from catsdogs.serve.uploads import (
@@ -69,7 +71,7 @@ _BATCH_BODY = {
 }
 
 
-def _json(model: PredictionOut | BatchOut) -> Response:
+def _json(model: PredictionOut | BatchOut | ExplanationOut) -> Response:
     # Serialized once by pydantic-core; the declared response_model still documents it.
     return Response(content=model.model_dump_json(), media_type="application/json")
 
@@ -83,38 +85,71 @@ def _json(model: PredictionOut | BatchOut) -> Response:
 )
 async def predict(request: Request, service: ServiceDep) -> Response:
     started = time.perf_counter()
-    predictor, limit = service.predictor, service.settings.max_upload_bytes
-    predictor.model()
-    with admit_upload(request, service, limit) as ticket:
-        ticket.reserve_images(1)
-        budget = upload_budget(service, ticket)
-        if is_multipart(request):
-            parts = await read_multipart(
-                request,
-                fields={"file"},
-                part_limit=limit,
-                body_limit=limit,
-                max_parts=1,
-                fail_fast=True,
-                budget=budget,
-            )
-            if not parts:
-                raise ApiError(400, "missing_file", "send the image in the multipart field `file`")
-            data = parts[0].data
-        else:
-            data = (await read_raw(request, limit=limit, budget=budget)).data
-        result = await predictor.predict(data, ticket=ticket, started=started)
+    service.predictor.model()
+    with admit_upload(request, service, service.settings.max_upload_bytes) as ticket:
+        data = await _single_image(request, service, ticket)
+        result = await service.predictor.predict(data, ticket=ticket, started=started)
     request.state.log.update(
         label=result.label, confidence=round(result.confidence, 4), model_version=result.model_version
     )
+    return _json(PredictionOut(**asdict(result)))
+
+
+async def _single_image(request: Request, service: ServiceDep, ticket: Ticket) -> bytes | memoryview:
+    """The one image of a ``/predict`` or ``/explain`` request: multipart field ``file`` or the body."""
+    limit = service.settings.max_upload_bytes
+    ticket.reserve_images(1)
+    budget = upload_budget(service, ticket)
+    if not is_multipart(request):
+        return (await read_raw(request, limit=limit, budget=budget)).data
+    parts = await read_multipart(
+        request,
+        fields={"file"},
+        part_limit=limit,
+        body_limit=limit,
+        max_parts=1,
+        fail_fast=True,
+        budget=budget,
+    )
+    if not parts:
+        raise ApiError(400, "missing_file", "send the image in the multipart field `file`")
+    return parts[0].data
+
+
+@router.post(
+    "/explain",
+    response_model=ExplanationOut,
+    responses={
+        **_ERRORS,
+        409: {"model": ErrorBody, "description": "the served model has no class activation maps"},
+        200: {"content": {"image/png": {}}, "description": "the overlay itself with `Accept: image/png`"},
+    },
+    openapi_extra=_SINGLE_BODY,
+    summary="Classify one image and show why: a heat map of the evidence for the predicted class",
+)
+async def explain(
+    request: Request,
+    service: ServiceDep,
+    raw_map: Annotated[bool, Query(alias="map", description="Also return the raw evidence map.")] = False,
+) -> Response:
+    started = time.perf_counter()
+    service.predictor.model()
+    with admit_upload(request, service, service.settings.max_upload_bytes) as ticket:
+        data = await _single_image(request, service, ticket)
+        result = await service.predictor.explain(data, ticket=ticket, started=started)
+    answer = result.prediction
+    request.state.log.update(label=answer.label, model_version=answer.model_version, explain=True)
+    png = result.overlay.png
+    if "image/png" in request.headers.get("accept", ""):
+        headers = {"X-Catsdogs-Label": answer.label, "X-Catsdogs-Model-Version": answer.model_version}
+        return Response(content=png, media_type="image/png", headers=headers)
+    values = [[round(float(v), 4) for v in row] for row in result.evidence] if raw_map else None
     return _json(
-        PredictionOut(
-            label=result.label,
-            confidence=result.confidence,
-            probabilities=result.probabilities,
-            prediction_id=result.prediction_id,
-            model_version=result.model_version,
-            latency_ms=result.latency_ms,
+        ExplanationOut(
+            **asdict(answer),
+            overlay_png=base64.b64encode(png).decode("ascii"),
+            overlay_size=list(result.overlay.size),
+            evidence=values,
         )
     )
 
