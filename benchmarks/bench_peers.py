@@ -11,6 +11,8 @@ the other and repeated (``--repeats``), so that drifting load on a shared machin
     configures it, installed from ``peers/bentoml-requirements.txt`` into its own venv (reported,
     not targeted; ``--no-bentoml`` or ``--quick`` leave it out);
   * ``catsdogs_int8`` — the same service on the bundle's INT8 graph, when it has one;
+  * ``catsdogs_baseline`` — with ``--baseline-bundle``, the same service on another bundle (an
+    earlier export of the same weights: what a change to the graph or its use costs);
   * ``raw``       — ONNX Runtime without HTTP on the same file: the service's thread layout and the
     best batch size (``bench_serve.raw_ort``).
 
@@ -18,7 +20,8 @@ For dataset-size and phone-size (4032×3024) JPEGs at concurrency 1, 4, 16, 64 i
 p50/p99 and RSS, and the ratios catsdogs ÷ each peer (medians over the repeats): throughput ratios
 (≥ 1 is better for catsdogs) and, at concurrency 1, the p50 latency ratio (≤ 1 is better).
 
-    python benchmarks/bench_peers.py --bundle BUNDLE [--quick] [--no-bentoml] [--out FILE]
+    python benchmarks/bench_peers.py --bundle BUNDLE [--baseline-bundle OLD] [--quick] [--no-bentoml]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -226,6 +229,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="c1 and c16, dataset JPEGs, one round, no BentoML"
     )
+    parser.add_argument("--baseline-bundle", type=Path, help="also serve this bundle, as a baseline")
     parser.add_argument("--no-bentoml", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--levels", default="1,4,16,64")
@@ -263,6 +267,9 @@ def main() -> None:
         }
         if (bundle / "model.int8.onnx").exists() and not args.quick:
             starters["catsdogs_int8"] = lambda: start_catsdogs(bundle, tmp, int8=True)
+        if args.baseline_bundle is not None:
+            baseline = args.baseline_bundle.resolve()
+            starters["catsdogs_baseline"] = lambda: start_catsdogs(baseline, tmp)
         if not args.no_bentoml:
             venv = bentoml_venv(args.cache.resolve())
             starters["bentoml"] = lambda: start_bentoml(bundle, tmp, venv)

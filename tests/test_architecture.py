@@ -227,7 +227,9 @@ with TestClient(app) as client:
         time.sleep(0.05)
     answer = client.post("/predict", files={{"file": ("cat.jpg", open({image!r}, "rb").read())}})
     assert answer.status_code == 200, answer.text
-    assert answer.json()["label"] in ("cat", "dog"), answer.json()
+    assert answer.json()["label"] in ("cat", "dog", "unknown"), answer.json()
+    explained = client.post("/explain", files={{"file": ("cat.jpg", open({image!r}, "rb").read())}})
+    assert explained.status_code == {explain_status}, explained.text
 loaded = sorted(m for m in sys.modules if sys.modules[m] is not None)
 heavy = [m for m in loaded if m.partition(".")[0] in {not_loaded!r}]
 assert not heavy, f"the serving path imported {{heavy[:10]}}"
@@ -237,13 +239,12 @@ print("OK")
 """
 
 
-def test_serving_runs_with_torch_and_mlflow_unimportable(tmp_path: Path, dataset_zip: Path) -> None:
+def _serve_without_torch(tmp_path: Path, dataset_zip: Path, bundle: Path, *, explain_status: int) -> None:
     image = tmp_path / "cat.jpg"
     image.write_bytes(dataset_photos(dataset_zip, "cat", 1)[0])
-    bundle = build_bundle(tmp_path / "bundle")
     code = SERVING_WITHOUT_TORCH.format(
         unimportable=UNIMPORTABLE, not_loaded=NOT_LOADED, training=TRAINING_SIDE,
-        bundle=str(bundle), cache=str(tmp_path / "cache"), image=str(image),
+        bundle=str(bundle), cache=str(tmp_path / "cache"), image=str(image), explain_status=explain_status,
     )  # fmt: skip
     env = {
         **os.environ,
@@ -253,6 +254,18 @@ def test_serving_runs_with_torch_and_mlflow_unimportable(tmp_path: Path, dataset
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("OK")
+
+
+def test_serving_runs_with_torch_and_mlflow_unimportable(tmp_path: Path, dataset_zip: Path) -> None:
+    _serve_without_torch(tmp_path, dataset_zip, build_bundle(tmp_path / "bundle"), explain_status=409)
+
+
+def test_unknown_answers_and_explain_run_with_torch_and_mlflow_unimportable(
+    tmp_path: Path, dataset_zip: Path, trust_run
+) -> None:
+    """A trained bundle with its detector and activation maps: /predict judges, /explain draws."""
+    result, _ = trust_run
+    _serve_without_torch(tmp_path, dataset_zip, result.bundle_dir, explain_status=200)
 
 
 @pytest.mark.parametrize("blocked", UNIMPORTABLE)

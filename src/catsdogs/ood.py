@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -219,6 +220,19 @@ class UnknownDetector:
         """OOD scores and, per image, why it is ``unknown`` (a quality reason first) or ``None``."""
         scores = self.scores(features, pet_mass)
         return scores, [unknown_reason(reason, score) for reason, score in zip(quality, scores, strict=True)]
+
+
+def run_judged(session: Any, batch: np.ndarray, detector: UnknownDetector) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of a model graph: float32 probabilities and the detector's OOD scores (never the
+    activation maps, which only ``/explain`` asks for)."""
+    from catsdogs.preprocessing import softmax
+    from catsdogs.runtime import FEATURES_NAME, OUTPUT_NAME, PET_MASS_NAME, output_names, run_named
+
+    available = output_names(session)
+    names = [name for name in (OUTPUT_NAME, FEATURES_NAME, PET_MASS_NAME) if name in available]
+    out = run_named(session, batch, names)
+    probabilities = softmax(out[OUTPUT_NAME].astype(np.float32, copy=False))
+    return probabilities, detector.scores(out[FEATURES_NAME], out.get(PET_MASS_NAME))
 
 
 def unknown_reason(quality: str | None, score: float) -> str | None:

@@ -132,7 +132,10 @@ def test_csv_output_has_one_column_per_class(tmp_path: Path, collection: Path, b
     out = tmp_path / "scores.csv"
     predict_batch(collection, out, settings=_settings(tmp_path), model_uri=str(bundle))
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "label", "confidence", "p_cat", "p_dog", "model_version", "error"]
+    assert list(rows[0]) == [
+        "path", "label", "predicted", "confidence", "p_cat", "p_dog", "ood_score", "unknown_reason",
+        "model_version", "error",
+    ]  # fmt: skip
     good = next(r for r in rows if not r["error"])
     assert float(good["p_cat"]) + float(good["p_dog"]) == pytest.approx(1.0, abs=1e-5)
     bad = next(r for r in rows if r["path"] == "bad/empty.jpg")
@@ -222,3 +225,23 @@ def test_ray_engine_gives_the_local_engines_answers(
         for label, p in row["probabilities"].items():
             assert other["probabilities"][label] == pytest.approx(p, abs=1e-5)
     assert ray_local.is_initialized(), "a job leaves a Ray instance it did not start running"
+
+
+def test_a_bundle_with_a_detector_answers_unknown_for_what_is_not_a_pet(tmp_path: Path, trust_run) -> None:
+    """The service's rule in batch: the scikit-image photos and a blank image come back `unknown`."""
+    from unfamiliar_images import generated_images, skimage_photos
+
+    result, _ = trust_run
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    photos = {name: data for name, data in skimage_photos().items() if name.endswith((".png", ".jpg"))}
+    for name, data in {**photos, "blank.png": generated_images(1)["flat-0.png"]}.items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "scores.jsonl"
+    predict_batch(folder, out, settings=_settings(tmp_path), model_uri=str(result.bundle_dir))
+    rows = _rows(out)
+    answered = [row for row in rows.values() if not row["error"]]
+    unknown = [row for row in answered if row["label"] == "unknown"]
+    assert len(unknown) >= 0.9 * len(answered)
+    assert rows["blank.png"]["unknown_reason"] == "flat_image"
+    assert all(row["predicted"] in ("cat", "dog") and row["ood_score"] is not None for row in answered)

@@ -27,6 +27,7 @@ REQUIRED_ALERTS = {
     "CatsdogsModelNotReady",
     "CatsdogsPredictionClassImbalance",
     "CatsdogsLowMeanConfidence",
+    "CatsdogsHighUnknownRate",
     "CatsdogsInputDrift",
     "CatsdogsLiveAccuracyDrop",
     "CatsdogsAutomaticRollback",

@@ -37,6 +37,15 @@ EPOCH_METRICS = [
 ]
 
 
+OOD_RECORD = {
+    "distance_threshold": 3.25,
+    "pet_mass_floor": 0.117,
+    "min_side": 64,
+    "val": {"n_images": 2077, "false_unknown_rate": 0.0053},
+    "test": {"n_images": 1998, "false_unknown_rate": 0.008},
+}
+
+
 def _client(settings: Settings) -> MlflowClient:
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
 
@@ -67,6 +76,9 @@ def logged(
         bundle = registry_bundle(
             root / "trained", sample_jpegs, accuracy=0.981, recall={"cat": 0.975, "dog": 0.987}
         )
+        metadata = json.loads((bundle / "metadata.json").read_text())
+        metadata["ood"] = OOD_RECORD  # what training records for a model with an unknown detector
+        (bundle / "metadata.json").write_text(json.dumps(metadata))
         metrics = json.loads((bundle / "metrics.json").read_text())
         # Evaluation code hands over NumPy values; they must log like plain numbers.
         metrics["confusion_matrix"] = np.array(metrics["confusion_matrix"])
@@ -139,6 +151,18 @@ def test_run_holds_plots_gallery_report_and_full_test_metrics(logged: dict) -> N
     assert [item.path for item in client.list_artifacts(run_id, "data")] == ["data/data_report.json"]
     local = Path(client.download_artifacts(run_id, "test_metrics.json", str(settings.runs_dir)))
     assert json.loads(local.read_text())["confusion_matrix"] == [[90, 10], [5, 95]]
+
+
+def test_run_holds_the_unknown_detectors_thresholds_and_rates(logged: dict) -> None:
+    settings = logged["settings"]
+    client = _client(settings)
+    metrics = client.get_run(logged["run_id"]).data.metrics
+    assert metrics["unknown_distance_threshold"] == pytest.approx(3.25)
+    assert metrics["unknown_pet_mass_floor"] == pytest.approx(0.117)
+    assert metrics["unknown_val_false_unknown_rate"] == pytest.approx(0.0053)
+    assert metrics["unknown_test_false_unknown_rate"] == pytest.approx(0.008)
+    local = Path(client.download_artifacts(logged["run_id"], "unknown_detector.json", str(settings.runs_dir)))
+    assert json.loads(local.read_text()) == OOD_RECORD
 
 
 def test_run_is_tagged_with_lineage(logged: dict) -> None:

@@ -130,3 +130,27 @@ def test_with_api_keys_the_page_asks_for_the_key_and_then_answers(
     expect(page.locator("#answer")).to_have_text(ANSWER)
     assert page.locator("#answer.error").count() == 0
     assert guard.foreign() == [] and guard.blocked == []
+
+
+def test_the_page_shows_where_the_model_looked_and_says_when_it_is_no_pet(
+    start_server, trust_run, dataset_zip: Path, open_page
+) -> None:
+    """A model with activation maps and an unknown detector: the page shows the /explain overlay
+    instead of the plain preview, and a photo of coffee is "not a cat or a dog"."""
+    from support import dataset_photos
+    from unfamiliar_images import skimage_photos
+
+    result, _ = trust_run
+    server = start_server({"CATSDOGS_MODEL_URI": str(result.bundle_dir)})
+    page, guard = open_page(server.url)
+    _upload(page, "dog.jpg", "image/jpeg", dataset_photos(dataset_zip, "dog", 1, offset=2000)[0])
+    expect(page.locator("#answer")).to_have_text(ANSWER)
+    expect(page.locator("#overlay")).to_be_visible()
+    expect(page.locator("#why")).to_be_visible()
+    assert page.locator("#overlay").get_attribute("src").startswith("data:image/png;base64,")
+    assert page.locator("#preview").is_hidden()
+    assert f"{server.url}/explain" in guard.requests and f"{server.url}/predict" not in guard.requests
+
+    _upload(page, "coffee.png", "image/png", skimage_photos()["coffee.png"])
+    expect(page.locator("#answer")).to_contain_text("not a cat or a dog")
+    assert guard.foreign() == [] and guard.blocked == []

@@ -38,6 +38,11 @@ def test_export_rewrites_model_onnx_and_records_parity_on_real_images(cnn_run, t
     parity = json.loads((bundle / "metadata.json").read_text())["onnx"]
     assert (bundle / "model.onnx").is_file()
     assert parity["passed"] and parity["labels_identical"] and parity["max_abs_prob_diff"] <= 1e-4
+    # With the dataset at hand the unknown detector is fitted anew (the CNN has no ImageNet head).
+    ood = json.loads((bundle / "metadata.json").read_text())["ood"]
+    assert ood["distance_threshold"] > 0 and ood["pet_mass_floor"] is None
+    assert ood["val"]["n_images"] == 40 and ood["test"]["n_images"] == 40
+    verify_manifest(bundle)
     assert parity["n_images"] == 8 + 32  # the bundle's samples and 32 validation images
     assert verify_manifest(bundle) is not None  # the manifest names the new graph and metadata
 

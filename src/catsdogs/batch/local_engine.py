@@ -33,7 +33,7 @@ def run_local(
         def submit() -> bool:
             chunk = next(chunks, None)
             if chunk is not None:
-                pending.append([pool.submit(prepare, collection, name, model.config) for name in chunk])
+                pending.append([pool.submit(prepare, collection, name, model) for name in chunk])
             return chunk is not None
 
         pending: deque[list[Future[Prepared]]] = deque()

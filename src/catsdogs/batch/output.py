@@ -31,14 +31,24 @@ def format_for(path: Path, given: str | None = None) -> Format:
 
 
 def csv_columns(class_names: Sequence[str]) -> list[str]:
-    return ["path", "label", "confidence", *(f"p_{n}" for n in class_names), "model_version", "error"]
+    return [
+        "path",
+        "label",
+        "predicted",
+        "confidence",
+        *(f"p_{n}" for n in class_names),
+        "ood_score",
+        "unknown_reason",
+        "model_version",
+        "error",
+    ]
 
 
 def _csv_row(row: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
     probs = row["probabilities"]
     flat = {k: v for k, v in row.items() if k != "probabilities"}
-    confidence = "" if row["confidence"] is None else row["confidence"]
-    return {**flat, **{f"p_{n}": probs.get(n, "") for n in class_names}, "confidence": confidence}
+    blanks = {key: "" for key in ("confidence", "ood_score", "unknown_reason") if row.get(key) is None}
+    return {**flat, **{f"p_{n}": probs.get(n, "") for n in class_names}, **blanks}
 
 
 @contextmanager

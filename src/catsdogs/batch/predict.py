@@ -74,7 +74,9 @@ def predict_batch(
     else:
         runner = run_local
     resolved = resolve(settings, uri=model_uri)
-    model = ScoringModel(resolved.bundle.root, resolved.version, resolved.bundle.preprocessing)
+    bundle = resolved.bundle
+    detector = bundle.unknown_detector() if settings.unknown_answers else None
+    model = ScoringModel(bundle.root, resolved.version, bundle.preprocessing, detector)
     collection = ImageCollection.open(source)
     labels: Counter[str] = Counter()
     errors: Counter[str] = Counter()

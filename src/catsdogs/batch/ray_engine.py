@@ -59,13 +59,13 @@ class ScoreActor:
         self.session = model.open_session(intra_threads=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prepared = [prepare(self.collection, str(name), self.model.config) for name in batch["path"]]
+        prepared = [prepare(self.collection, str(name), self.model) for name in batch["path"]]
         rows = score(self.session, self.model, prepared)
         columns: dict[str, Any] = {
-            "path": [r["path"] for r in rows],
-            "label": [r["label"] for r in rows],
-            "error": [r["error"] for r in rows],
+            key: [r[key] for r in rows] for key in ("path", "label", "predicted", "error")
         }
+        columns["unknown_reason"] = [r["unknown_reason"] or "" for r in rows]
+        columns["ood_score"] = [np.nan if r["ood_score"] is None else r["ood_score"] for r in rows]
         for name in self.model.config.class_names:
             columns[f"p_{name}"] = [r["probabilities"].get(name, np.nan) for r in rows]
         return {key: np.asarray(value) for key, value in columns.items()}
@@ -78,12 +78,16 @@ def _rows(batch: dict[str, np.ndarray], model: ScoringModel) -> list[dict[str, A
     for k, path in enumerate(batch["path"]):
         failed = bool(batch["error"][k])
         probs = {} if failed else {n: float(batch[f"p_{n}"][k]) for n in names}
+        ood = float(batch["ood_score"][k])
         rows.append(
             {
                 "path": str(path),
                 "label": str(batch["label"][k]),
+                "predicted": str(batch["predicted"][k]),
                 "confidence": None if failed else max(probs.values()),
                 "probabilities": probs,
+                "ood_score": None if np.isnan(ood) else ood,
+                "unknown_reason": str(batch["unknown_reason"][k]) or None,
                 "model_version": model.version,
                 "error": str(batch["error"][k]),
             }

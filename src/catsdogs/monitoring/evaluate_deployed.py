@@ -2,7 +2,10 @@
 
 Each image goes to ``POST /predict``; the answers give the metrics of :mod:`catsdogs.metrics`, with
 the names and meanings they have offline (``precision`` is that of the positive class,
-``macro_precision`` the mean over classes), and the client-side latency percentiles. Images are
+``macro_precision`` the mean over classes), and the client-side latency percentiles. Accuracy judges
+the predicted class (``predicted``) as the promotion gate does; every labelled image is a cat or a
+dog, so the share answered ``unknown`` is reported apart, as ``unknown_rate`` (false unknowns; only
+when the served model has an unknown detector, as offline). Images are
 read by :mod:`catsdogs.data.labelled`, with the label rule of ingest and ``evaluate``. The true
 label of every prediction is sent back to ``POST /feedback`` (so the service's live accuracy
 reflects the run), and the result is logged as an MLflow run tagged with the ``model_version``
@@ -139,7 +142,7 @@ def evaluate_deployed(
     latencies: list[float] = []
     versions: Counter[str] = Counter()
     failures: Counter[str] = Counter()
-    feedback_sent = 0
+    feedback_sent = n_unknown = judged = 0
     for image in images:
         data = image.read()
         try:
@@ -155,7 +158,9 @@ def evaluate_deployed(
             continue
         answer = response.json()
         y_true.append(image.label)
-        y_pred.append(str(answer["label"]))
+        y_pred.append(str(answer.get("predicted", answer["label"])))  # services before `unknown`: label
+        n_unknown += answer["label"] == "unknown"
+        judged += answer.get("ood_score") is not None  # the served model has an unknown detector
         versions[str(answer.get("model_version"))] += 1
         if send_feedback:
             failure = _send_feedback(session, base, answer["prediction_id"], image.label, timeout_s)
@@ -167,11 +172,14 @@ def evaluate_deployed(
     unknown = sorted(set(y_pred) - set(labels))
     if unknown:
         raise CatsdogsError(f"the service answered labels {unknown} outside {labels}: pass its classes")
+    metrics = label_metrics([labels.index(y) for y in y_true], [labels.index(y) for y in y_pred], labels)
+    if judged:
+        metrics["unknown_rate"] = n_unknown / len(y_pred)
     return DeployedEvaluation(
         url=base,
         n_images=len(images),
         n_failed=len(images) - len(y_pred),
-        metrics=label_metrics([labels.index(y) for y in y_true], [labels.index(y) for y in y_pred], labels),
+        metrics=metrics,
         latency_ms=latency_percentiles(latencies),
         model_versions=dict(versions),
         feedback_sent=feedback_sent,
@@ -183,7 +191,7 @@ def mlflow_metrics(result: DeployedEvaluation) -> dict[str, float]:
     """The MLflow metrics of a run: the offline names (``accuracy``, ``precision``, ``macro_f1``…),
     ``<class>_precision``…, ``latency_p95_ms``… and the counts."""
     metrics = result.metrics
-    values = {name: metrics[name] for name in SCALAR_METRICS}
+    values = {name: metrics[name] for name in (*SCALAR_METRICS, "unknown_rate") if name in metrics}
     values.update(
         {
             f"{label}_{key}": stats[key]

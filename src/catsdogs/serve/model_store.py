@@ -6,7 +6,6 @@ mixes two models in one answer: old requests finish on the old session, new ones
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -17,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from catsdogs import runtime
-from catsdogs.ood import UnknownDetector
+from catsdogs.ood import UnknownDetector, run_judged
 from catsdogs.preprocessing import PreprocessConfig, softmax
 from catsdogs.registry.model_source import ResolvedBundle, current_identity, identity, resolve
 from catsdogs.runtime import (
@@ -122,25 +121,17 @@ class LoadedModel:
         session = self.wide_session if alone and self.wide_session is not None else self.session
         if self.detector is None:
             return Scores(softmax(run_logits(session, batch).astype(np.float32, copy=False)), None)
-        out = run_named(session, batch, self._judged_outputs)
-        probabilities = softmax(out[OUTPUT_NAME].astype(np.float32, copy=False))
-        return Scores(probabilities, self.detector.scores(out[FEATURES_NAME], out.get(PET_MASS_NAME)))
-
-    @functools.cached_property
-    def _judged_outputs(self) -> tuple[str, ...]:
-        available = runtime.output_names(self.session)
-        return tuple(name for name in (OUTPUT_NAME, FEATURES_NAME, PET_MASS_NAME) if name in available)
+        return Scores(*run_judged(session, batch, self.detector))
 
     def explain(self, batch: np.ndarray) -> tuple[Scores, np.ndarray]:
         """Scores plus (N, classes, h, w) class activation maps, from one pass of the narrow session."""
-        names = (*self._judged_outputs, CAM_NAME) if self.detector else (OUTPUT_NAME, CAM_NAME)
+        available = runtime.output_names(self.session)
+        names = [n for n in (OUTPUT_NAME, FEATURES_NAME, PET_MASS_NAME) if n in available] + [CAM_NAME]
         out = run_named(self.session, batch, names)
         probabilities = softmax(out[OUTPUT_NAME].astype(np.float32, copy=False))
-        ood = (
-            None
-            if self.detector is None
-            else self.detector.scores(out[FEATURES_NAME], out.get(PET_MASS_NAME))
-        )
+        ood = None
+        if self.detector is not None:
+            ood = self.detector.scores(out[FEATURES_NAME], out.get(PET_MASS_NAME))
         return Scores(probabilities, ood), out[CAM_NAME]
 
     def warm_up(self, max_batch: int) -> None:

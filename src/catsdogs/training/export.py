@@ -262,7 +262,9 @@ def _export_in_place(bundle: Any, *, settings: Any, int8: bool) -> ExportReport:
     )
     report = ExportReport(onnx_path, parity)
     metadata = {**bundle.metadata, "onnx": report.parity.to_dict()}
-    if any(s.split == "train" for s in samples) and val:
+    # Same weights, same features: a detector the bundle has still fits the re-exported graph.
+    has_detector = bundle.metadata.get("ood") and bundle.path(bundle_files.OOD).is_file()
+    if not has_detector and any(s.split == "train" for s in samples) and val:
         metadata["ood"] = _refit_unknown(bundle, settings=settings, samples=samples)
     try:
         if int8:
@@ -275,8 +277,8 @@ def _export_in_place(bundle: Any, *, settings: Any, int8: bool) -> ExportReport:
 
 
 def _refit_unknown(bundle: Any, *, settings: Any, samples: Sequence[Any]) -> dict[str, Any] | None:
-    """Fit the unknown detector of the new graph and measure it on the test split (a bundle trained
-    before the detector existed gets one; with the dataset at hand, a refit costs a minute)."""
+    """Fit the unknown detector of the graph and measure it on the test split: a bundle trained
+    before the detector existed gets one (with the dataset at hand: about a minute)."""
     from catsdogs import bundle as bundle_files
     from catsdogs.bundle import OOD
     from catsdogs.ood import FeatureDensity, UnknownDetector
