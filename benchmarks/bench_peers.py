@@ -11,8 +11,9 @@ the other and repeated (``--repeats``), so that drifting load on a shared machin
     configures it, installed from ``peers/bentoml-requirements.txt`` into its own venv (reported,
     not targeted; ``--no-bentoml`` or ``--quick`` leave it out);
   * ``catsdogs_int8`` — the same service on the bundle's INT8 graph, when it has one;
-  * ``catsdogs_baseline`` — with ``--baseline-bundle``, the same service on another bundle (an
-    earlier export of the same weights: what a change to the graph or its use costs);
+  * ``catsdogs_baseline`` (and ``catsdogs_baseline_int8``) — with ``--baseline-bundle``, the same
+    service on another bundle (an earlier export of the same weights: what a change to the graph or
+    its use costs);
   * ``raw``       — ONNX Runtime without HTTP on the same file: the service's thread layout and the
     best batch size (``bench_serve.raw_ort``).
 
@@ -270,6 +271,8 @@ def main() -> None:
         if args.baseline_bundle is not None:
             baseline = args.baseline_bundle.resolve()
             starters["catsdogs_baseline"] = lambda: start_catsdogs(baseline, tmp)
+            if "catsdogs_int8" in starters and (baseline / "model.int8.onnx").exists():
+                starters["catsdogs_baseline_int8"] = lambda: start_catsdogs(baseline, tmp, int8=True)
         if not args.no_bentoml:
             venv = bentoml_venv(args.cache.resolve())
             starters["bentoml"] = lambda: start_bentoml(bundle, tmp, venv)

@@ -19,7 +19,8 @@ from catsdogs.preprocessing import PreprocessConfig
 
 DISPLAY_MAX_SIDE = 512
 """Overlays are drawn on the photo shrunk to this size (what a page shows)."""
-OVERLAY_ALPHA = 0.5
+OVERLAY_ALPHA = 0.65
+"""Opacity of the heat map where the evidence is strongest; it fades to nothing where there is none."""
 
 # Perceptually ordered ramp (dark blue → teal → yellow), sampled at five stops.
 _RAMP = np.asarray(
@@ -33,14 +34,17 @@ def evidence(cam: np.ndarray, index: int) -> np.ndarray:
 
 
 def colourize(values: np.ndarray) -> np.ndarray:
-    """(h, w) map → (h, w, 3) uint8 colours: the positive evidence scaled to its maximum."""
+    """(h, w) map → (h, w, 4) uint8 RGBA: the positive evidence scaled to its maximum, as colour and
+    as opacity (places without evidence leave the photo as it is)."""
     top = float(values.max())
-    scaled = np.clip(values / top, 0.0, 1.0) if top > 0 else np.zeros_like(values)
+    scaled = np.clip(values / top, 0.0, 1.0) if top > 0 else np.zeros_like(values, dtype=np.float64)
     position = scaled * (len(_RAMP) - 1)
     low = np.floor(position).astype(int)
     high = np.minimum(low + 1, len(_RAMP) - 1)
     frac = (position - low)[..., None]
-    return (_RAMP[low] * (1 - frac) + _RAMP[high] * frac).astype(np.uint8)
+    rgb = _RAMP[low] * (1 - frac) + _RAMP[high] * frac
+    alpha = (scaled * OVERLAY_ALPHA * 255)[..., None]
+    return np.concatenate([rgb, alpha], axis=-1).astype(np.uint8)
 
 
 def display_image(image: Image.Image, config: PreprocessConfig) -> Image.Image:
@@ -60,8 +64,8 @@ def display_image(image: Image.Image, config: PreprocessConfig) -> Image.Image:
 
 def overlay_png(shown: Image.Image, values: np.ndarray) -> bytes:
     """A PNG of ``shown`` with the (h, w) evidence map blended over it (smoothly upsampled)."""
-    heat = Image.fromarray(colourize(values)).resize(shown.size, Image.Resampling.BICUBIC)
-    blended = Image.blend(shown.convert("RGB"), heat, OVERLAY_ALPHA)
+    heat = Image.fromarray(colourize(values), mode="RGBA").resize(shown.size, Image.Resampling.BICUBIC)
+    blended = Image.alpha_composite(shown.convert("RGBA"), heat).convert("RGB")
     buffer = io.BytesIO()
     blended.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()

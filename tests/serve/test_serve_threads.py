@@ -71,3 +71,20 @@ def test_no_second_session_when_one_call_already_has_every_core(
     for settings in ({"inference_workers": 1}, {"ort_lone_request_all_cores": False}):
         model = make_client(**settings).app.state.service.store.current  # type: ignore[attr-defined]
         assert model.wide_session is None
+
+
+def test_the_service_keeps_numpys_blas_to_one_thread(bundle_a, tmp_path) -> None:
+    """ONNX Runtime owns the cores: BLAS threads woken by the detector's products would spin beside
+    it. OpenBLAS keeps its limit per thread, so it is checked where requests run: the pool threads."""
+    from threadpoolctl import threadpool_info
+
+    from catsdogs.serve.app import create_app
+    from catsdogs.settings import Settings
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    app = create_app(Settings(model_uri=str(bundle_a), cache_dir=tmp_path / "cache"))
+    with TestClient(app):
+        pool = app.state.service.predictor._pool
+        assert pool.submit(blas_threads).result() == {1}

@@ -19,7 +19,7 @@ import numpy as np
 from catsdogs import CatsdogsError
 from catsdogs.batch.collection import ImageCollection
 from catsdogs.batch.scoring import ScoringModel, prepare, score
-from catsdogs.runtime import available_cores
+from catsdogs.runtime import available_cores, single_threaded_blas
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class ScoreActor:
     def __init__(self, collection: ImageCollection, model: ScoringModel) -> None:
         self.collection = collection
         self.model = model
+        single_threaded_blas()  # the actor's one core belongs to its ORT session
         self.session = model.open_session(intra_threads=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from catsdogs import __version__
+from catsdogs.runtime import single_threaded_blas
 from catsdogs.serve.access_log import AccessLogMiddleware
 from catsdogs.serve.drift import DriftWindowFactory
 from catsdogs.serve.errors import install_error_handlers
@@ -33,6 +34,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        single_threaded_blas()
         await asyncio.to_thread(service.feedback_log.open)  # migrations first: a bad URL stops the start
         await service.predictor.start()
         service.store.start()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from catsdogs.runtime import single_threaded_blas
 from catsdogs.serve.model_store import LoadedModel, Scores
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ class MicroBatcher:
         self.workers = max(1, workers)
         self._observe = observe
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="catsdogs-infer")
+        self._pool = ThreadPoolExecutor(
+            self.workers, thread_name_prefix="catsdogs-infer", initializer=single_threaded_blas
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:

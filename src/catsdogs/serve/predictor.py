@@ -34,7 +34,7 @@ from catsdogs.preprocessing import (
     resize,
     to_array,
 )
-from catsdogs.runtime import available_cores
+from catsdogs.runtime import available_cores, single_threaded_blas
 from catsdogs.serve.admission import Admission, Ticket
 from catsdogs.serve.batcher import MicroBatcher
 from catsdogs.serve.drift import DriftFeed
@@ -145,7 +145,9 @@ class Predictor:
         # Direct mode: the same threads decode and run the model. One thread per core measured best on
         # 2 cores (one more thread for decoding cut c16 throughput by ~20 %: it only adds contention).
         pool_size = decode_threads if self.batching else max(decode_threads, workers)
-        self._pool = ThreadPoolExecutor(pool_size, thread_name_prefix="catsdogs-decode")
+        self._pool = ThreadPoolExecutor(
+            pool_size, thread_name_prefix="catsdogs-decode", initializer=single_threaded_blas
+        )
         # Direct mode: decoding runs in parallel, but at most `inference_workers` forward passes at
         # once, each on all its intra-op threads (more would oversubscribe the cores).
         self._run_slots = threading.BoundedSemaphore(workers)

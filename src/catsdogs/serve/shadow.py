@@ -21,6 +21,7 @@ import numpy as np
 
 from catsdogs.feedback.store import FeedbackStore, ShadowRecord
 from catsdogs.preprocessing import ImageBytes, resize, to_array
+from catsdogs.runtime import single_threaded_blas
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
 from catsdogs.serve.model_store import ModelStore
@@ -59,7 +60,9 @@ class ShadowScorer:
         self.store = ModelStore(shadow_settings(settings))
         self._metrics = metrics
         self._log = feedback_log
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="catsdogs-shadow")
+        self._pool = ThreadPoolExecutor(
+            1, thread_name_prefix="catsdogs-shadow", initializer=single_threaded_blas
+        )
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
         self._random = random.Random()  # noqa: S311 (sampling, not security)
 

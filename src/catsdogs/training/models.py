@@ -330,7 +330,9 @@ def _graph_outputs(
     linear = _linear_head(model.head)
     cam = None
     if linear is not None:
-        cam = torch.einsum("kc,nchw->nkhw", linear.weight, fmap) + linear.bias[None, :, None, None]
+        # A 1x1 convolution with the head's weights: the same sums as an einsum, and ONNX Runtime
+        # runs it in a few microseconds (its Einsum cost 0.17 ms a pass, on every pass).
+        cam = nn.functional.conv2d(fmap, linear.weight[:, :, None, None], linear.bias)
     return model.head(features), features, cam
 
 
