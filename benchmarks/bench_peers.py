@@ -11,6 +11,8 @@ the other and repeated (``--repeats``), so that drifting load on a shared machin
     configures it, installed from ``peers/bentoml-requirements.txt`` into its own venv (reported,
     not targeted; ``--no-bentoml`` or ``--quick`` leave it out);
   * ``catsdogs_int8`` — the same service on the bundle's INT8 graph, when it has one;
+  * ``catsdogs_shadow`` — with ``--shadow-fraction F``, the service shadow-scoring that share of
+    its requests with the same bundle (what shadow testing costs the answers);
   * ``catsdogs_baseline`` (and ``catsdogs_baseline_int8``) — with ``--baseline-bundle``, the same
     service on another bundle (an earlier export of the same weights: what a change to the graph or
     its use costs);
@@ -82,9 +84,11 @@ def start_process(command: list[str], env: dict[str, str], ready_path: str, tmp:
     return proc, url
 
 
-def start_catsdogs(bundle: Path, tmp: Path, *, int8: bool = False) -> tuple[subprocess.Popen, str]:
-    env = {**SERVICE_ENV, "CATSDOGS_SERVE_INT8": "true"} if int8 else SERVICE_ENV
-    proc, url, _ = bench_serve.start_server(bundle, env, tmp)
+def start_catsdogs(
+    bundle: Path, tmp: Path, *, int8: bool = False, extra: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    env = {**SERVICE_ENV, "CATSDOGS_SERVE_INT8": "true"} if int8 else dict(SERVICE_ENV)
+    proc, url, _ = bench_serve.start_server(bundle, {**env, **(extra or {})}, tmp)
     return proc, url
 
 
@@ -231,6 +235,9 @@ def parse_args() -> argparse.Namespace:
         "--quick", action="store_true", help="c1 and c16, dataset JPEGs, one round, no BentoML"
     )
     parser.add_argument("--baseline-bundle", type=Path, help="also serve this bundle, as a baseline")
+    parser.add_argument(
+        "--shadow-fraction", type=float, help="also serve with this share shadow-scored (same bundle)"
+    )
     parser.add_argument("--no-bentoml", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--levels", default="1,4,16,64")
@@ -273,6 +280,12 @@ def main() -> None:
             starters["catsdogs_baseline"] = lambda: start_catsdogs(baseline, tmp)
             if "catsdogs_int8" in starters and (baseline / "model.int8.onnx").exists():
                 starters["catsdogs_baseline_int8"] = lambda: start_catsdogs(baseline, tmp, int8=True)
+        if args.shadow_fraction:
+            shadow = {
+                "CATSDOGS_SHADOW_FRACTION": str(args.shadow_fraction),
+                "CATSDOGS_SHADOW_MODEL_URI": str(bundle),
+            }
+            starters["catsdogs_shadow"] = lambda: start_catsdogs(bundle, tmp, extra=shadow)
         if not args.no_bentoml:
             venv = bentoml_venv(args.cache.resolve())
             starters["bentoml"] = lambda: start_bentoml(bundle, tmp, venv)

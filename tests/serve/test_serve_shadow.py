@@ -3,6 +3,7 @@ kept in the feedback store and counted; the answers never depend on it."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -118,3 +119,13 @@ def test_no_shadow_model_loads_without_a_fraction_and_a_missing_one_costs_nothin
     client = make_client(shadow_fraction=1.0, shadow_model_uri=str(tmp_path / "no-such-bundle"))
     assert client.post("/predict", files={"file": ("x.jpg", cat_jpeg)}).status_code == 200
     assert _count(client.get("/metrics").text, "catsdogs_shadow_predictions_total") == 0
+
+
+def test_the_shadow_runs_at_the_lowest_cpu_priority_so_answers_keep_the_cores(
+    shadowed: tuple[TestClient, Path],
+) -> None:
+    client, _ = shadowed
+    scorer = client.app.state.service.shadow  # type: ignore[attr-defined]
+    niceness = scorer._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(timeout=10)
+    assert niceness == 19  # this thread only: the request threads keep their priority
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 19

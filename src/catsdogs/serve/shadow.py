@@ -13,6 +13,7 @@ N`` reads the store.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,21 @@ def shadow_settings(settings: Settings) -> Settings:
     )
 
 
+SHADOW_NICENESS = 19
+"""The shadow thread's scheduling priority (Linux niceness of that one thread): under full load the
+answers keep the cores and the shadow takes what is left (its skipped samples are counted)."""
+
+
+def _background_thread() -> None:
+    """The shadow pool's thread: lowest CPU priority (its ORT session runs in it: one intra-op
+    thread) and NumPy's BLAS on one thread."""
+    single_threaded_blas()
+    try:  # Linux: a thread id as the "process" of setpriority changes that thread alone
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
+    except (AttributeError, OSError) as exc:  # other systems: run at normal priority
+        logger.info("shadow thread priority unchanged: %s", exc)
+
+
 class ShadowScorer:
     """Scores sampled uploads with the shadow model and records them; see the module docstring."""
 
@@ -61,7 +77,7 @@ class ShadowScorer:
         self._metrics = metrics
         self._log = feedback_log
         self._pool = ThreadPoolExecutor(
-            1, thread_name_prefix="catsdogs-shadow", initializer=single_threaded_blas
+            1, thread_name_prefix="catsdogs-shadow", initializer=_background_thread
         )
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
         self._random = random.Random()  # noqa: S311 (sampling, not security)
