@@ -138,6 +138,23 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+SHADOW_COUNTERS = ("predictions", "skipped", "failures")
+
+
+def shadow_counts(url: str) -> dict[str, float]:
+    """What the shadow did during the run, from the service's ``/metrics`` (summed over labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    names = {f"catsdogs_shadow_{name}": name for name in SHADOW_COUNTERS}
+    counts = dict.fromkeys(SHADOW_COUNTERS, 0.0)
+    for family in text_string_to_metric_families(text):
+        if family.name in names:
+            counts[names[family.name]] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return counts
+
+
 def measure_peer(
     name: str,
     start: Callable[[], tuple[subprocess.Popen, str]],
@@ -169,6 +186,8 @@ def measure_peer(
             )
         result["requests_before_rss"] = max(done, rss_requests)
         result["rss_mb_after_requests"] = bench_serve.rss_mb(proc.pid)
+        if name == "catsdogs_shadow":  # proof that the shadow scored its share, or how much it skipped
+            result["shadow"] = shadow_counts(url)
     finally:
         stop(proc)
     return result

@@ -11,17 +11,21 @@ from fakes import build_bundle
 from support import REPO, dataset_archive
 
 
-def test_quick_run_compares_the_service_with_the_naive_endpoint_and_raw_onnxruntime(tmp_path: Path) -> None:
+def test_quick_run_compares_the_service_with_the_naive_endpoint_raw_onnxruntime_and_itself_shadowing(
+    tmp_path: Path,
+) -> None:
     bundle = build_bundle(tmp_path / "bundle")
     out = tmp_path / "peers.json"
     script = REPO / "benchmarks" / "bench_peers.py"
-    command = [sys.executable, str(script), "--bundle", str(bundle), "--quick"]
+    command = [sys.executable, str(script), "--bundle", str(bundle), "--quick", "--shadow-fraction", "0.5"]
     command += ["--client", "aiohttp", "--archive", str(dataset_archive()), "--out", str(out)]
     subprocess.run(command, check=True, timeout=240, capture_output=True, cwd=tmp_path)
 
     result = json.loads(out.read_text())
-    assert set(result["runs"]) == {"catsdogs", "naive"}  # BentoML only in the full run
-    assert result["non_200"] == {"catsdogs": 0, "naive": 0}
+    assert set(result["runs"]) == {"catsdogs", "naive", "catsdogs_shadow"}  # BentoML only in the full run
+    assert result["non_200"] == {"catsdogs": 0, "naive": 0, "catsdogs_shadow": 0}
+    shadow = result["runs"]["catsdogs_shadow"][0]["shadow"]
+    assert shadow["predictions"] > 0 and shadow["failures"] == 0
     assert result["service_env"]["CATSDOGS_API_KEYS"] == "<set>"  # production settings, keys on
     for runs in result["runs"].values():
         levels = [level["concurrency"] for level in runs[0]["dataset"]]
