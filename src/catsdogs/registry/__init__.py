@@ -5,7 +5,8 @@
   by run id and verified on every load, is :mod:`~catsdogs.registry.bundle_cache`.
 * :mod:`~catsdogs.registry.tracking` — :class:`MlflowTracker`: one run per training, ending in a
   registered version with the ``challenger`` alias.
-* :mod:`~catsdogs.registry.promotion` — :func:`promote` (the quality gate), :func:`rollback`,
+* :mod:`~catsdogs.registry.gate` — the quality gate's rules and the :class:`PromotionDecision`.
+* :mod:`~catsdogs.registry.promotion` — :func:`promote` (through the gate), :func:`rollback`,
   :func:`list_versions`, and :func:`move_champion`, the one function that moves ``champion``.
 * :mod:`~catsdogs.registry.pyfunc_model` — the logged pyfunc ("models from code", no pickle).
 
@@ -27,8 +28,8 @@ _EXPORTS = {
     "CHAMPION": "client",
     "alias_log": "client",
     "champion_history": "client",
-    "GateCheck": "promotion",
-    "PromotionDecision": "promotion",
+    "GateCheck": "gate",
+    "PromotionDecision": "gate",
     "VersionSummary": "promotion",
     "list_versions": "promotion",
     "move_champion": "promotion",
