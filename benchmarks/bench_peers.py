@@ -21,10 +21,11 @@ the other and repeated (``--repeats``), so that drifting load on a shared machin
 
 For dataset-size and phone-size (4032×3024) JPEGs at concurrency 1, 4, 16, 64 it records requests/s,
 p50/p99 and RSS, and the ratios catsdogs ÷ each peer (medians over the repeats): throughput ratios
-(≥ 1 is better for catsdogs) and, at concurrency 1, the p50 latency ratio (≤ 1 is better).
+(≥ 1 is better for catsdogs) and, at concurrency 1, the p50 latency ratio (≤ 1 is better); with
+a shadowing peer, its p50 and p99 over the service's alone (``shadow_cost/...``, paired by round).
 
     python benchmarks/bench_peers.py --bundle BUNDLE [--baseline-bundle OLD] [--quick] [--no-bentoml]
-        [--out FILE]
+        [--shadow-fraction F] [--skip naive,catsdogs_int8] [--out FILE]
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ def measure_peer(
     try:
         first = next(iter(images.values()))
         bench_serve.run_load(url, first, 4, 2.0, tmp, client=args.client, api_key=key)  # warm-up
+        if name == "catsdogs_shadow":  # the shadow's own process loads its model: measure once it scores
+            deadline = time.monotonic() + 120
+            while shadow_counts(url)["predictions"] == 0 and time.monotonic() < deadline:
+                bench_serve.run_load(url, first, 1, 1.0, tmp, client=args.client, api_key=key)
         result: dict = {"rss_mb_ready": bench_serve.rss_mb(proc.pid)}
         for kind, files in images.items():
             result[kind] = [
@@ -218,6 +223,14 @@ def ratios(runs: dict[str, list[dict]], raw: dict, kinds: list[str], levels: lis
                     out[f"{kind}/c1/p50_vs_{peer}"] = _median(
                         [a[kind][i]["p50_ms"] / b[kind][i]["p50_ms"] for a, b in pairs]
                     )
+    if "catsdogs_shadow" in runs:  # what shadow testing costs the answers: with ÷ without, per round
+        pairs = list(zip(runs["catsdogs_shadow"], runs["catsdogs"], strict=True))
+        for kind in kinds:
+            for i, level in enumerate(levels):
+                for stat in ("p50_ms", "p99_ms"):
+                    out[f"shadow_cost/{kind}/c{level}/{stat[:3]}_with_over_without"] = _median(
+                        [a[kind][i][stat] / b[kind][i][stat] for a, b in pairs]
+                    )
     if "dataset" in kinds and 16 in levels:
         i = levels.index(16)
         for name, rate in (
@@ -258,6 +271,7 @@ def parse_args() -> argparse.Namespace:
         "--shadow-fraction", type=float, help="also serve with this share shadow-scored (same bundle)"
     )
     parser.add_argument("--no-bentoml", action="store_true")
+    parser.add_argument("--skip", default="", help="peers not to run, e.g. naive,catsdogs_int8")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
@@ -308,6 +322,9 @@ def main() -> None:
         if not args.no_bentoml:
             venv = bentoml_venv(args.cache.resolve())
             starters["bentoml"] = lambda: start_bentoml(bundle, tmp, venv)
+        for name in filter(None, args.skip.split(",")):
+            if name == "catsdogs" or starters.pop(name, None) is None:
+                raise SystemExit(f"--skip: no peer {name!r} to skip (peers: {', '.join(starters)})")
         runs: dict[str, list[dict]] = {name: [] for name in starters}
         for repeat in range(args.repeats):
             for name, start in starters.items():

@@ -26,6 +26,7 @@ def test_quick_run_compares_the_service_with_the_naive_endpoint_raw_onnxruntime_
     assert result["non_200"] == {"catsdogs": 0, "naive": 0, "catsdogs_shadow": 0}
     shadow = result["runs"]["catsdogs_shadow"][0]["shadow"]
     assert shadow["predictions"] > 0 and shadow["failures"] == 0
+    assert result["ratios_catsdogs_over_peer"]["shadow_cost/dataset/c16/p99_with_over_without"] > 0
     assert result["service_env"]["CATSDOGS_API_KEYS"] == "<set>"  # production settings, keys on
     for runs in result["runs"].values():
         levels = [level["concurrency"] for level in runs[0]["dataset"]]

@@ -1,71 +1,42 @@
 """Shadow testing: a share of live requests also scored by a second model, off the request path.
 
 With ``shadow_fraction`` > 0, the model at ``shadow_model_uri`` (the registry's ``challenger`` by
-default) is loaded and polled like the served one. After a prediction is answered, that fraction
-of uploads is handed to one background thread that decodes the upload for the shadow model's own
-preprocessing, runs it on one intra-op thread and keeps the result in the feedback store (so counts
-add up across replicas and restarts, and ``/feedback`` labels join both models' answers). The
-answer never waits for it: when the thread is busy the sample is skipped (counted), and a shadow
-failure is a counted log line, never an error for the caller. ``catsdogs promote --require-shadow
-N`` reads the store.
+default) is loaded and polled like the served one, in its own low-priority process
+(:mod:`catsdogs.serve.shadow_worker`). After a prediction is answered, that fraction of uploads is
+queued for one background thread that hands each to the worker, which decodes it for the shadow
+model's own preprocessing and scores it on one intra-op thread; the thread keeps the result in the
+feedback store (so counts add up across replicas and restarts, and ``/feedback`` labels join both
+models' answers). The answer never waits for it: when the worker is busy the sample is skipped
+(counted), and a shadow failure (an error, a crash, a timeout: the worker is replaced) is a counted
+log line, never an error for the caller. ``catsdogs promote --require-shadow N`` reads the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+import queue
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 from catsdogs.feedback.store import FeedbackStore, ShadowRecord
-from catsdogs.preprocessing import ImageBytes, resize, to_array
-from catsdogs.runtime import single_threaded_blas
+from catsdogs.preprocessing import ImageBytes
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
-from catsdogs.serve.model_store import ModelStore
-from catsdogs.serve.predictor import decode_upload
+from catsdogs.serve.shadow_worker import ShadowAnswer, ShadowWorker
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Uploads waiting for (or in) the shadow thread; past this, samples are skipped, not queued.
-MAX_PENDING = 2
+#: Uploads waiting while the worker scores another; past this, samples are skipped, not queued.
+MAX_WAITING = 1
 
-
-def shadow_settings(settings: Settings) -> Settings:
-    """The served settings, pointed at the shadow model, on one thread and no second session: the
-    shadow must leave the cores to the answers."""
-    return settings.model_copy(
-        update={
-            "model_uri": settings.shadow_model_uri,
-            "ort_intra_threads": 1,
-            "ort_lone_request_all_cores": False,
-            "batch_max_size": 1,
-            "serve_int8": False,
-        }
-    )
-
-
-SHADOW_NICENESS = 19
-"""The shadow thread's scheduling priority (Linux niceness of that one thread): under full load the
-answers keep the cores and the shadow takes what is left (its skipped samples are counted)."""
-
-
-def _background_thread() -> None:
-    """The shadow pool's thread: lowest CPU priority (its ORT session runs in it: one intra-op
-    thread) and NumPy's BLAS on one thread."""
-    single_threaded_blas()
-    try:  # Linux: a thread id as the "process" of setpriority changes that thread alone
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
-    except (AttributeError, OSError) as exc:  # other systems: run at normal priority
-        logger.info("shadow thread priority unchanged: %s", exc)
+#: How often an idle scorer asks the worker which version it has loaded (sampling waits for one).
+STATUS_INTERVAL_S = 2.0
 
 
 class ShadowScorer:
-    """Scores sampled uploads with the shadow model and records them; see the module docstring."""
+    """Samples answered uploads, has the worker score them and records them; see the module docstring."""
 
     def __init__(
         self, settings: Settings, *, metrics: Metrics, feedback_log: FeedbackStore, signer: PredictionSigner
@@ -73,52 +44,72 @@ class ShadowScorer:
         self.settings = settings
         self._signer = signer
         self.fraction = settings.shadow_fraction
-        self.store = ModelStore(shadow_settings(settings))
+        self._timeout_s = max(30.0, settings.request_timeout_s)
+        self.worker = ShadowWorker(settings, timeout_s=self._timeout_s)
         self._metrics = metrics
         self._log = feedback_log
-        self._pool = ThreadPoolExecutor(
-            1, thread_name_prefix="catsdogs-shadow", initializer=_background_thread
-        )
-        self._pending = threading.BoundedSemaphore(MAX_PENDING)
+        self._waiting: queue.Queue[tuple[bytes, str, str, str] | None] = queue.Queue(MAX_WAITING)
+        self._thread = threading.Thread(target=self._run, name="catsdogs-shadow", daemon=True)
+        self._stopping = threading.Event()
         self._random = random.Random()  # noqa: S311 (sampling, not security)
+        #: The version the worker has loaded (None: none yet, or no such model).
+        self.version: str | None = None
 
     def start(self) -> None:
-        self.store.start()
+        self.worker.start()
+        self._thread.start()
 
     def stop(self) -> None:
-        self.store.stop()
-        self._pool.shutdown(wait=True)
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):
+            self._waiting.put_nowait(None)  # wakes the thread; a full queue wakes it anyway
+        self._thread.join(timeout=self._timeout_s + 5)
+        self.worker.stop()
 
     def offer(
         self, data: ImageBytes, *, prediction_id: str, champion_version: str, champion_label: str
     ) -> None:
         """Maybe score this upload later (never blocks, never raises)."""
-        if self._random.random() >= self.fraction or self.store.current is None:
-            return
-        if not self._pending.acquire(blocking=False):
-            self._metrics.shadow_skipped.inc()
-            return
-        future = self._pool.submit(self._score, data, prediction_id, champion_version, champion_label)
-        future.add_done_callback(lambda _: self._pending.release())
-
-    def _score(
-        self, data: ImageBytes, prediction_id: str, champion_version: str, champion_label: str
-    ) -> None:
-        model = self.store.current
-        if model is None:
+        if self._random.random() >= self.fraction or self.version is None:
             return
         try:
+            self._waiting.put_nowait((bytes(data), prediction_id, champion_version, champion_label))
+        except queue.Full:
+            self._metrics.shadow_skipped.inc()
+
+    def _run(self) -> None:
+        self._status()
+        while not self._stopping.is_set():
+            try:
+                item = self._waiting.get(timeout=STATUS_INTERVAL_S)
+            except queue.Empty:
+                self._status()
+                continue
+            if item is not None:
+                self._score(*item)
+
+    def _status(self) -> None:
+        try:
+            self.version = self.worker.ask(("status",)).version
+        except Exception as exc:  # a crashed worker is replaced; the next status asks the new one
+            logger.warning("shadow worker status failed: %s: %s", type(exc).__name__, exc)
+
+    def _score(self, data: bytes, prediction_id: str, champion_version: str, champion_label: str) -> None:
+        try:
             nonce = self._signer.verify(prediction_id).nonce  # the key /feedback labels join on
-            image = decode_upload(data, model.config, self.settings)
-            probs = model.run(to_array(resize(image, model.config), model.config)[None]).probabilities[0]
-            index = int(np.argmax(probs))
+            answer: ShadowAnswer = self.worker.ask(("score", data))
+            self.version = answer.version
+            if answer.version is None:  # the model went away: nothing scored, nothing to count
+                return
+            if answer.error is not None or answer.label is None or answer.confidence is None:
+                raise RuntimeError(answer.error or "no answer")
             record = ShadowRecord(
                 nonce=nonce,
                 champion_version=champion_version,
                 champion_label=champion_label,
-                challenger_version=model.version,
-                challenger_label=model.class_names[index],
-                challenger_confidence=float(probs[index]),
+                challenger_version=answer.version,
+                challenger_label=answer.label,
+                challenger_confidence=answer.confidence,
             )
             self._log.record_shadow(record)
         except Exception as exc:  # the shadow must never matter to the caller: count it, say it once
