@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from serve_testing import expected_probabilities
 
+from catsdogs.serve.shadow import CpuBudget
 from fakes import WEIGHTS_A, WEIGHTS_B, build_bundle
 
 CLASSES = ("cat", "dog")
@@ -149,3 +150,24 @@ def test_a_crashed_worker_is_replaced_and_answers_never_notice(
     assert _rows(store)
     assert scorer.worker.pid is not None and scorer.worker.pid != killed
     assert _count(client.get("/metrics").text, "catsdogs_shadow_failures_total") <= 1  # the one it died with
+
+
+def test_the_cpu_budget_refills_at_its_share_and_empties_by_what_was_used() -> None:
+    budget = CpuBudget(0.5, 2, burst_s=0.05)  # 1 CPU-second per second
+    assert budget.available()
+    budget.charge(0.1)  # a pass that used more than the burst
+    assert not budget.available()
+    time.sleep(0.08)  # 0.05 s of debt refilled in 0.05 s
+    assert budget.available()
+
+
+def test_past_its_cpu_budget_the_shadow_skips_samples_and_counts_them(
+    shadowed: tuple[TestClient, Path], images: list[tuple[str, str, bytes]]
+) -> None:
+    client, store = shadowed
+    client.app.state.service.shadow.budget = CpuBudget(1e-9, 1, burst_s=0.0)  # type: ignore[attr-defined]
+    for _, _, data in images[:3]:
+        assert client.post("/predict", files={"file": ("x.jpg", data)}).status_code == 200
+    metrics = _settled(client, 3)
+    assert _count(metrics, "catsdogs_shadow_skipped_total") == 3
+    assert _count(metrics, "catsdogs_shadow_predictions_total") == 0 and not _rows(store)

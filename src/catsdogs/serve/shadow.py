@@ -6,9 +6,10 @@ default) is loaded and polled like the served one, in its own low-priority proce
 queued for one background thread that hands each to the worker, which decodes it for the shadow
 model's own preprocessing and scores it on one intra-op thread; the thread keeps the result in the
 feedback store (so counts add up across replicas and restarts, and ``/feedback`` labels join both
-models' answers). The answer never waits for it: when the worker is busy the sample is skipped
-(counted), and a shadow failure (an error, a crash, a timeout: the worker is replaced) is a counted
-log line, never an error for the caller. ``catsdogs promote --require-shadow N`` reads the store.
+models' answers). The answer never waits for it: when the worker is busy or has used its share of
+the CPU (``shadow_max_cpu_share``, :class:`CpuBudget`) the sample is skipped (counted), and a
+shadow failure (an error, a crash, a timeout: the worker is replaced) is a counted log line, never
+an error for the caller. ``catsdogs promote --require-shadow N`` reads the store.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import logging
 import queue
 import random
 import threading
+import time
 
 from catsdogs.feedback.store import FeedbackStore, ShadowRecord
 from catsdogs.preprocessing import ImageBytes
+from catsdogs.runtime import available_cores
 from catsdogs.serve.feedback import PredictionSigner
 from catsdogs.serve.metrics import Metrics
 from catsdogs.serve.shadow_worker import ShadowAnswer, ShadowWorker
@@ -33,6 +36,33 @@ MAX_WAITING = 1
 
 #: How often an idle scorer asks the worker which version it has loaded (sampling waits for one).
 STATUS_INTERVAL_S = 2.0
+
+
+class CpuBudget:
+    """A token bucket of CPU seconds: refilled at ``share`` of ``cores`` per wall-clock second, up to
+    ``burst_s``; each scored sample is charged what it used. Empty: skip the next samples."""
+
+    def __init__(self, share: float, cores: int, *, burst_s: float = 0.25) -> None:
+        self.rate = share * cores
+        self.burst_s = burst_s
+        self._tokens = burst_s
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst_s, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def available(self) -> bool:
+        with self._lock:
+            self._refill()
+            return self._tokens > 0
+
+    def charge(self, cpu_s: float) -> None:
+        with self._lock:
+            self._refill()
+            self._tokens -= cpu_s
 
 
 class ShadowScorer:
@@ -52,6 +82,7 @@ class ShadowScorer:
         self._thread = threading.Thread(target=self._run, name="catsdogs-shadow", daemon=True)
         self._stopping = threading.Event()
         self._random = random.Random()  # noqa: S311 (sampling, not security)
+        self.budget = CpuBudget(settings.shadow_max_cpu_share, available_cores())
         #: The version the worker has loaded (None: none yet, or no such model).
         self.version: str | None = None
 
@@ -71,6 +102,9 @@ class ShadowScorer:
     ) -> None:
         """Maybe score this upload later (never blocks, never raises)."""
         if self._random.random() >= self.fraction or self.version is None:
+            return
+        if not self.budget.available():
+            self._metrics.shadow_skipped.inc()
             return
         try:
             self._waiting.put_nowait((bytes(data), prediction_id, champion_version, champion_label))
@@ -98,6 +132,7 @@ class ShadowScorer:
         try:
             nonce = self._signer.verify(prediction_id).nonce  # the key /feedback labels join on
             answer: ShadowAnswer = self.worker.ask(("score", data))
+            self.budget.charge(answer.cpu_s)
             self.version = answer.version
             if answer.version is None:  # the model went away: nothing scored, nothing to count
                 return

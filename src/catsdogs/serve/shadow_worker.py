@@ -1,11 +1,11 @@
 """The shadow model's own process: it loads, polls and runs the challenger at the lowest CPU priority.
 
-A separate process, not a thread: a low-priority thread in the serving process holds the GIL
-between its NumPy and Pillow calls, and when the scheduler parks it there the request threads wait
-for it (priority inversion: measured as p99 spikes under load). A process shares no lock with the
-answers, so its niceness means what it says. It is spawned (never forked: the service's threads and
-ONNX Runtime sessions must not be copied) and talks to :class:`ShadowWorker` over one pipe,
-request then reply, so at most one upload is in it at a time.
+A separate process rather than a thread of the service: the challenger shares no GIL with the
+answers (a low-priority thread parked by the scheduler between two NumPy calls would hold it), its
+niceness covers its ONNX Runtime threads, and a crash in it (a bad graph, a decoder bug) cannot take
+the answers down: the worker is replaced. It is spawned (never forked: the service's threads and
+sessions must not be copied) and talks to :class:`ShadowWorker` over one pipe, request then reply,
+so at most one upload is in it at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -48,6 +49,8 @@ class ShadowAnswer:
     label: str | None = None
     confidence: float | None = None
     error: str | None = None
+    cpu_s: float = 0.0
+    """CPU time the worker spent on this request (charged to the shadow's budget)."""
 
 
 def shadow_settings(settings: Settings) -> Settings:
@@ -126,14 +129,20 @@ class ShadowWorker:
                 process.join(5)
 
 
+def lowest_priority() -> None:
+    """Niceness 19 for the whole process. (Not ``SCHED_IDLE``: measured no better, and a saturated
+    machine would starve the worker into timeouts.)"""
+    try:
+        os.nice(NICENESS - os.nice(0))
+    except (AttributeError, OSError) as exc:  # other systems: what could be set is set
+        logger.info("shadow worker priority: %s", exc)
+
+
 def run(settings: Settings, conn: Connection) -> None:
     """The worker process's main loop: answer each request until ``None`` or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     configure_logging(settings.log_level)
-    try:
-        os.nice(NICENESS - os.nice(0))
-    except (AttributeError, OSError) as exc:  # other systems: run at normal priority
-        logger.info("shadow worker priority unchanged: %s", exc)
+    lowest_priority()
     single_threaded_blas()
     store = ModelStore(settings)
     store.start()
@@ -153,10 +162,13 @@ def _answer(store: ModelStore, settings: Settings, request: Request) -> ShadowAn
     model = store.current
     if model is None or len(request) == 1:
         return ShadowAnswer(model.version if model is not None else None)
+    started = time.process_time()
     try:
         image = decode_upload(request[1], model.config, settings)  # type: ignore[misc]
         probs = model.run(to_array(resize(image, model.config), model.config)[None]).probabilities[0]
     except Exception as exc:  # reported to the parent, which counts it and logs it once
-        return ShadowAnswer(model.version, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return ShadowAnswer(model.version, error=error, cpu_s=time.process_time() - started)
     index = int(np.argmax(probs))
-    return ShadowAnswer(model.version, model.class_names[index], float(probs[index]))
+    used = time.process_time() - started
+    return ShadowAnswer(model.version, model.class_names[index], float(probs[index]), cpu_s=used)
