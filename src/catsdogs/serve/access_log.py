@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -111,3 +112,13 @@ class AccessLogMiddleware:
                         }
                     },
                 )
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr for the whole process (uvicorn's own access log is replaced by ours)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("uvicorn.access").disabled = True

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catsdogs import CatsdogsError
-from catsdogs.serve.access_log import JsonFormatter
+from catsdogs.serve.access_log import configure_logging
 from catsdogs.serve.metrics import MULTIPROC_ENV
 from catsdogs.settings import Settings, get_settings
 
@@ -20,16 +19,6 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
-
-
-def configure_logging(level: str) -> None:
-    """JSON lines on stderr for the whole process (uvicorn's own access log is replaced by ours)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("uvicorn.access").disabled = True
 
 
 def _multiproc_dir() -> str:

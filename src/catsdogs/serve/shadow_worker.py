@@ -25,9 +25,9 @@ import numpy as np
 
 from catsdogs.preprocessing import resize, to_array
 from catsdogs.runtime import single_threaded_blas
+from catsdogs.serve.access_log import configure_logging
 from catsdogs.serve.model_store import ModelStore
 from catsdogs.serve.predictor import decode_upload
-from catsdogs.serve.server import configure_logging
 from catsdogs.settings import Settings
 
 logger = logging.getLogger(__name__)
