@@ -222,9 +222,7 @@ class Settings(BaseSettings):
     shadow_model_uri: str = "models:/catsdogs-classifier@challenger"
     """The shadow model (a challenger proving itself on live traffic before ``promote``)."""
     shadow_max_cpu_share: float = Field(default=0.02, gt=0.0, le=1.0)
-    """Most of the service's CPU (all its cores) the shadow may use; past it, samples are skipped.
-    Scoring a sample competes with the answers for caches and memory bandwidth even at the lowest
-    priority, so its cost is bounded by this budget rather than left to the scheduler."""
+    """Most of the service's CPU (all its cores) the shadow may use; past it, samples are skipped."""
     host: str = "127.0.0.1"
     """Interface the service binds."""
     port: int = 8000
