@@ -1,4 +1,4 @@
-"""What keeping freed memory (``catsdogs.training.memory.freed_memory_kept``) does to a PyTorch forward pass.
+"""What keeping freed memory (``catsdogs.malloc.freed_memory_kept``) does to a PyTorch forward pass.
 
 Usage:
     python benchmarks/bench_allocator.py [--passes 4] [--batch 64] [--size 280]
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from catsdogs.malloc import freed_memory_kept
 from catsdogs.preprocessing import PreprocessConfig
-from catsdogs.training.memory import freed_memory_kept
 from catsdogs.training.models import ModelSpec, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "allocator.json"

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from catsdogs.bundle import write_json_atomic
+from catsdogs.malloc import freed_memory_kept
 from catsdogs.settings import Settings
 from catsdogs.training.config import apply_profile, preprocess_config, preprocess_config_for
 from catsdogs.training.distributed import Dist
 from catsdogs.training.features import read_manifest, split_samples
 from catsdogs.training.loop import train_one_epoch, validate
-from catsdogs.training.memory import freed_memory_kept
 from catsdogs.training.models import FinetuneTop, ModelSpec, build_model
 from catsdogs.training.strategy_sources import image_sources
 

@@ -34,6 +34,7 @@ SHARED = frozenset(
         "catsdogs.drift",
         "catsdogs.files",
         "catsdogs.image_memory",
+        "catsdogs.malloc",
         "catsdogs.ood",
         "catsdogs.explain",
     }

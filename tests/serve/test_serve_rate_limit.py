@@ -15,14 +15,23 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from catsdogs.serve.rate_limit import RateLimiter, build_rate_limiter
+from catsdogs.serve.rate_limit import LocalRateLimiter, RateLimiter, build_rate_limiter
 from catsdogs.settings import Settings
 
 KEYS = "key-one-secret,key-two-secret"
 
 
-def test_the_burst_passes_then_the_rate_applies(tmp_path: Path) -> None:
-    limiter = RateLimiter(tmp_path / "buckets.sqlite", per_minute=60, burst=3)
+def _shared(tmp_path: Path, **kwargs: int) -> RateLimiter:
+    return RateLimiter(tmp_path / "buckets.sqlite", **kwargs)
+
+
+def _local(_: Path, **kwargs: int) -> LocalRateLimiter:
+    return LocalRateLimiter(**kwargs)
+
+
+@pytest.mark.parametrize("make", [_shared, _local], ids=["sqlite_file", "one_process"])
+def test_the_burst_passes_then_the_rate_applies(tmp_path: Path, make: Callable[..., object]) -> None:
+    limiter = make(tmp_path, per_minute=60, burst=3)
     assert [limiter.retry_after("a", now=100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert limiter.retry_after("a", now=100.0) == pytest.approx(1.0)  # one request a second refills
     assert limiter.retry_after("b", now=100.0) == 0.0  # another caller has its own bucket
@@ -30,6 +39,26 @@ def test_the_burst_passes_then_the_rate_applies(tmp_path: Path) -> None:
     assert limiter.retry_after("a", now=101.0) == 0.0
     assert limiter.retry_after("a", now=101.0) == pytest.approx(1.0)
     assert [limiter.retry_after("a", now=200.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # full again
+
+
+def test_one_process_keeps_counts_in_memory_and_forgets_idle_callers() -> None:
+    limiter = build_rate_limiter(Settings(api_keys=KEYS, rate_limit_per_minute=60, rate_limit_burst=2))
+    assert isinstance(limiter, LocalRateLimiter)  # no store configured: one process, nothing to share
+    limiter.max_callers = 3
+    for caller in ("a", "b", "c"):
+        assert limiter.retry_after(caller, now=10.0) == 0.0
+    # A flood of new callers cannot grow the table: once full, the idle ones (refilled) are dropped.
+    assert limiter.retry_after("d", now=20.0) == 0.0
+    assert limiter.retry_after("e", now=20.0) == 0.0
+    assert len(limiter._tat) <= 3
+    assert limiter.retry_after("d", now=20.0) == 0.0
+    assert limiter.retry_after("d", now=20.0) > 0  # the active caller still has its count
+
+
+def test_a_configured_store_is_the_shared_sqlite_file(tmp_path: Path) -> None:
+    store = tmp_path / "buckets.sqlite"
+    limiter = build_rate_limiter(Settings(api_keys=KEYS, rate_limit_store=store))
+    assert isinstance(limiter, RateLimiter) and store.exists()
 
 
 def test_two_limiters_on_one_file_share_the_count(tmp_path: Path) -> None:

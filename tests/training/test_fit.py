@@ -249,7 +249,7 @@ def test_a_deadline_stops_before_the_epoch_that_would_end_after_it_but_never_bef
 def test_training_keeps_freed_memory_so_large_tensors_stop_page_faulting_in_again() -> None:
     code = """
 import resource, torch
-from catsdogs.training.memory import freed_memory_kept
+from catsdogs.malloc import freed_memory_kept
 
 def faults() -> int:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catsdogs import CatsdogsError
+from catsdogs.malloc import bound_freed_memory
 from catsdogs.serve.access_log import configure_logging
 from catsdogs.serve.metrics import MULTIPROC_ENV
 from catsdogs.settings import Settings, get_settings
@@ -37,6 +38,7 @@ def worker_app() -> FastAPI:
 
     settings = get_settings()
     configure_logging(settings.log_level)
+    bound_freed_memory()
     return create_app(settings)
 
 
@@ -67,6 +69,7 @@ def serve(settings: Settings) -> None:
 
     configure_logging(settings.log_level)
     check_exposure(settings)
+    bound_freed_memory()  # before any thread starts: the model's, the decoders', the event loop's
     options = {
         "host": settings.host,
         "port": settings.port,

@@ -36,13 +36,13 @@ import torch
 
 from catsdogs import CatsdogsError
 from catsdogs.bundle import write_json_atomic
+from catsdogs.malloc import freed_memory_kept
 from catsdogs.preprocessing import PreprocessConfig
 from catsdogs.settings import Settings
 from catsdogs.training.config import apply_profile, preprocess_config_for, resolve_spec, train_params
 from catsdogs.training.distributed import Dist, init_distributed
 from catsdogs.training.features import Sample, read_manifest, split_samples
 from catsdogs.training.loop import CHECKPOINT, Tracker, fit, selection_loss, validation_metrics
-from catsdogs.training.memory import freed_memory_kept
 from catsdogs.training.models import (
     Ensemble,
     FinetuneTop,
