@@ -12,10 +12,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 # Frees 3 MB uploads interleaved with small objects that stay alive (so the heap cannot simply be
 # trimmed from its top), after one 4 MB block was freed (which raises glibc's default mmap
-# threshold past 3 MB); prints the resident MB held after the frees.
+# threshold past 3 MB); prints the resident MB held after the frees (``trimmed``: after half a second
+# of a :class:`PeriodicTrim` every 50 ms).
 _HELD_AFTER_FREES = """
-import os, sys
-from catsdogs.malloc import bound_freed_memory
+import os, sys, time
+from catsdogs.malloc import PeriodicTrim, bound_freed_memory
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -33,6 +34,11 @@ for _ in range(30):
     uploads.append(upload)
     pinned.append(bytearray(2000))
 del uploads
+if sys.argv[1] == "trimmed":
+    trim = PeriodicTrim(interval_s=0.05)
+    assert trim.start()
+    time.sleep(0.5)
+    trim.stop()
 print(round(rss_mb() - base, 1), sorted(applied))
 """
 
@@ -62,3 +68,8 @@ def test_the_operators_malloc_environment_wins() -> None:
     held, applied = _held_mb("bounded", {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)})
     assert applied == "['MALLOC_ARENA_MAX']"  # the threshold was left to the environment's 64 MB
     assert held > 60
+
+
+def test_periodic_trim_hands_back_the_holes_between_live_blocks() -> None:
+    held, _ = _held_mb("trimmed")  # the default policy, which kept them (first test)
+    assert held < 10

@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from catsdogs import __version__
+from catsdogs.malloc import PeriodicTrim
 from catsdogs.runtime import single_threaded_blas
 from catsdogs.serve.access_log import AccessLogMiddleware
 from catsdogs.serve.drift import DriftWindowFactory
@@ -31,6 +32,7 @@ def create_app(
     """Build the service; the model loads in the background once the server starts (``/ready``)."""
     settings = settings or get_settings()
     service = build_service(settings, drift_factory=drift_factory)
+    trim = PeriodicTrim()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,6 +40,7 @@ def create_app(
         await asyncio.to_thread(service.feedback_log.open)  # migrations first: a bad URL stops the start
         await service.predictor.start()
         service.store.start()
+        trim.start()
         if service.shadow is not None:
             service.shadow.start()
         if settings.workers > 1:  # see Settings.worker_start_wait_s
@@ -46,6 +49,7 @@ def create_app(
                 logger.warning("no model after %.0f s; accepting requests anyway (503 until loaded)", wait)
         yield
         service.store.stop()
+        trim.stop()
         if service.shadow is not None:
             await asyncio.to_thread(service.shadow.stop)
         await service.predictor.stop()  # in-flight work finishes first (uvicorn drains on SIGTERM)
