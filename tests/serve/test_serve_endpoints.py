@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -276,6 +279,32 @@ def test_access_log_is_one_json_line_without_image_or_secrets(
     assert {"timestamp", "request_id", "latency_ms", "label", "confidence", "model_version"} <= set(entry)
     assert "s3cret-key" not in line
     assert len(line) < 1000  # no image bytes
+
+
+def test_log_lines_are_written_off_the_calling_thread_and_all_reach_stderr_at_exit() -> None:
+    code = """
+import logging, threading
+from catsdogs.serve.access_log import configure_logging
+configure_logging("info")
+writers = {t.name for t in threading.enumerate()} - {"MainThread"}
+assert len(writers) == 1, writers  # the one writer thread
+for i in range(500):
+    logging.getLogger("catsdogs.serve.access").info("request", extra={"fields": {"n": i}})
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert [line["n"] for line in lines] == list(range(500))  # none lost, in order, flushed at exit
+
+
+def test_a_stalled_log_writer_drops_lines_instead_of_blocking_the_caller() -> None:
+    from catsdogs.serve.access_log import _HandOff
+
+    handler = _HandOff(queue.Queue(2))  # nobody drains it: a stalled stderr
+    record = logging.LogRecord("catsdogs.serve.access", logging.INFO, __file__, 1, "request", None, None)
+    for _ in range(5):
+        handler.emit(record)  # returns at once
+    assert handler.queue.qsize() == 2 and handler.dropped == 3
 
 
 def test_cors_headers_only_for_configured_origins(make_client: Callable[..., TestClient]) -> None:

@@ -6,13 +6,16 @@ image bytes, headers, query strings, keys or tokens.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
+import queue
 import re
 import secrets
 import sys
 import time
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -114,11 +117,56 @@ class AccessLogMiddleware:
                 )
 
 
+#: Log records waiting for the writer thread; past it records are dropped and counted, never waited for.
+LOG_QUEUE_MAX = 10_000
+
+
+class _HandOff(QueueHandler):
+    """Queues the record as it is: formatting and the write happen on the writer thread."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:  # a stalled stderr must not stall the event loop, nor grow memory
+            self.dropped += 1
+
+
+_writer: QueueListener | None = None
+
+
+def _stop_writer() -> None:
+    """Write what is still queued and stop the writer thread (at exit, or before a new one)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
+atexit.register(_stop_writer)
+
+
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr for the whole process (uvicorn's own access log is replaced by ours)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    """JSON lines on stderr for the whole process (uvicorn's own access log is replaced by ours).
+
+    Records are handed to one writer thread: the event loop never waits on stderr (a write there
+    took ~0.2 ms of the loop per request at concurrency 1, and a stalled log pipe would have
+    stalled every request). Pending lines are written at exit.
+    """
+    global _writer
+    _stop_writer()
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JsonFormatter())
+    records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_MAX)
+    _writer = QueueListener(records, stream)
+    _writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_HandOff(records)]
     root.setLevel(level.upper())
     logging.getLogger("uvicorn.access").disabled = True
