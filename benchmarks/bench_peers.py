@@ -1,7 +1,9 @@
 """`catsdogs serve` side by side with what a user would pick instead, in one run, on one bundle.
 
-Peers, each started on the same bundle's ``model.onnx`` and driven with the same images, one after
-the other and repeated (``--repeats``), so that drifting load on a shared machine hits all alike:
+Peers, each started on the same bundle's ``model.onnx`` and driven with the same images. In each
+round (``--repeats``) every peer is started, then each image set and concurrency level is run on
+every peer back to back (their order turning from round to round), so that a CPU whose speed drifts
+over minutes hits the peers of one level alike; idle peers wait on their sockets meanwhile:
 
   * ``catsdogs``  — `catsdogs serve` with its production settings: API keys on, a feedback secret,
     JSON access logs at INFO, drift sampling and metrics (recorded in the result's ``service_env``);
@@ -42,6 +44,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -156,46 +159,74 @@ def shadow_counts(url: str) -> dict[str, float]:
     return counts
 
 
-def measure_peer(
-    name: str,
-    start: Callable[[], tuple[subprocess.Popen, str]],
+@dataclass
+class Running:
+    """One peer's server during a round, and what was measured on it."""
+
+    name: str
+    proc: subprocess.Popen
+    url: str
+    result: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str | None:
+        return API_KEY if self.name.startswith("catsdogs") else None
+
+
+def warm_up(peer: Running, images: dict[str, list[Path]], args: argparse.Namespace, tmp: Path) -> None:
+    """A few seconds of load; a shadowing peer also waits until its own model process scores."""
+    first = next(iter(images.values()))
+    bench_serve.run_load(peer.url, first, 4, 2.0, tmp, client=args.client, api_key=peer.key)
+    if peer.name == "catsdogs_shadow":
+        deadline = time.monotonic() + 120
+        while shadow_counts(peer.url)["predictions"] == 0 and time.monotonic() < deadline:
+            bench_serve.run_load(peer.url, first, 1, 1.0, tmp, client=args.client, api_key=peer.key)
+    peer.result["rss_mb_ready"] = bench_serve.rss_mb(peer.proc.pid)
+
+
+def measure_round(
+    starters: dict[str, Callable[[], tuple[subprocess.Popen, str]]],
     images: dict[str, list[Path]],
     args: argparse.Namespace,
     tmp: Path,
     *,
-    rss_requests: int,
-) -> dict:
-    """One peer: started fresh, warmed up, then every image set at every concurrency level; then
-    topped up to ``rss_requests`` requests before its RSS is read (the service's memory bar)."""
-    proc, url = start()
-    key = API_KEY if name.startswith("catsdogs") else None
+    round_index: int,
+    rss_requests: dict[str, int],
+) -> dict[str, dict]:
+    """One round: every peer started and warmed up, then each image set and level on every peer in
+    turn; then each peer topped up to its ``rss_requests`` before its RSS is read (the service's
+    memory bar)."""
+    peers: list[Running] = []
     try:
-        first = next(iter(images.values()))
-        bench_serve.run_load(url, first, 4, 2.0, tmp, client=args.client, api_key=key)  # warm-up
-        if name == "catsdogs_shadow":  # the shadow's own process loads its model: measure once it scores
-            deadline = time.monotonic() + 120
-            while shadow_counts(url)["predictions"] == 0 and time.monotonic() < deadline:
-                bench_serve.run_load(url, first, 1, 1.0, tmp, client=args.client, api_key=key)
-        result: dict = {"rss_mb_ready": bench_serve.rss_mb(proc.pid)}
+        for name, start in starters.items():
+            peers.append(Running(name, *start()))
+        for peer in peers:
+            warm_up(peer, images, args, tmp)
+        turn = round_index % len(peers)
         for kind, files in images.items():
-            result[kind] = [
+            for level in args.levels:
+                for peer in peers[turn:] + peers[:turn]:
+                    run = bench_serve.run_load(
+                        peer.url, files, level, args.seconds, tmp,
+                        pid=peer.proc.pid, client=args.client, api_key=peer.key,
+                    )  # fmt: skip
+                    peer.result.setdefault(kind, []).append(run)
+        first = next(iter(images.values()))
+        for peer in peers:
+            done = sum(r["requests"] for kind in images for r in peer.result[kind])
+            wanted = rss_requests.get(peer.name, 0)
+            if wanted > done:
                 bench_serve.run_load(
-                    url, files, c, args.seconds, tmp, pid=proc.pid, client=args.client, api_key=key
+                    peer.url, first, 16, 0, tmp, total=wanted - done, client=args.client, api_key=peer.key
                 )
-                for c in args.levels
-            ]
-        done = sum(r["requests"] for kind in images for r in result[kind])
-        if rss_requests > done:
-            bench_serve.run_load(
-                url, first, 16, 0, tmp, total=rss_requests - done, client=args.client, api_key=key
-            )
-        result["requests_before_rss"] = max(done, rss_requests)
-        result["rss_mb_after_requests"] = bench_serve.rss_mb(proc.pid)
-        if name == "catsdogs_shadow":  # proof that the shadow scored its share, or how much it skipped
-            result["shadow"] = shadow_counts(url)
+            peer.result["requests_before_rss"] = max(done, wanted)
+            peer.result["rss_mb_after_requests"] = bench_serve.rss_mb(peer.proc.pid)
+            if peer.name == "catsdogs_shadow":  # proof that the shadow scored its share, or what it skipped
+                peer.result["shadow"] = shadow_counts(peer.url)
     finally:
-        stop(proc)
-    return result
+        for peer in peers:
+            stop(peer.proc)
+    return {peer.name: peer.result for peer in peers}
 
 
 def _median(values: list[float]) -> float:
@@ -327,11 +358,12 @@ def main() -> None:
                 raise SystemExit(f"--skip: no peer {name!r} to skip (peers: {', '.join(starters)})")
         runs: dict[str, list[dict]] = {name: [] for name in starters}
         for repeat in range(args.repeats):
-            for name, start in starters.items():
-                # The 10,000-request memory check is the service's bar: once, in its last round.
-                last = name == "catsdogs" and repeat == args.repeats - 1
-                rss_requests = args.rss_requests if last else 0
-                runs[name].append(measure_peer(name, start, images, args, tmp, rss_requests=rss_requests))
+            # The 10,000-request memory check is the service's bar: once, in its last round.
+            last = repeat == args.repeats - 1
+            rss = {"catsdogs": args.rss_requests} if last else {}
+            measured = measure_round(starters, images, args, tmp, round_index=repeat, rss_requests=rss)
+            for name, result in measured.items():
+                runs[name].append(result)
     kinds = list(images)
     result = {
         "started_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),

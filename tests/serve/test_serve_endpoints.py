@@ -6,6 +6,7 @@ import json
 import logging
 import queue
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -281,18 +282,21 @@ def test_access_log_is_one_json_line_without_image_or_secrets(
     assert len(line) < 1000  # no image bytes
 
 
-def test_log_lines_are_written_off_the_calling_thread_and_all_reach_stderr_at_exit() -> None:
+@pytest.mark.parametrize("ending", ["exit", "sigterm"])
+def test_log_lines_are_written_off_the_calling_thread_and_all_reach_stderr_at_exit(ending: str) -> None:
     code = """
-import logging, threading
+import logging, os, signal, sys, threading
 from catsdogs.serve.access_log import configure_logging
 configure_logging("info")
 writers = {t.name for t in threading.enumerate()} - {"MainThread"}
 assert len(writers) == 1, writers  # the one writer thread
 for i in range(500):
     logging.getLogger("catsdogs.serve.access").info("request", extra={"fields": {"n": i}})
+if sys.argv[1] == "sigterm":  # how a pod is stopped: SIGTERM's default skips atexit
+    os.kill(os.getpid(), signal.SIGTERM)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-c", code, ending], capture_output=True, text=True, timeout=60)
+    assert out.returncode == (0 if ending == "exit" else -signal.SIGTERM), out.stderr
     lines = [json.loads(line) for line in out.stderr.splitlines()]
     assert [line["n"] for line in lines] == list(range(500))  # none lost, in order, flushed at exit
 

@@ -13,7 +13,9 @@ import logging
 import queue
 import re
 import secrets
+import signal
 import sys
+import threading
 import time
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any
@@ -152,12 +154,23 @@ def _stop_writer() -> None:
 atexit.register(_stop_writer)
 
 
+def _flush_then_terminate(signum: int, _frame: object) -> None:
+    """SIGTERM's default ends the process without ``atexit``: write the queued lines first.
+
+    uvicorn restores this handler after its graceful shutdown and raises the signal again, so its
+    last lines ("Finished server process") are written and the exit status stays "killed by SIGTERM".
+    """
+    _stop_writer()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
 def configure_logging(level: str) -> None:
     """JSON lines on stderr for the whole process (uvicorn's own access log is replaced by ours).
 
     Records are handed to one writer thread: the event loop never waits on stderr (a write there
     took ~0.2 ms of the loop per request at concurrency 1, and a stalled log pipe would have
-    stalled every request). Pending lines are written at exit.
+    stalled every request). Pending lines are written at exit, SIGTERM included.
     """
     global _writer
     _stop_writer()
@@ -166,6 +179,9 @@ def configure_logging(level: str) -> None:
     records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_MAX)
     _writer = QueueListener(records, stream)
     _writer.start()
+    is_main = threading.current_thread() is threading.main_thread()
+    if is_main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _flush_then_terminate)
     root = logging.getLogger()
     root.handlers[:] = [_HandOff(records)]
     root.setLevel(level.upper())
