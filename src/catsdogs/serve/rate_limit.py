@@ -3,22 +3,21 @@
 
 The allowance is a token bucket of ``rate_limit_burst`` requests refilled at
 ``rate_limit_per_minute``, kept as GCRA (the generic cell rate algorithm): one "theoretical arrival
-time" per caller, so a request is one SQLite statement, an ``INSERT … ON CONFLICT DO UPDATE …
-WHERE`` that moves the time on only while it stays within the burst. Callers are the presented API
-key (a short hash of it: keys are never stored or logged) or, without keys, the client address.
+time" per caller, moved on by one interval per request only while it stays within the burst.
+Callers are the presented API key (a short hash of it: keys are never stored or logged) or, without
+keys, the client address.
 
-With several worker processes the counts live in a SQLite file (WAL mode) that every worker opens,
-so a pod's workers share one limit; each replica counts on its own (docs/serving.md). A server of one
-process (the default) keeps them in a dict instead: the same arithmetic, no statement and no GIL
-released and taken back on the event loop for each request (the SQLite statement, GIL hand-off
-included, cost 0.1–0.15 ms of the event loop's CPU per request under load, measured in
-docs/experiments.md). The ``limits``
-package was the library to prefer, but its storages are per-process memory or a server (Redis,
-Memcached, MongoDB): sharing between a pod's workers would have meant writing this storage for it
-anyway. A request costs one write transaction, without fsync (``synchronous=OFF``: counts do not
-need to survive a crash). Measured on the 2-core development host, this dependency in all (hash of
-the key, the statement on a WAL file): p50 10 µs, p99 25 µs, mean 27 µs per request; with two
-processes taking from one file without pause, a mean of 40 µs, against the service's p50 of 25 ms.
+A server of one process (the default) keeps the arrival times in a dict (:class:`LocalRateLimiter`).
+With several worker processes they live in a SQLite file (WAL mode) that every worker opens, so a
+pod's workers share one limit (:class:`RateLimiter`; each replica counts on its own,
+docs/serving.md): a request is one ``INSERT … ON CONFLICT DO UPDATE … WHERE`` statement, without
+fsync (``synchronous=OFF``: counts do not need to survive a crash). Measured on the 2-core
+development host, that statement with the key's hash: p50 10 µs, p99 25 µs, mean 27 µs per request
+(two processes on one file: 40 µs); under load, with the GIL handed back and forth around it, it
+cost the event loop 0.1–0.15 ms per request, which is why one process does without it
+(docs/experiments.md). The ``limits`` package was the library to prefer, but its storages are
+per-process memory or a server (Redis, Memcached, MongoDB): sharing between a pod's workers would
+have meant writing this storage for it anyway.
 """
 
 from __future__ import annotations
@@ -57,12 +56,24 @@ RATE_LIMITED: dict[int | str, dict[str, Any]] = {
 _SWEEP_EVERY = 10_000
 
 
-class RateLimiter:
+class _Gcra:
+    """The allowance's arithmetic, whatever keeps the arrival times."""
+
+    def __init__(self, *, per_minute: int, burst: int) -> None:
+        self.interval = 60.0 / per_minute
+        self.window = burst * self.interval
+
+    def _wait(self, refused_tat: float, now: float) -> float:
+        """Seconds until a request refused at ``now`` (it would have moved the time to
+        ``refused_tat``) would pass."""
+        return max(refused_tat - self.window - now, 0.001)
+
+
+class RateLimiter(_Gcra):
     """A token bucket per caller, shared through a SQLite file by every process that opens it."""
 
     def __init__(self, path: Path | str, *, per_minute: int, burst: int) -> None:
-        self.interval = 60.0 / per_minute
-        self.window = burst * self.interval
+        super().__init__(per_minute=per_minute, burst=burst)
         self._lock = threading.Lock()  # one connection per process, used from any thread
         self._db = sqlite3.connect(str(path), timeout=1.0, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -85,13 +96,13 @@ class RateLimiter:
         except sqlite3.Error as exc:  # a limiter that fails must not take the service down with it
             logger.warning("rate limit store unavailable, request let through: %s", exc)
             return 0.0
-        return max(tat + self.interval - self.window - now, 0.001)
+        return self._wait(tat + self.interval, now)
 
     def close(self) -> None:
         self._db.close()
 
 
-class LocalRateLimiter:
+class LocalRateLimiter(_Gcra):
     """The same buckets as :class:`RateLimiter` for a server of one process: a dict of arrival times.
 
     Called from the event loop only. Memory stays bounded: a caller idle for a full refill is
@@ -99,8 +110,7 @@ class LocalRateLimiter:
     """
 
     def __init__(self, *, per_minute: int, burst: int, max_callers: int = 100_000) -> None:
-        self.interval = 60.0 / per_minute
-        self.window = burst * self.interval
+        super().__init__(per_minute=per_minute, burst=burst)
         self.max_callers = max_callers
         self._tat: dict[str, float] = {}
         self._calls = 0
@@ -115,7 +125,7 @@ class LocalRateLimiter:
         if tat - now <= self.window:
             self._tat[caller] = tat
             return 0.0
-        return max(tat - self.window - now, 0.001)
+        return self._wait(tat, now)
 
     def close(self) -> None:
         self._tat.clear()

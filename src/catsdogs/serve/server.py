@@ -32,13 +32,19 @@ def _multiproc_dir() -> str:
     return tempfile.mkdtemp(prefix="catsdogs-prom-")
 
 
+def _prepare_process(settings: Settings) -> None:
+    """What a serving process sets up first: the malloc policy, before any thread starts (the log
+    writer's, the model's, the decoders'), then logging."""
+    bound_freed_memory()
+    configure_logging(settings.log_level)
+
+
 def worker_app() -> FastAPI:
     """App factory for worker processes: they start fresh, so logging is set up here again."""
     from catsdogs.serve.app import create_app
 
     settings = get_settings()
-    configure_logging(settings.log_level)
-    bound_freed_memory()
+    _prepare_process(settings)
     return create_app(settings)
 
 
@@ -67,9 +73,8 @@ def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, finish in-flight requests, exit."""
     import uvicorn
 
-    configure_logging(settings.log_level)
+    _prepare_process(settings)
     check_exposure(settings)
-    bound_freed_memory()  # before any thread starts: the model's, the decoders', the event loop's
     options = {
         "host": settings.host,
         "port": settings.port,
