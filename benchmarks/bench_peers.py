@@ -19,7 +19,9 @@ over minutes hits the peers of one level alike; idle peers wait on their sockets
     service on another bundle (an earlier export of the same weights: what a change to the graph or
     its use costs);
   * ``raw``       — ONNX Runtime without HTTP on the same file: the service's thread layout and the
-    best batch size (``bench_serve.raw_ort``).
+    best batch size, on tensors in memory (``bench_serve.raw_ort``); and ``raw_from_jpeg``, the
+    service's layout fed the JPEG bytes through the one decode and preprocessing (what any
+    pipeline pays per photo before HTTP and the service's own work).
 
 For dataset-size and phone-size (4032×3024) JPEGs at concurrency 1, 4, 16, 64 it records requests/s,
 p50/p99 and RSS, and the ratios catsdogs ÷ each peer (medians over the repeats): throughput ratios
@@ -264,10 +266,13 @@ def ratios(runs: dict[str, list[dict]], raw: dict, kinds: list[str], levels: lis
                     )
     if "dataset" in kinds and 16 in levels:
         i = levels.index(16)
-        for name, rate in (
+        references = [
             ("raw_best", raw["best_images_per_s"]),
             ("raw_server_layout", raw["server_images_per_s"]),
-        ):
+        ]
+        if raw.get(bench_serve.FROM_JPEG):
+            references.append(("raw_from_jpeg", raw[bench_serve.FROM_JPEG]["images_per_s"]))
+        for name, rate in references:
             out[f"dataset/c16/rps_vs_{name}"] = _median(
                 [answered_rps(r["dataset"][i]) / rate for r in runs["catsdogs"]]
             )

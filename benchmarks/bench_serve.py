@@ -36,11 +36,13 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,21 +105,23 @@ def server_settings(env: dict[str, str], cache: Path) -> Any:
         os.environ.update(saved)
 
 
-def _throughput(session: Any, batch: np.ndarray, threads: int, seconds: float) -> tuple[float, float]:
-    """Images/s of ``threads`` callers running ``session`` back to back (ORT releases the GIL), and
-    the CPU-ms this process spent per image (robust to other jobs on the machine, unlike images/s)."""
+#: One unit of raw work for caller ``k``; returns how many images it did.
+Step = Callable[[int], int]
+
+
+def _throughput(step: Step, threads: int, seconds: float) -> tuple[float, float]:
+    """Images/s of ``threads`` callers running ``step`` back to back (ORT releases the GIL; ``step(k)``
+    does one unit of work and returns its image count), and the CPU-ms this process spent per image
+    (robust to other jobs on the machine, unlike images/s)."""
     import threading
 
-    from catsdogs.runtime import run_logits
-
-    run_logits(session, batch)
+    step(0)
     counts = [0] * threads
     deadline = time.perf_counter() + seconds
 
     def call(k: int) -> None:
         while time.perf_counter() < deadline:
-            run_logits(session, batch)
-            counts[k] += len(batch)
+            counts[k] += step(k)
 
     started, cpu_started = time.perf_counter(), time.process_time()
     workers = [threading.Thread(target=call, args=(k,)) for k in range(threads)]
@@ -128,6 +132,34 @@ def _throughput(session: Any, batch: np.ndarray, threads: int, seconds: float) -
     cpu = time.process_time() - cpu_started
     images = max(1, sum(counts))
     return round(images / (time.perf_counter() - started), 1), round(cpu * 1000 / images, 2)
+
+
+def _tensors(session: Any, batch: np.ndarray) -> Step:
+    """One forward pass per call on a batch already preprocessed in memory: the bare model."""
+    from catsdogs.runtime import run_logits
+
+    def step(_k: int) -> int:
+        run_logits(session, batch)
+        return len(batch)
+
+    return step
+
+
+def _from_jpegs(session: Any, jpegs: list[bytes], config: Any, threads: int) -> Step:
+    """One image per call from its JPEG bytes: the one decode and preprocessing, then the forward
+    pass; each caller walks its own stride of ``jpegs``."""
+    from catsdogs.preprocessing import decode_for_model, preprocess
+    from catsdogs.runtime import run_logits
+
+    turns = list(range(threads))
+
+    def step(k: int) -> int:
+        data = jpegs[turns[k] % len(jpegs)]
+        turns[k] += threads
+        run_logits(session, preprocess(decode_for_model(data, config), config)[None])
+        return 1
+
+    return step
 
 
 def raw_configs(settings: Any) -> dict[str, dict[str, int]]:
@@ -153,6 +185,32 @@ def raw_configs(settings: Any) -> dict[str, dict[str, int]]:
     }
 
 
+def _paired(server: dict, tensors: Step, from_jpegs: Step, seconds: float) -> dict:
+    """The server layout from JPEG bytes, timed in turns with the same layout on tensors (three
+    pairs, medians): the CPU's speed drifts over minutes here, so only a paired ratio is its cost."""
+    rates: dict[str, list[float]] = {"tensors": [], "jpeg": []}
+    cpu: list[float] = []
+    for _ in range(3):
+        rates["tensors"].append(_throughput(tensors, server["callers"], seconds)[0])
+        rate, cpu_ms = _throughput(from_jpegs, server["callers"], seconds)
+        rates["jpeg"].append(rate)
+        cpu.append(cpu_ms)
+    pairs = [jpeg / tensor for jpeg, tensor in zip(rates["jpeg"], rates["tensors"], strict=True)]
+    return {
+        **server,
+        "batch": 1,
+        "images_per_s": statistics.median(rates["jpeg"]),
+        "cpu_ms_per_image": statistics.median(cpu),
+        "paired_tensor_images_per_s": statistics.median(rates["tensors"]),
+        "vs_tensors": round(statistics.median(pairs), 3),
+    }
+
+
+#: Not a bare-model layout: the server's layout fed JPEG bytes, decoded and preprocessed by the one
+#: preprocessing definition on the same threads: what any pipeline must do per photo, without HTTP.
+FROM_JPEG = "server_from_jpeg"
+
+
 def raw_ort(
     bundle_dir: Path,
     jpegs: list[bytes],
@@ -164,7 +222,10 @@ def raw_ort(
     """Images/s of the bare model (preprocessed tensors in memory) on the very file the server serves.
 
     Every layout in :func:`raw_configs` is measured (or only ``only``); the best is the honest
-    reference for the service, and ``server`` is the same thread layout the server uses.
+    reference for the service, and ``server`` is the same thread layout the server uses. With it,
+    :data:`FROM_JPEG` is that layout fed the JPEG bytes instead: what decoding and preprocessing
+    alone cost against the bare model, so the ratio shows how much of the gap HTTP and the
+    service's own work leave.
     """
     from catsdogs.bundle import find_bundle
     from catsdogs.preprocessing import decode_image, preprocess_batch
@@ -186,9 +247,16 @@ def raw_ort(
             options = session_options(settings.model_copy(update={"ort_intra_threads": intra}))
             sessions[intra] = open_session(model_file, options)
         batch = np.ascontiguousarray(batch32[: config["batch"]])
-        rate, cpu_ms = _throughput(sessions[intra], batch, config["callers"], seconds)
+        rate, cpu_ms = _throughput(_tensors(sessions[intra], batch), config["callers"], seconds)
         measured[name] = {**config, "images_per_s": rate, "cpu_ms_per_image": cpu_ms}
     best = max(measured, key=lambda k: measured[k]["images_per_s"])
+    from_jpeg = None
+    if "server" in measured:
+        server = measured["server"]
+        session = sessions[server["intra_op_threads"]]
+        tensors = _tensors(session, np.ascontiguousarray(batch32[: server["batch"]]))
+        from_jpegs = _from_jpegs(session, jpegs, bundle.preprocessing, server["callers"])
+        from_jpeg = _paired(server, tensors, from_jpegs, seconds)
     by_batch: dict[str, float] = {}
     for config in measured.values():
         key = str(config["batch"])
@@ -198,6 +266,7 @@ def raw_ort(
         "configs": measured,
         "best_config": best,
         "server_images_per_s": measured.get("server", {}).get("images_per_s"),
+        FROM_JPEG: from_jpeg,
         # Kept from the earlier format: the best over every layout, per batch size and overall.
         "images_per_s_by_batch": by_batch,
         "best_batch": measured[best]["batch"],
